@@ -1,0 +1,57 @@
+//! Map and program names (shared with the kernel statics, each < 16 bytes) and default sizes.
+
+pub const PROGRAM_XDP: &str = "lb_xdp";
+/// An empty `XDP_PASS` program in the same object: the floor for per-packet cost figures.
+pub const PROGRAM_XDP_PASS: &str = "lb_xdp_pass";
+
+pub const MAP_CONFIG: &str = "LB_CONFIG";
+pub const MAP_VIPS: &str = "LB_VIPS";
+pub const MAP_LISTENERS: &str = "LB_LISTENERS";
+pub const MAP_ALLOW_V4: &str = "LB_ALLOW_V4";
+pub const MAP_ALLOW_V6: &str = "LB_ALLOW_V6";
+pub const MAP_GROUPS: &str = "LB_GROUPS";
+pub const MAP_TABLES: &str = "LB_TABLES";
+pub const MAP_TARGETS: &str = "LB_TARGETS";
+pub const MAP_REVERSE: &str = "LB_REVERSE";
+pub const MAP_FLOWS: &str = "LB_FLOWS";
+pub const MAP_REPLY_FLOWS: &str = "LB_REPLY_FLOWS";
+pub const MAP_DEVMAP: &str = "LB_DEVMAP";
+pub const MAP_STATS: &str = "LB_STATS";
+pub const MAP_COUNTERS: &str = "LB_COUNTERS";
+
+/// Every map the object defines (a test checks that each resolves in the loaded object).
+pub const ALL_MAPS: [&str; 14] = [
+    MAP_CONFIG,
+    MAP_VIPS,
+    MAP_LISTENERS,
+    MAP_ALLOW_V4,
+    MAP_ALLOW_V6,
+    MAP_GROUPS,
+    MAP_TABLES,
+    MAP_TARGETS,
+    MAP_REVERSE,
+    MAP_FLOWS,
+    MAP_REPLY_FLOWS,
+    MAP_DEVMAP,
+    MAP_STATS,
+    MAP_COUNTERS,
+];
+
+/// Listeners (and so VIP:port:protocol entries) the data plane holds.
+pub const MAX_LISTENERS: u32 = 1024;
+pub const MAX_VIPS: u32 = 1024;
+/// Target groups; also the index range of `LB_GROUPS`.
+pub const MAX_GROUPS: u32 = 256;
+/// Target slots; `TargetValue`s are indexed by target id.
+pub const MAX_TARGETS: u32 = 16384;
+/// `allowed_sources` prefixes per family, over all listeners.
+pub const MAX_ALLOW_PREFIXES: u32 = 16384;
+/// Default flow-table size (`agent.flow_table_size`).
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 1_048_576;
+/// Default consistent-hash table size (`target_group.hash_table_size`), a prime.
+pub const DEFAULT_HASH_TABLE_SIZE: u32 = 65_537;
+/// Slots of `LB_TABLES` by default: both halves of the double buffer for 16 groups at the
+/// default table size. The agent sizes it from the config at load time.
+pub const DEFAULT_TABLE_SLOTS: u32 = 2 * 16 * DEFAULT_HASH_TABLE_SIZE;
+/// Interfaces in the redirect devmap.
+pub const MAX_INTERFACES: u32 = 64;
