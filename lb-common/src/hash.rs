@@ -75,7 +75,10 @@ mod tests {
     #[test]
     fn stable_across_versions() {
         // Balancers sharing VIPs must agree on placements: this value must never change.
-        assert_eq!(halfsiphash13([0x0102_0304, 0x0506_0708], &[0u32; 10]), GOLDEN);
+        assert_eq!(
+            halfsiphash13([0x0102_0304, 0x0506_0708], &[0u32; 10]),
+            GOLDEN
+        );
     }
     const GOLDEN: u32 = 1_128_269_872;
 }

@@ -15,8 +15,8 @@ pub mod maps;
 pub mod types;
 
 #[cfg(feature = "std")]
-pub mod maglev;
-#[cfg(feature = "std")]
 pub mod addr;
+#[cfg(feature = "std")]
+pub mod maglev;
 
 pub use types::*;

@@ -31,7 +31,10 @@ pub enum MaglevError {
     DuplicateBackend(usize, usize),
     /// A weight of zero (or, with this many backends, too small a table to give each a slot).
     ZeroWeight(usize),
-    TooManyBackends { backends: usize, size: u32 },
+    TooManyBackends {
+        backends: usize,
+        size: u32,
+    },
 }
 
 impl core::fmt::Display for MaglevError {
@@ -86,7 +89,10 @@ pub fn build(backends: &[Backend<'_>], size: u32, seed: u64) -> Result<Vec<u32>,
         return Ok(Vec::new());
     }
     if backends.len() > size as usize {
-        return Err(MaglevError::TooManyBackends { backends: backends.len(), size });
+        return Err(MaglevError::TooManyBackends {
+            backends: backends.len(),
+            size,
+        });
     }
     if let Some(i) = backends.iter().position(|b| b.weight == 0) {
         return Err(MaglevError::ZeroWeight(i));
@@ -164,7 +170,11 @@ pub fn build(backends: &[Backend<'_>], size: u32, seed: u64) -> Result<Vec<u32>,
         .iter()
         .enumerate()
         .filter(|(_, s)| s.quota > 0)
-        .map(|(j, s)| Turn { claims: 1, weight: s.weight, backend: j })
+        .map(|(j, s)| Turn {
+            claims: 1,
+            weight: s.weight,
+            backend: j,
+        })
         .collect();
     let mut filled = 0u64;
     while filled < m {
@@ -181,7 +191,11 @@ pub fn build(backends: &[Backend<'_>], size: u32, seed: u64) -> Result<Vec<u32>,
         s.claimed += 1;
         filled += 1;
         if s.claimed < s.quota {
-            heap.push(Turn { claims: turn.claims + 1, weight: turn.weight, backend: turn.backend });
+            heap.push(Turn {
+                claims: turn.claims + 1,
+                weight: turn.weight,
+                backend: turn.backend,
+            });
         }
     }
     Ok(slots)
@@ -201,15 +215,26 @@ mod tests {
     const M: u32 = 65_537;
 
     fn ids(n: usize) -> Vec<Vec<u8>> {
-        (0..n).map(|i| format!("10.0.{}.{}:80", i / 256, i % 256).into_bytes()).collect()
+        (0..n)
+            .map(|i| format!("10.0.{}.{}:80", i / 256, i % 256).into_bytes())
+            .collect()
     }
 
     fn backends<'a>(ids: &'a [Vec<u8>], weights: &[u32]) -> Vec<Backend<'a>> {
-        ids.iter().zip(weights).map(|(id, &weight)| Backend { identity: id, weight }).collect()
+        ids.iter()
+            .zip(weights)
+            .map(|(id, &weight)| Backend {
+                identity: id,
+                weight,
+            })
+            .collect()
     }
 
     fn counts(table: &[u32], n: usize) -> Vec<u64> {
-        let mut c = vec_filled(n, 0).into_iter().map(u64::from).collect::<Vec<_>>();
+        let mut c = vec_filled(n, 0)
+            .into_iter()
+            .map(u64::from)
+            .collect::<Vec<_>>();
         for &t in table {
             c[t as usize] += 1;
         }
@@ -219,12 +244,18 @@ mod tests {
     /// Each backend's share of slots is within 1% of its weight share (relative), allowing
     /// the one slot of rounding a finite table forces.
     fn assert_shares(table: &[u32], weights: &[u32]) {
-        assert!(table.iter().all(|&t| (t as usize) < weights.len()), "unfilled slot");
+        assert!(
+            table.iter().all(|&t| (t as usize) < weights.len()),
+            "unfilled slot"
+        );
         let total: u64 = weights.iter().map(|&w| w as u64).sum();
         for (i, c) in counts(table, weights.len()).into_iter().enumerate() {
             let want = table.len() as f64 * weights[i] as f64 / total as f64;
             let err = (c as f64 - want).abs();
-            assert!(err <= (0.01 * want).max(1.0), "backend {i}: {c} slots, want {want:.1}");
+            assert!(
+                err <= (0.01 * want).max(1.0),
+                "backend {i}: {c} slots, want {want:.1}"
+            );
         }
     }
 
@@ -257,14 +288,25 @@ mod tests {
             let all = backends(&ids, &weights);
             let before = build(&all, M, 1).unwrap();
             for removed in [0, n / 2, n - 1] {
-                let rest: Vec<Backend> =
-                    all.iter().enumerate().filter(|(i, _)| *i != removed).map(|(_, b)| *b).collect();
+                let rest: Vec<Backend> = all
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != removed)
+                    .map(|(_, b)| *b)
+                    .collect();
                 let after = build(&rest, M, 1).unwrap();
                 // Map `rest` indices back to `all` indices to compare slot owners.
                 let back = |j: u32| if (j as usize) < removed { j } else { j + 1 };
-                let moved = before.iter().zip(&after).filter(|(b, a)| **b != back(**a)).count();
+                let moved = before
+                    .iter()
+                    .zip(&after)
+                    .filter(|(b, a)| **b != back(**a))
+                    .count();
                 let limit = M as f64 * (1.0 / n as f64 + 0.02);
-                assert!(moved as f64 <= limit, "n={n}: {moved} slots moved, limit {limit:.0}");
+                assert!(
+                    moved as f64 <= limit,
+                    "n={n}: {moved} slots moved, limit {limit:.0}"
+                );
                 let restored = build(&all, M, 1).unwrap();
                 assert_eq!(restored, before);
             }
@@ -307,9 +349,15 @@ mod tests {
         let ids = ids(2);
         let b = backends(&ids, &[1, 1]);
         assert_eq!(build(&b, 65_536, 0), Err(MaglevError::SizeNotPrime(65_536)));
-        assert_eq!(build(&backends(&ids, &[1, 0]), M, 0), Err(MaglevError::ZeroWeight(1)));
+        assert_eq!(
+            build(&backends(&ids, &[1, 0]), M, 0),
+            Err(MaglevError::ZeroWeight(1))
+        );
         let dup = [b[0], b[0]];
-        assert!(matches!(build(&dup, M, 0), Err(MaglevError::DuplicateBackend(_, _))));
+        assert!(matches!(
+            build(&dup, M, 0),
+            Err(MaglevError::DuplicateBackend(_, _))
+        ));
         assert_eq!(build(&[], M, 0), Ok(Vec::new()));
         assert!(is_prime(65_537) && is_prime(2) && !is_prime(1) && !is_prime(65_535));
     }

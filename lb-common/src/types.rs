@@ -125,8 +125,15 @@ pub struct TargetValue {
     /// Changes whenever the id is given to another target: a flow recorded with an older
     /// cookie belongs to a removed target.
     pub cookie: u32,
+    /// `TARGET_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<TargetValue>() == 24);
+const _: () = assert!(core::mem::size_of::<TargetValue>() == 32);
+
+/// The target's endpoint serves more than one listener: new flows also record a
+/// `LB_REPLY_FLOWS` entry so that replies find their VIP.
+pub const TARGET_F_SHARED_ENDPOINT: u32 = 1;
 
 /// Slot free, or target removed: its flows are rescheduled through the hash table.
 pub const TARGET_REMOVED: u8 = 0;

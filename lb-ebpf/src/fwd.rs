@@ -1,0 +1,102 @@
+//! Delivery: the FIB lookup that picks the next hop, and the verdict that sends the frame there.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    helpers::generated::bpf_fib_lookup,
+    programs::XdpContext,
+};
+use lb_common::FAMILY_V4;
+
+use crate::{maps::LB_DEVMAP, parse::write};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// What the kernel's FIB says about a destination, seen from the ingress interface.
+pub enum Route {
+    /// Forward out of `ifindex` with these MAC addresses.
+    Forward {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// Routable, but the next hop's MAC is not known yet.
+    NoNeighbour,
+    /// Local delivery (the destination is this host) or not a unicast route.
+    Local,
+    /// Anything else: no route, forwarding disabled on the interface, fragmentation needed…
+    Other,
+}
+
+/// Looks up the route from `src` to `dst` as a packet of `ip_len` bytes arriving on the
+/// interface the packet came in on.
+#[inline(always)]
+pub fn route(
+    ctx: &XdpContext,
+    family: u8,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    tos: u8,
+    ip_len: u16,
+) -> Route {
+    // SAFETY: a plain-data struct of integers and unions of integers; all-zero is valid.
+    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    // SAFETY: reading the context field the kernel provides for XDP.
+    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    p.__bindgen_anon_1.tot_len = ip_len;
+    if family == FAMILY_V4 {
+        p.family = AF_INET;
+        p.__bindgen_anon_2.tos = tos;
+        p.__bindgen_anon_3.ipv4_src = src[0];
+        p.__bindgen_anon_4.ipv4_dst = dst[0];
+    } else {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = *src;
+        p.__bindgen_anon_4.ipv6_dst = *dst;
+    }
+    // SAFETY: `p` is a valid bpf_fib_lookup of the size passed; ctx is the program's context.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut p,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => Route::Forward {
+            ifindex: p.ifindex,
+            smac: p.smac,
+            dmac: p.dmac,
+        },
+        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour,
+        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
+        _ => Route::Other,
+    }
+}
+
+/// Can frames be sent out of `ifindex` from XDP (is it in the devmap, or the ingress)?
+#[inline(always)]
+pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
+    // SAFETY: as in `route`.
+    ifindex == unsafe { (*ctx.ctx).ingress_ifindex } || LB_DEVMAP.get(ifindex).is_some()
+}
+
+/// Sets the MAC addresses and sends the frame out of `ifindex`: back out of the ingress
+/// interface with XDP_TX (one-arm), otherwise through the devmap.
+#[inline(always)]
+pub fn send(ctx: &XdpContext, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    if write(ctx, 0, dmac).is_none() || write(ctx, 6, smac).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: as in `route`.
+    if ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        return xdp_action::XDP_TX;
+    }
+    match LB_DEVMAP.redirect(ifindex, xdp_action::XDP_PASS as u64) {
+        Ok(action) | Err(action) => action,
+    }
+}

@@ -1,0 +1,45 @@
+//! The maps, named as `lb_common::maps` names them and sized by its defaults (the agent
+//! resizes the large ones at load time).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
+    GroupValue, ListenerStats, ListenerValue, ReverseValue, TargetValue, VipKey, VipValue,
+};
+
+#[map]
+pub static LB_CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
+#[map]
+pub static LB_VIPS: HashMap<VipKey, VipValue> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+pub static LB_LISTENERS: HashMap<EndpointKey, ListenerValue> =
+    HashMap::with_max_entries(MAX_LISTENERS, 0);
+/// BPF_F_NO_PREALLOC, which LPM tries require.
+#[map]
+pub static LB_ALLOW_V4: LpmTrie<AllowV4, u8> = LpmTrie::with_max_entries(MAX_ALLOW_PREFIXES, 1);
+#[map]
+pub static LB_ALLOW_V6: LpmTrie<AllowV6, u8> = LpmTrie::with_max_entries(MAX_ALLOW_PREFIXES, 1);
+#[map]
+pub static LB_GROUPS: Array<GroupValue> = Array::with_max_entries(MAX_GROUPS, 0);
+#[map]
+pub static LB_TABLES: Array<u32> = Array::with_max_entries(DEFAULT_TABLE_SLOTS, 0);
+#[map]
+pub static LB_TARGETS: Array<TargetValue> = Array::with_max_entries(MAX_TARGETS, 0);
+#[map]
+pub static LB_REVERSE: HashMap<EndpointKey, ReverseValue> =
+    HashMap::with_max_entries(MAX_TARGETS, 0);
+#[map]
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+#[map]
+pub static LB_REPLY_FLOWS: LruHashMap<FlowKey, ReverseValue> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+#[map]
+pub static LB_DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+#[map]
+pub static LB_STATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
+#[map]
+pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

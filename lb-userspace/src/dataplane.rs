@@ -1,0 +1,54 @@
+//! The embedded XDP object: loading it (with map sizes from config) and attaching it.
+
+use anyhow::{Context, Result};
+use aya::{programs::Xdp, Ebpf, EbpfLoader, VerifierLogLevel};
+use lb_common::maps::{
+    DEFAULT_FLOW_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAP_FLOWS, MAP_REPLY_FLOWS, MAP_TABLES,
+    PROGRAM_XDP, PROGRAM_XDP_PASS,
+};
+
+/// The object this binary was built with.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+/// Sizes of the maps that scale with the config.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    /// `agent.flow_table_size`: entries of the flow table (and of the reply-flow table).
+    pub flow_table: u32,
+    /// Slots of `LB_TABLES`: both halves of every group's consistent-hash table.
+    pub table_slots: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            flow_table: DEFAULT_FLOW_TABLE_SIZE,
+            table_slots: DEFAULT_TABLE_SLOTS,
+        }
+    }
+}
+
+/// Loads the object into the kernel: maps created with `sizes`, both programs verified.
+pub fn load(sizes: MapSizes) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(MAP_FLOWS, sizes.flow_table)
+        .map_max_entries(MAP_REPLY_FLOWS, sizes.flow_table)
+        .map_max_entries(MAP_TABLES, sizes.table_slots)
+        .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
+        .load(OBJECT)
+        .context("loading the XDP object (maps and BTF)")?;
+    for name in [PROGRAM_XDP, PROGRAM_XDP_PASS] {
+        program_mut(&mut ebpf, name)?
+            .load()
+            .with_context(|| format!("the kernel rejected program {name}"))?;
+    }
+    Ok(ebpf)
+}
+
+/// The XDP program `name` of a loaded object.
+pub fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()
+        .with_context(|| format!("program {name} is not XDP"))
+}

@@ -1,0 +1,319 @@
+//! The map writer: the only code that writes the data plane's maps. The agent's reconciler and
+//! the packet-fixture tests both provision the data plane through it.
+//!
+//! Tables are published double-buffered: the group's inactive half of `LB_TABLES` is written
+//! first, then the group's size for that half, then the `active` index flips; a packet reads
+//! either the old table or the new one, never a mix.
+
+use std::{collections::HashMap as StdHashMap, net::IpAddr};
+
+use anyhow::{bail, ensure, Context, Result};
+use aya::{
+    maps::{
+        lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, LpmTrie, Map, MapData,
+        PerCpuArray,
+    },
+    Ebpf,
+};
+use lb_common::{
+    addr, counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
+    GroupValue, ListenerStats, ListenerValue, ReverseValue, TargetValue, VipKey, VipValue,
+    FAMILY_V4, FAMILY_V6, NO_TARGET,
+};
+
+/// An `allowed_sources` prefix of one listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourcePrefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+/// Typed handles on every map of a loaded object.
+pub struct KernelMaps {
+    config: Array<MapData, DataplaneConfig>,
+    vips: HashMap<MapData, VipKey, VipValue>,
+    listeners: HashMap<MapData, EndpointKey, ListenerValue>,
+    allow_v4: LpmTrie<MapData, AllowV4, u8>,
+    allow_v6: LpmTrie<MapData, AllowV6, u8>,
+    groups: Array<MapData, GroupValue>,
+    tables: Array<MapData, u32>,
+    targets: Array<MapData, TargetValue>,
+    reverse: HashMap<MapData, EndpointKey, ReverseValue>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    devmap: DevMapHash<MapData>,
+    stats: PerCpuArray<MapData, ListenerStats>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Where each group's two halves live in `LB_TABLES`: (base of half 0, capacity of a half).
+    regions: StdHashMap<u32, (u32, u32)>,
+    next_free_slot: u32,
+    table_slots: u32,
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("map {name} missing from the object"))
+}
+
+macro_rules! typed {
+    ($ebpf:expr, $name:expr) => {
+        take($ebpf, $name)?
+            .try_into()
+            .with_context(|| format!("map {} has an unexpected type or layout", $name))?
+    };
+}
+
+impl KernelMaps {
+    /// Takes the maps out of a freshly loaded object (the programs keep using them).
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
+        let tables: Array<MapData, u32> = typed!(ebpf, MAP_TABLES);
+        let table_slots = tables.len();
+        Ok(Self {
+            config: typed!(ebpf, MAP_CONFIG),
+            vips: typed!(ebpf, MAP_VIPS),
+            listeners: typed!(ebpf, MAP_LISTENERS),
+            allow_v4: typed!(ebpf, MAP_ALLOW_V4),
+            allow_v6: typed!(ebpf, MAP_ALLOW_V6),
+            groups: typed!(ebpf, MAP_GROUPS),
+            tables,
+            targets: typed!(ebpf, MAP_TARGETS),
+            reverse: typed!(ebpf, MAP_REVERSE),
+            flows: typed!(ebpf, MAP_FLOWS),
+            devmap: typed!(ebpf, MAP_DEVMAP),
+            stats: typed!(ebpf, MAP_STATS),
+            counters: typed!(ebpf, MAP_COUNTERS),
+            regions: StdHashMap::new(),
+            next_free_slot: 0,
+            table_slots,
+        })
+    }
+
+    pub fn set_config(&mut self, config: &DataplaneConfig) -> Result<()> {
+        self.config.set(0, config, 0).context("writing LB_CONFIG")
+    }
+
+    pub fn put_vip(&mut self, ip: IpAddr, value: VipValue) -> Result<()> {
+        let (addr, family) = addr::to_words(ip);
+        let key = VipKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        self.vips
+            .insert(key, value, 0)
+            .with_context(|| format!("adding VIP {ip}"))
+    }
+
+    pub fn remove_vip(&mut self, ip: IpAddr) -> Result<()> {
+        let (addr, family) = addr::to_words(ip);
+        let key = VipKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        self.vips
+            .remove(&key)
+            .with_context(|| format!("removing VIP {ip}"))
+    }
+
+    pub fn put_listener(&mut self, key: EndpointKey, value: ListenerValue) -> Result<()> {
+        self.listeners
+            .insert(key, value, 0)
+            .context("writing LB_LISTENERS")
+    }
+
+    pub fn remove_listener(&mut self, key: &EndpointKey) -> Result<()> {
+        self.listeners
+            .remove(key)
+            .context("removing from LB_LISTENERS")
+    }
+
+    /// Allows `prefix` as a source of listener `listener_id`.
+    pub fn allow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()> {
+        self.update_source(listener_id, prefix, true)
+    }
+
+    pub fn disallow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()> {
+        self.update_source(listener_id, prefix, false)
+    }
+
+    fn update_source(&mut self, listener_id: u32, prefix: SourcePrefix, add: bool) -> Result<()> {
+        let (words, family) = addr::to_words(prefix.addr);
+        let id_be = listener_id.to_be();
+        let len = prefix.len as u32;
+        let result = match family {
+            FAMILY_V4 => {
+                ensure!(len <= 32, "IPv4 prefix length {len} > 32");
+                let key = LpmKey::new(
+                    32 + len,
+                    AllowV4 {
+                        listener_id_be: id_be,
+                        addr: words[0],
+                    },
+                );
+                if add {
+                    self.allow_v4.insert(&key, 1, 0)
+                } else {
+                    self.allow_v4.remove(&key)
+                }
+            }
+            FAMILY_V6 => {
+                ensure!(len <= 128, "IPv6 prefix length {len} > 128");
+                let key = LpmKey::new(
+                    32 + len,
+                    AllowV6 {
+                        listener_id_be: id_be,
+                        addr: words,
+                    },
+                );
+                if add {
+                    self.allow_v6.insert(&key, 1, 0)
+                } else {
+                    self.allow_v6.remove(&key)
+                }
+            }
+            _ => unreachable!("to_words gives v4 or v6"),
+        };
+        result.with_context(|| format!("updating allowed source {}/{len}", prefix.addr))
+    }
+
+    pub fn put_target(&mut self, target_id: u32, value: &TargetValue) -> Result<()> {
+        self.targets
+            .set(target_id, value, 0)
+            .with_context(|| format!("writing target {target_id}"))
+    }
+
+    pub fn target(&self, target_id: u32) -> Result<TargetValue> {
+        self.targets
+            .get(&target_id, 0)
+            .with_context(|| format!("reading target {target_id}"))
+    }
+
+    pub fn put_reverse(&mut self, key: EndpointKey, value: ReverseValue) -> Result<()> {
+        self.reverse
+            .insert(key, value, 0)
+            .context("writing LB_REVERSE")
+    }
+
+    pub fn remove_reverse(&mut self, key: &EndpointKey) -> Result<()> {
+        self.reverse.remove(key).context("removing from LB_REVERSE")
+    }
+
+    /// Lets the program redirect frames out of `ifindex`.
+    pub fn add_interface(&mut self, ifindex: u32) -> Result<()> {
+        self.devmap
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding interface {ifindex} to LB_DEVMAP"))
+    }
+
+    pub fn group(&self, group_id: u32) -> Result<GroupValue> {
+        self.groups
+            .get(&group_id, 0)
+            .with_context(|| format!("reading group {group_id}"))
+    }
+
+    /// Publishes a group's new consistent-hash table (`table[slot]` = target id, or empty for
+    /// a group with no target) with `flags`, without a packet ever seeing a half-written table.
+    pub fn publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]) -> Result<()> {
+        ensure!(group_id < MAX_GROUPS, "group id {group_id} ≥ {MAX_GROUPS}");
+        let size = u32::try_from(table.len()).context("table too large")?;
+        let mut group = self.group(group_id)?;
+        let (base, capacity) = self.region(group_id, size)?;
+        let inactive = (group.active as usize & 1) ^ 1;
+        let half_base = base + inactive as u32 * capacity;
+        for (i, &target_id) in table.iter().enumerate() {
+            self.tables
+                .set(half_base + i as u32, target_id, 0)
+                .with_context(|| format!("writing slot {i} of group {group_id}'s table"))?;
+        }
+        // 1: the inactive half's place and size (nothing reads them yet).
+        group.table_base[inactive] = half_base;
+        group.table_size[inactive] = size;
+        group.flags = flags;
+        self.groups
+            .set(group_id, group, 0)
+            .context("writing LB_GROUPS")?;
+        // 2: the flip.
+        group.active = inactive as u32;
+        self.groups
+            .set(group_id, group, 0)
+            .context("flipping LB_GROUPS")
+    }
+
+    /// The group's region of `LB_TABLES` (two halves of `capacity`), grown when needed.
+    fn region(&mut self, group_id: u32, size: u32) -> Result<(u32, u32)> {
+        if let Some(&(base, capacity)) = self.regions.get(&group_id) {
+            if capacity >= size {
+                return Ok((base, capacity));
+            }
+        }
+        let capacity = size.max(1);
+        let base = self.next_free_slot;
+        let end = base as u64 + 2 * capacity as u64;
+        if end > self.table_slots as u64 {
+            bail!(
+                "LB_TABLES has {} slots; group {group_id} needs {} more (raise the table size budget)",
+                self.table_slots,
+                end - self.next_free_slot as u64
+            );
+        }
+        self.next_free_slot = end as u32;
+        self.regions.insert(group_id, (base, capacity));
+        Ok((base, capacity))
+    }
+
+    /// The flow entry of a client → VIP 5-tuple, if any.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        match self.flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading LB_FLOWS"),
+        }
+    }
+
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        self.flows.remove(key).context("removing from LB_FLOWS")
+    }
+
+    pub fn flow_keys(&self) -> impl Iterator<Item = Result<FlowKey>> + '_ {
+        self.flows.keys().map(|k| k.context("iterating LB_FLOWS"))
+    }
+
+    /// A listener's traffic, summed over CPUs.
+    pub fn listener_stats(&self, listener_id: u32) -> Result<ListenerStats> {
+        let per_cpu = self
+            .stats
+            .get(&listener_id, 0)
+            .context("reading LB_STATS")?;
+        Ok(per_cpu.iter().fold(ListenerStats::default(), |mut a, s| {
+            a.in_packets += s.in_packets;
+            a.in_bytes += s.in_bytes;
+            a.out_packets += s.out_packets;
+            a.out_bytes += s.out_bytes;
+            a.new_flows += s.new_flows;
+            a
+        }))
+    }
+
+    /// Every `lb_common::counter`, summed over CPUs.
+    pub fn counters(&self) -> Result<[u64; counter::COUNT as usize]> {
+        let mut out = [0u64; counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self
+                .counters
+                .get(&(i as u32), 0)
+                .context("reading LB_COUNTERS")?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+}
+
+/// Maps target indices of a built table to target ids (`NO_TARGET` never appears in a full
+/// table; an empty table stays empty).
+pub fn table_of_ids(indices: &[u32], ids: &[u32]) -> Vec<u32> {
+    indices
+        .iter()
+        .map(|&i| ids.get(i as usize).copied().unwrap_or(NO_TARGET))
+        .collect()
+}
