@@ -1,7 +1,7 @@
 //! The embedded XDP object: loading it (with map sizes from config) and attaching it.
 
 use anyhow::{Context, Result};
-use aya::{programs::Xdp, Ebpf, EbpfLoader, VerifierLogLevel};
+use aya::{programs::Xdp, Ebpf, EbpfLoader};
 use lb_common::maps::{
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAP_FLOWS, MAP_REPLY_FLOWS, MAP_TABLES,
     PROGRAM_XDP, PROGRAM_XDP_PASS,
@@ -28,13 +28,13 @@ impl Default for MapSizes {
     }
 }
 
-/// Loads the object into the kernel: maps created with `sizes`, both programs verified.
+/// Loads the object into the kernel: maps created with `sizes`, both programs verified. On a
+/// verifier rejection aya loads again with logging on and the error carries the log.
 pub fn load(sizes: MapSizes) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_FLOWS, sizes.flow_table)
         .map_max_entries(MAP_REPLY_FLOWS, sizes.flow_table)
         .map_max_entries(MAP_TABLES, sizes.table_slots)
-        .verifier_log_level(VerifierLogLevel::DEBUG | VerifierLogLevel::STATS)
         .load(OBJECT)
         .context("loading the XDP object (maps and BTF)")?;
     for name in [PROGRAM_XDP, PROGRAM_XDP_PASS] {

@@ -205,6 +205,12 @@ impl KernelMaps {
             .with_context(|| format!("adding interface {ifindex} to LB_DEVMAP"))
     }
 
+    pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
+        self.devmap
+            .remove(ifindex)
+            .with_context(|| format!("removing interface {ifindex} from LB_DEVMAP"))
+    }
+
     pub fn group(&self, group_id: u32) -> Result<GroupValue> {
         self.groups
             .get(&group_id, 0)

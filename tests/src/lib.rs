@@ -1,1 +1,8 @@
+//! Test support: a packet builder, an independent checksum checker, pcap output, a private
+//! network namespace per test, and a data plane loaded and provisioned through the agent's
+//! own map writer.
 
+pub mod lab;
+pub mod packet;
+pub mod pcap;
+pub mod world;
