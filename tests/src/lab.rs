@@ -8,9 +8,16 @@ use anyhow::{bail, Context, Result};
 
 /// Runs a command in the calling thread's network namespace (children inherit it).
 pub fn sh(cmd: &str) -> Result<String> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().with_context(|| format!("spawning `{cmd}`"))?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .with_context(|| format!("spawning `{cmd}`"))?;
     if !out.status.success() {
-        bail!("`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -59,13 +66,23 @@ pub const TARGET_NO_NEIGH: &str = "10.2.0.99";
 pub const ONE_ARM_TARGET: &str = "10.1.0.50";
 /// Addresses with static neighbour entries.
 pub const NEIGHBOURS: [&str; 9] = [
-    "10.1.0.2", "10.1.0.254", "10.1.0.50", "10.2.0.11", "10.2.0.12", "10.2.0.13", "fd00:1::2",
-    "fd00:2::11", "fd00:2::12",
+    "10.1.0.2",
+    "10.1.0.254",
+    "10.1.0.50",
+    "10.2.0.11",
+    "10.2.0.12",
+    "10.2.0.13",
+    "fd00:1::2",
+    "fd00:2::11",
+    "fd00:2::12",
 ];
 
 /// The MAC our static neighbour entry gives `ip`.
 pub fn mac_of(ip: &str) -> [u8; 6] {
-    let i = NEIGHBOURS.iter().position(|n| *n == ip).expect("a lab neighbour");
+    let i = NEIGHBOURS
+        .iter()
+        .position(|n| *n == ip)
+        .expect("a lab neighbour");
     [0x02, 0xaa, 0, 0, 0, i as u8 + 1]
 }
 
@@ -84,11 +101,24 @@ impl Lab {
         sh("ip route add 10.3.0.0/24 via 10.1.0.254")?;
         sh("sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv6.conf.all.forwarding=1")?;
         for n in NEIGHBOURS {
-            let dev = if n.starts_with("10.1.") || n.starts_with("fd00:1:") { "cli0" } else { "bk0" };
+            let dev = if n.starts_with("10.1.") || n.starts_with("fd00:1:") {
+                "cli0"
+            } else {
+                "bk0"
+            };
             let m = mac_of(n);
-            let mac = m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-            sh(&format!("ip neigh replace {n} lladdr {mac} dev {dev} nud permanent"))?;
+            let mac = m
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            sh(&format!(
+                "ip neigh replace {n} lladdr {mac} dev {dev} nud permanent"
+            ))?;
         }
-        Ok(Self { cli: ifindex("cli0")?, bk: ifindex("bk0")? })
+        Ok(Self {
+            cli: ifindex("cli0")?,
+            bk: ifindex("bk0")?,
+        })
     }
 }

@@ -12,9 +12,18 @@ pub const TCP_ACK: u8 = 0x10;
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { sport: u16, dport: u16, flags: u8, seq: u32 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+    },
     /// `zero_checksum`: send without a checksum (IPv4 only).
-    Udp { sport: u16, dport: u16, zero_checksum: bool },
+    Udp {
+        sport: u16,
+        dport: u16,
+        zero_checksum: bool,
+    },
     /// Any other protocol: raw header and payload bytes.
     Raw { protocol: u8, bytes: Vec<u8> },
 }
@@ -39,11 +48,28 @@ pub struct Packet {
 
 impl Packet {
     pub fn tcp(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Self {
-        Self::new(src, dst, L4::Tcp { sport, dport, flags, seq: 1000 })
+        Self::new(
+            src,
+            dst,
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq: 1000,
+            },
+        )
     }
 
     pub fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> Self {
-        Self::new(src, dst, L4::Udp { sport, dport, zero_checksum: false })
+        Self::new(
+            src,
+            dst,
+            L4::Udp {
+                sport,
+                dport,
+                zero_checksum: false,
+            },
+        )
     }
 
     pub fn new(src: &str, dst: &str, l4: L4) -> Self {
@@ -100,7 +126,12 @@ impl Packet {
 
     fn l4_bytes(&self) -> Vec<u8> {
         let mut b = match &self.l4 {
-            L4::Tcp { sport, dport, flags, seq } => {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq,
+            } => {
                 let mut h = vec![0u8; 20];
                 h[0..2].copy_from_slice(&sport.to_be_bytes());
                 h[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -121,14 +152,23 @@ impl Packet {
             L4::Raw { bytes, .. } => bytes.clone(),
         };
         b.extend_from_slice(&self.payload);
-        let zero = matches!(self.l4, L4::Udp { zero_checksum: true, .. });
+        let zero = matches!(
+            self.l4,
+            L4::Udp {
+                zero_checksum: true,
+                ..
+            }
+        );
         let check_at = match self.l4 {
             L4::Tcp { .. } => Some(16),
             L4::Udp { .. } if !zero => Some(6),
             _ => None,
         };
         if let Some(at) = check_at {
-            let mut c = internet_checksum(&[&pseudo_header(self.src, self.dst, self.protocol(), b.len()), &b]);
+            let mut c = internet_checksum(&[
+                &pseudo_header(self.src, self.dst, self.protocol(), b.len()),
+                &b,
+            ]);
             if c == 0 && matches!(self.l4, L4::Udp { .. }) {
                 c = 0xffff;
             }
@@ -241,21 +281,32 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
             }
             let s: [u8; 4] = frame[l3 + 12..l3 + 16].try_into().unwrap();
             let d: [u8; 4] = frame[l3 + 16..l3 + 20].try_into().unwrap();
-            (IpAddr::from(s), IpAddr::from(d), frame[l3 + 9], &frame[l3 + hlen..l3 + total])
+            (
+                IpAddr::from(s),
+                IpAddr::from(d),
+                frame[l3 + 9],
+                &frame[l3 + hlen..l3 + total],
+            )
         }
         0x86dd => {
             let plen = u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]]) as usize;
             let s: [u8; 16] = frame[l3 + 8..l3 + 24].try_into().unwrap();
             let d: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().unwrap();
-            (IpAddr::from(s), IpAddr::from(d), frame[l3 + 6], &frame[l3 + 40..l3 + 40 + plen])
+            (
+                IpAddr::from(s),
+                IpAddr::from(d),
+                frame[l3 + 6],
+                &frame[l3 + 40..l3 + 40 + plen],
+            )
         }
         _ => return Ok(()),
     };
     let udp_unset = proto == 17 && l4[6] == 0 && l4[7] == 0 && src.is_ipv4();
-    if (proto == 6 || proto == 17) && !udp_unset {
-        if internet_checksum(&[&pseudo_header(src, dst, proto, l4.len()), l4]) != 0 {
-            return Err(format!("L4 (protocol {proto}) checksum"));
-        }
+    if (proto == 6 || proto == 17)
+        && !udp_unset
+        && internet_checksum(&[&pseudo_header(src, dst, proto, l4.len()), l4]) != 0
+    {
+        return Err(format!("L4 (protocol {proto}) checksum"));
     }
     Ok(())
 }

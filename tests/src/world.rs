@@ -41,7 +41,8 @@ pub const TARGETS: [(u32, &str, u16, u32); 11] = [
 ];
 
 /// (id, VIP, port, protocol, group, allowed sources: None = everything)
-pub const LISTENERS: [(u32, &str, u16, u8, u32, Option<&str>); 12] = [
+pub type ListenerRow = (u32, &'static str, u16, u8, u32, Option<&'static str>);
+pub const LISTENERS: [ListenerRow; 12] = [
     (0, VIP4, 80, PROTO_TCP, 0, None),
     (1, VIP4, 80, PROTO_UDP, 0, None),
     (2, VIP6, 80, PROTO_TCP, 1, None),
@@ -60,7 +61,12 @@ pub const GROUPS: u32 = 9;
 
 pub fn endpoint(ip: &str, port: u16, protocol: u8) -> EndpointKey {
     let (addr, family) = addr::to_words(ip.parse().expect("address"));
-    EndpointKey { addr, port_be: port.to_be(), protocol, family }
+    EndpointKey {
+        addr,
+        port_be: port.to_be(),
+        protocol,
+        family,
+    }
 }
 
 pub fn identity(addr: &str, port: u16) -> Vec<u8> {
@@ -81,34 +87,68 @@ pub struct World {
 impl World {
     /// Loads the object and provisions the fixture configuration.
     pub fn new() -> Result<Self> {
-        let mut ebpf = dataplane::load(MapSizes { flow_table: 4096, table_slots: GROUPS * 2 * TABLE_SIZE })?;
+        Self::with_flow_table(4096)
+    }
+
+    /// As `new`, with a flow table of `flow_table` entries.
+    pub fn with_flow_table(flow_table: u32) -> Result<Self> {
+        let mut ebpf = dataplane::load(MapSizes {
+            flow_table,
+            table_slots: GROUPS * 2 * TABLE_SIZE,
+        })?;
         let maps = KernelMaps::new(&mut ebpf)?;
-        let mut w = Self { ebpf, maps, cookies: BTreeMap::new() };
+        let mut w = Self {
+            ebpf,
+            maps,
+            cookies: BTreeMap::new(),
+        };
         w.provision()?;
         Ok(w)
     }
 
     fn provision(&mut self) -> Result<()> {
-        self.maps.set_config(&DataplaneConfig { hash_key: HASH_KEY, flags: CONFIG_F_READY, _pad: 0 })?;
+        self.maps.set_config(&DataplaneConfig {
+            hash_key: HASH_KEY,
+            flags: CONFIG_F_READY,
+            _pad: 0,
+        })?;
         for vip in [VIP4, VIP4B, VIP6] {
-            self.maps.put_vip(vip.parse()?, VipValue { listener_count: 1 })?;
+            self.maps
+                .put_vip(vip.parse()?, VipValue { listener_count: 1 })?;
         }
         // Which listeners each target endpoint serves decides how replies find their VIP.
         let mut served: BTreeMap<EndpointKey, Vec<(u32, &str, u16)>> = BTreeMap::new();
         for &(lid, vip, port, proto, group, allowed) in &LISTENERS {
-            let family_flag = if vip.contains(':') { LISTENER_F_ALLOW_ALL_V6 } else { LISTENER_F_ALLOW_ALL_V4 };
+            let family_flag = if vip.contains(':') {
+                LISTENER_F_ALLOW_ALL_V6
+            } else {
+                LISTENER_F_ALLOW_ALL_V4
+            };
             let flags = if allowed.is_none() { family_flag } else { 0 };
             self.maps.put_listener(
                 endpoint(vip, port, proto),
-                ListenerValue { listener_id: lid, group_id: group, flags },
+                ListenerValue {
+                    listener_id: lid,
+                    group_id: group,
+                    flags,
+                },
             )?;
             if let Some(cidr) = allowed {
                 let (a, len) = cidr.split_once('/').expect("cidr");
-                self.maps.allow_source(lid, SourcePrefix { addr: a.parse()?, len: len.parse()? })?;
+                self.maps.allow_source(
+                    lid,
+                    SourcePrefix {
+                        addr: a.parse()?,
+                        len: len.parse()?,
+                    },
+                )?;
             }
             for &(_, taddr, tport, tgroup) in &TARGETS {
                 if tgroup == group {
-                    served.entry(endpoint(taddr, tport, proto)).or_default().push((lid, vip, port));
+                    served
+                        .entry(endpoint(taddr, tport, proto))
+                        .or_default()
+                        .push((lid, vip, port));
                 }
             }
         }
@@ -131,10 +171,19 @@ impl World {
             let shared = served
                 .iter()
                 .any(|(k, l)| l.len() > 1 && *k == endpoint(taddr, tport, k.protocol));
-            self.set_target(id, TARGET_FORWARD, if shared { TARGET_F_SHARED_ENDPOINT } else { 0 }, 1)?;
+            self.set_target(
+                id,
+                TARGET_FORWARD,
+                if shared { TARGET_F_SHARED_ENDPOINT } else { 0 },
+                1,
+            )?;
         }
         for group in 0..GROUPS {
-            let members: Vec<u32> = TARGETS.iter().filter(|t| t.3 == group).map(|t| t.0).collect();
+            let members: Vec<u32> = TARGETS
+                .iter()
+                .filter(|t| t.3 == group)
+                .map(|t| t.0)
+                .collect();
             self.publish(group, &members)?;
         }
         for ifname in ["cli0", "bk0"] {
@@ -149,7 +198,15 @@ impl World {
         let (addr, family) = addr::to_words(taddr.parse()?);
         self.maps.put_target(
             id,
-            &TargetValue { addr, port_be: tport.to_be(), family, state, cookie, flags, _pad: 0 },
+            &TargetValue {
+                addr,
+                port_be: tport.to_be(),
+                family,
+                state,
+                cookie,
+                flags,
+                _pad: 0,
+            },
         )?;
         self.cookies.insert(id, cookie);
         Ok(())
@@ -164,11 +221,21 @@ impl World {
                 identity(t.1, t.2)
             })
             .collect();
-        let backends: Vec<maglev::Backend> =
-            ids.iter().map(|i| maglev::Backend { identity: i, weight: 1 }).collect();
+        let backends: Vec<maglev::Backend> = ids
+            .iter()
+            .map(|i| maglev::Backend {
+                identity: i,
+                weight: 1,
+            })
+            .collect();
         let table = maglev::build(&backends, TABLE_SIZE, 0)?;
-        let flags = if group == STICKY_GROUP { GROUP_F_STICKY_SOURCE } else { 0 };
-        self.maps.publish_table(group, flags, &table_of_ids(&table, members))
+        let flags = if group == STICKY_GROUP {
+            GROUP_F_STICKY_SOURCE
+        } else {
+            0
+        };
+        self.maps
+            .publish_table(group, flags, &table_of_ids(&table, members))
     }
 
     /// The target id the group's current table gives a new flow (predicted from lb-common's
@@ -181,8 +248,13 @@ impl World {
                 identity(t.1, t.2)
             })
             .collect();
-        let backends: Vec<maglev::Backend> =
-            ids.iter().map(|i| maglev::Backend { identity: i, weight: 1 }).collect();
+        let backends: Vec<maglev::Backend> = ids
+            .iter()
+            .map(|i| maglev::Backend {
+                identity: i,
+                weight: 1,
+            })
+            .collect();
         let table = maglev::build(&backends, TABLE_SIZE, 0).expect("table");
         let h = if group == STICKY_GROUP {
             hash::source_hash(HASH_KEY, &key.src_addr)
@@ -201,6 +273,15 @@ impl World {
 
 /// One `BPF_PROG_TEST_RUN` of an XDP program with `ingress` as the receiving interface.
 pub fn run_prog(prog: &aya::programs::Xdp, ingress: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    run_prog_timed(prog, ingress, frame).map(|(action, out, _)| (action, out))
+}
+
+/// As `run_prog`, with the run time the kernel measured.
+pub fn run_prog_timed(
+    prog: &aya::programs::Xdp,
+    ingress: u32,
+    frame: &[u8],
+) -> Result<(u32, Vec<u8>, std::time::Duration)> {
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let md: [u32; 6] = [0, frame.len() as u32, 0, ingress, 0, 0];
     let ctx: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
@@ -212,7 +293,7 @@ pub fn run_prog(prog: &aya::programs::Xdp, ingress: u32, frame: &[u8]) -> Result
     let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
     let n = r.data_size_out as usize;
     out.truncate(n);
-    Ok((r.return_value, out))
+    Ok((r.return_value, out, r.duration))
 }
 
 /// The 5-tuple of a client → VIP packet.

@@ -22,12 +22,19 @@ fn attached_mode(ifname: &str) -> String {
 #[test]
 fn attaches_native_and_generic_on_veth() {
     enter_private_netns().expect("netns");
-    sh("ip link add lbt0 type veth peer name lbt1 && ip link set lbt0 up && ip link set lbt1 up").unwrap();
-    let mut ebpf = dataplane::load(MapSizes { flow_table: 1024, table_slots: 1024 }).expect("load");
+    sh("ip link add lbt0 type veth peer name lbt1 && ip link set lbt0 up && ip link set lbt1 up")
+        .unwrap();
+    let mut ebpf = dataplane::load(MapSizes {
+        flow_table: 1024,
+        table_slots: 1024,
+    })
+    .expect("load");
     let prog = dataplane::program_mut(&mut ebpf, PROGRAM_XDP).expect("program");
     for (mode, name) in [(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")] {
         assert_eq!(attached_mode("lbt0"), "none");
-        let link = prog.attach("lbt0", mode).unwrap_or_else(|e| panic!("{name} attach: {e}"));
+        let link = prog
+            .attach("lbt0", mode)
+            .unwrap_or_else(|e| panic!("{name} attach: {e}"));
         assert_eq!(attached_mode("lbt0"), name);
         prog.detach(link).expect("detach");
     }

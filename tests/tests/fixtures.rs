@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use lb_common::{
-    counter, FLOW_F_CLOSING, PROTO_TCP, PROTO_UDP, TARGET_DROP, TARGET_FORWARD, TARGET_REMOVED,
+    counter, FLOW_F_CLOSING, PROTO_TCP, TARGET_DROP, TARGET_FORWARD, TARGET_REMOVED,
     TARGET_RESCHEDULE,
 };
 use lb_tests::{
@@ -67,7 +67,7 @@ impl Fx {
         self.counter = Some((index, n));
         self
     }
-    fn from_backend(mut self) -> Self {
+    fn arriving_from_backend(mut self) -> Self {
         self.side = Side::Backend;
         self
     }
@@ -101,13 +101,19 @@ fn target(id: u32) -> (&'static str, u16) {
 }
 
 fn members(group: u32) -> Vec<u32> {
-    TARGETS.iter().filter(|t| t.3 == group).map(|t| t.0).collect()
+    TARGETS
+        .iter()
+        .filter(|t| t.3 == group)
+        .map(|t| t.0)
+        .collect()
 }
 
 /// The packet as the program must forward it to target `id` (toward the backend side).
 fn to_target(p: &Packet, id: u32) -> Packet {
     let (addr, port) = target(id);
-    p.clone().with_dst(addr, port).forwarded(BK_MAC, mac_of(addr))
+    p.clone()
+        .with_dst(addr, port)
+        .forwarded(BK_MAC, mac_of(addr))
 }
 
 fn predicted(w: &World, group: u32, p: &Packet) -> u32 {
@@ -115,17 +121,20 @@ fn predicted(w: &World, group: u32, p: &Packet) -> u32 {
         L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (sport, dport),
         L4::Raw { .. } => panic!("no ports"),
     };
-    let key = flow_key(&p.src.to_string(), sport, &p.dst.to_string(), dport, p.protocol());
+    let key = flow_key(
+        &p.src.to_string(),
+        sport,
+        &p.dst.to_string(),
+        dport,
+        p.protocol(),
+    );
     w.predict(group, &members(group), &key)
 }
 
 /// A new flow on `group`: forwarded to the target the table gives it.
 fn forwards_new(name: &str, p: Packet, group: u32) -> Fx {
     let input = p.clone();
-    fx(name, &p)
-        .expect(XDP_REDIRECT, None)
-        .setup(move |_, _| Ok(()))
-        .with_predicted(input, group)
+    fx(name, &p).with_predicted(input, group)
 }
 
 impl Fx {
@@ -162,8 +171,17 @@ fn flow_target(w: &World, p: &Packet) -> Result<u32> {
         L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (sport, dport),
         L4::Raw { .. } => panic!("no ports"),
     };
-    let key = flow_key(&p.src.to_string(), sport, &p.dst.to_string(), dport, p.protocol());
-    Ok(w.maps.flow(&key)?.ok_or_else(|| anyhow::anyhow!("no flow entry"))?.target_id)
+    let key = flow_key(
+        &p.src.to_string(),
+        sport,
+        &p.dst.to_string(),
+        dport,
+        p.protocol(),
+    );
+    Ok(w.maps
+        .flow(&key)?
+        .ok_or_else(|| anyhow::anyhow!("no flow entry"))?
+        .target_id)
 }
 
 /// Group 0 holds targets 0 and 1: the one that is not `id`.
@@ -176,19 +194,39 @@ fn fixtures() -> Vec<Fx> {
 
     // --- New flows, every family and protocol ---
     v.push(forwards_new("tcp_syn_v4_new_flow", syn4(40000, 80), 0));
-    v.push(forwards_new("tcp_ack_without_entry_is_scheduled_like_syn", ack4(40001, 80), 0));
-    v.push(forwards_new("udp_v4", Packet::udp(CLIENT4, 5000, VIP4, 80), 0));
+    v.push(forwards_new(
+        "tcp_ack_without_entry_is_scheduled_like_syn",
+        ack4(40001, 80),
+        0,
+    ));
+    v.push(forwards_new(
+        "udp_v4",
+        Packet::udp(CLIENT4, 5000, VIP4, 80),
+        0,
+    ));
     let mut zero = Packet::udp(CLIENT4, 5001, VIP4, 80);
-    zero.l4 = L4::Udp { sport: 5001, dport: 80, zero_checksum: true };
+    zero.l4 = L4::Udp {
+        sport: 5001,
+        dport: 80,
+        zero_checksum: true,
+    };
     v.push(forwards_new("udp_v4_zero_checksum_stays_zero", zero, 0));
     let mut opts = syn4(40002, 80);
     opts.ip_options = vec![1, 1, 1, 1, 1, 1, 1, 0];
     v.push(forwards_new("ipv4_with_options", opts, 0));
     let mut max_opts = syn4(40003, 80);
     max_opts.ip_options = vec![1; 40];
-    v.push(forwards_new("ipv4_with_40_bytes_of_options", max_opts, 1 - 1));
-    v.push(forwards_new("tcp_syn_v6", Packet::tcp(CLIENT6, 40000, VIP6, 80, TCP_SYN), 1));
-    v.push(forwards_new("udp_v6", Packet::udp(CLIENT6, 5000, VIP6, 80), 1));
+    v.push(forwards_new("ipv4_with_40_bytes_of_options", max_opts, 0));
+    v.push(forwards_new(
+        "tcp_syn_v6",
+        Packet::tcp(CLIENT6, 40000, VIP6, 80, TCP_SYN),
+        1,
+    ));
+    v.push(forwards_new(
+        "udp_v6",
+        Packet::udp(CLIENT6, 5000, VIP6, 80),
+        1,
+    ));
     let mut vlan = syn4(40004, 80);
     vlan.vlan = Some(100);
     v.push(forwards_new("vlan_tagged_v4_keeps_its_tag", vlan, 0));
@@ -197,8 +235,16 @@ fn fixtures() -> Vec<Fx> {
         Packet::tcp(CLIENT4, 40005, VIP4, 443, TCP_SYN),
         7,
     ));
-    v.push(forwards_new("allowed_source_v6", Packet::tcp(CLIENT6, 40005, VIP6, 443, TCP_SYN), 8));
-    v.push(forwards_new("far_client_through_router", Packet::tcp(FAR_CLIENT4, 40006, VIP4, 80, TCP_SYN), 0));
+    v.push(forwards_new(
+        "allowed_source_v6",
+        Packet::tcp(CLIENT6, 40005, VIP6, 443, TCP_SYN),
+        8,
+    ));
+    v.push(forwards_new(
+        "far_client_through_router",
+        Packet::tcp(FAR_CLIENT4, 40006, VIP4, 80, TCP_SYN),
+        0,
+    ));
 
     // --- Established flows ---
     let syn = syn4(41000, 80);
@@ -208,29 +254,48 @@ fn fixtures() -> Vec<Fx> {
             .with_predicted(ack4(41000, 80), 0)
             .check(|w, _| {
                 let stats = w.maps.listener_stats(0)?;
-                anyhow::ensure!(stats.in_packets == 2 && stats.new_flows == 1, "stats {stats:?}");
+                anyhow::ensure!(
+                    stats.in_packets == 2 && stats.new_flows == 1,
+                    "stats {stats:?}"
+                );
                 Ok(())
             }),
     );
     let fin = Packet::tcp(CLIENT4, 41001, VIP4, 80, TCP_FIN | TCP_ACK);
-    v.push(fx("tcp_fin_marks_flow_closing", &fin).after(&syn4(41001, 80)).with_predicted(fin.clone(), 0).check(
-        |w, _| {
-            let key = flow_key(CLIENT4, 41001, VIP4, 80, PROTO_TCP);
-            let f = w.maps.flow(&key)?.ok_or_else(|| anyhow::anyhow!("no flow"))?;
-            anyhow::ensure!(f.flags & FLOW_F_CLOSING != 0, "flags {:#x}", f.flags);
-            Ok(())
-        },
-    ));
+    v.push(
+        fx("tcp_fin_marks_flow_closing", &fin)
+            .after(&syn4(41001, 80))
+            .with_predicted(fin.clone(), 0)
+            .check(|w, _| {
+                let key = flow_key(CLIENT4, 41001, VIP4, 80, PROTO_TCP);
+                let f = w
+                    .maps
+                    .flow(&key)?
+                    .ok_or_else(|| anyhow::anyhow!("no flow"))?;
+                anyhow::ensure!(f.flags & FLOW_F_CLOSING != 0, "flags {:#x}", f.flags);
+                Ok(())
+            }),
+    );
     let rst = Packet::tcp(CLIENT4, 41002, VIP4, 80, TCP_RST);
-    v.push(fx("tcp_rst_marks_flow_closing", &rst).after(&syn4(41002, 80)).with_predicted(rst.clone(), 0).check(
-        |w, _| {
-            let key = flow_key(CLIENT4, 41002, VIP4, 80, PROTO_TCP);
-            let f = w.maps.flow(&key)?.ok_or_else(|| anyhow::anyhow!("no flow"))?;
-            anyhow::ensure!(f.flags & FLOW_F_CLOSING != 0, "flags {:#x}", f.flags);
-            Ok(())
-        },
-    ));
-    v.push(fx("syn_on_established_flow_keeps_target", &syn4(41003, 80)).after(&syn4(41003, 80)).with_predicted(syn4(41003, 80), 0));
+    v.push(
+        fx("tcp_rst_marks_flow_closing", &rst)
+            .after(&syn4(41002, 80))
+            .with_predicted(rst.clone(), 0)
+            .check(|w, _| {
+                let key = flow_key(CLIENT4, 41002, VIP4, 80, PROTO_TCP);
+                let f = w
+                    .maps
+                    .flow(&key)?
+                    .ok_or_else(|| anyhow::anyhow!("no flow"))?;
+                anyhow::ensure!(f.flags & FLOW_F_CLOSING != 0, "flags {:#x}", f.flags);
+                Ok(())
+            }),
+    );
+    v.push(
+        fx("syn_on_established_flow_keeps_target", &syn4(41003, 80))
+            .after(&syn4(41003, 80))
+            .with_predicted(syn4(41003, 80), 0),
+    );
 
     // --- Target changes ---
     // The flow's target leaves the table (draining): the flow stays on it.
@@ -242,23 +307,44 @@ fn fixtures() -> Vec<Fx> {
                 w.publish(0, &[other(t)])?;
                 let (addr, port) = target(t);
                 EXPECTED.with(|e| {
-                    *e.borrow_mut() = Some(ack4(42000, 80).with_dst(addr, port).forwarded(BK_MAC, mac_of(addr)).bytes())
+                    *e.borrow_mut() = Some(
+                        ack4(42000, 80)
+                            .with_dst(addr, port)
+                            .forwarded(BK_MAC, mac_of(addr))
+                            .bytes(),
+                    )
                 });
                 Ok(())
             })
             .redirect(),
     );
     // After the change a new flow only reaches the remaining target.
-    v.push(fx("new_flow_after_table_change_uses_new_table", &syn4(42001, 80)).setup(|w, _| {
-        let t = w.predict(0, &members(0), &flow_key(CLIENT4, 42001, VIP4, 80, PROTO_TCP));
-        w.publish(0, &[other(t)])?;
-        EXPECTED.with(|e| *e.borrow_mut() = Some(to_target(&syn4(42001, 80), other(t)).bytes()));
-        Ok(())
-    }).redirect());
+    v.push(
+        fx(
+            "new_flow_after_table_change_uses_new_table",
+            &syn4(42001, 80),
+        )
+        .setup(|w, _| {
+            let t = w.predict(
+                0,
+                &members(0),
+                &flow_key(CLIENT4, 42001, VIP4, 80, PROTO_TCP),
+            );
+            w.publish(0, &[other(t)])?;
+            EXPECTED
+                .with(|e| *e.borrow_mut() = Some(to_target(&syn4(42001, 80), other(t)).bytes()));
+            Ok(())
+        })
+        .redirect(),
+    );
     for (name, state, cookie_bump) in [
         ("removed_target_flow_is_rescheduled", TARGET_REMOVED, 0),
         ("reschedule_state_moves_flow", TARGET_RESCHEDULE, 0),
-        ("reused_target_id_with_new_cookie_moves_flow", TARGET_FORWARD, 1),
+        (
+            "reused_target_id_with_new_cookie_moves_flow",
+            TARGET_FORWARD,
+            1,
+        ),
     ] {
         v.push(
             fx(name, &ack4(42002, 80))
@@ -268,15 +354,24 @@ fn fixtures() -> Vec<Fx> {
                     let cookie = w.cookies[&t] + cookie_bump;
                     w.set_target(t, state, 0, cookie)?;
                     w.publish(0, &[other(t)])?;
-                    EXPECTED.with(|e| *e.borrow_mut() = Some(to_target(&ack4(42002, 80), other(t)).bytes()));
+                    EXPECTED.with(|e| {
+                        *e.borrow_mut() = Some(to_target(&ack4(42002, 80), other(t)).bytes())
+                    });
                     Ok(())
                 })
                 .redirect()
                 .counter(counter::FLOWS_RESCHEDULED, 1)
                 .check(|w, _| {
                     let now = flow_target(w, &ack4(42002, 80))?;
-                    let first = w.predict(0, &members(0), &flow_key(CLIENT4, 42002, VIP4, 80, PROTO_TCP));
-                    anyhow::ensure!(now == other(first), "flow entry not moved to the new target");
+                    let first = w.predict(
+                        0,
+                        &members(0),
+                        &flow_key(CLIENT4, 42002, VIP4, 80, PROTO_TCP),
+                    );
+                    anyhow::ensure!(
+                        now == other(first),
+                        "flow entry not moved to the new target"
+                    );
                     Ok(())
                 }),
         );
@@ -300,7 +395,9 @@ fn fixtures() -> Vec<Fx> {
             .setup(|w, _| {
                 let t = flow_target(w, &syn4(42004, 80))?;
                 w.publish(0, &[other(t)])?;
-                EXPECTED.with(|e| *e.borrow_mut() = Some(to_target(&syn4(42004, 80), other(t)).bytes()));
+                EXPECTED.with(|e| {
+                    *e.borrow_mut() = Some(to_target(&syn4(42004, 80), other(t)).bytes())
+                });
                 Ok(())
             })
             .redirect(),
@@ -308,115 +405,321 @@ fn fixtures() -> Vec<Fx> {
 
     // --- Reply path (reverse NAT) ---
     for (name, p, vip, vport, client) in [
-        ("reply_v4_tcp", Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_SYN | TCP_ACK), VIP4, 80, CLIENT4),
-        ("reply_v4_udp", Packet::udp("10.2.0.12", 8080, CLIENT4, 5000), VIP4, 80, CLIENT4),
-        ("reply_v6_tcp", Packet::tcp("fd00:2::12", 8080, CLIENT6, 40000, TCP_ACK), VIP6, 80, CLIENT6),
-        ("reply_to_far_client_via_router", Packet::tcp("10.2.0.11", 8080, FAR_CLIENT4, 40000, TCP_ACK), VIP4, 80, ROUTER4),
+        (
+            "reply_v4_tcp",
+            Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_SYN | TCP_ACK),
+            VIP4,
+            80,
+            CLIENT4,
+        ),
+        (
+            "reply_v4_udp",
+            Packet::udp("10.2.0.12", 8080, CLIENT4, 5000),
+            VIP4,
+            80,
+            CLIENT4,
+        ),
+        (
+            "reply_v6_tcp",
+            Packet::tcp("fd00:2::12", 8080, CLIENT6, 40000, TCP_ACK),
+            VIP6,
+            80,
+            CLIENT6,
+        ),
+        (
+            "reply_to_far_client_via_router",
+            Packet::tcp("10.2.0.11", 8080, FAR_CLIENT4, 40000, TCP_ACK),
+            VIP4,
+            80,
+            ROUTER4,
+        ),
     ] {
-        let out = p.clone().with_src(vip, vport).forwarded(CLI_MAC, mac_of(client));
-        v.push(fx(name, &p).from_backend().expect(XDP_REDIRECT, Some(&out)));
+        let out = p
+            .clone()
+            .with_src(vip, vport)
+            .forwarded(CLI_MAC, mac_of(client));
+        v.push(
+            fx(name, &p)
+                .arriving_from_backend()
+                .expect(XDP_REDIRECT, Some(&out)),
+        );
     }
     let mut reply_zero = Packet::udp("10.2.0.11", 8080, CLIENT4, 5001);
-    reply_zero.l4 = L4::Udp { sport: 8080, dport: 5001, zero_checksum: true };
-    let mut out = reply_zero.clone().with_src(VIP4, 80).forwarded(CLI_MAC, mac_of(CLIENT4));
-    out.l4 = L4::Udp { sport: 80, dport: 5001, zero_checksum: true };
-    v.push(fx("reply_v4_udp_zero_checksum", &reply_zero).from_backend().expect(XDP_REDIRECT, Some(&out)));
+    reply_zero.l4 = L4::Udp {
+        sport: 8080,
+        dport: 5001,
+        zero_checksum: true,
+    };
+    let mut out = reply_zero
+        .clone()
+        .with_src(VIP4, 80)
+        .forwarded(CLI_MAC, mac_of(CLIENT4));
+    out.l4 = L4::Udp {
+        sport: 80,
+        dport: 5001,
+        zero_checksum: true,
+    };
     v.push(
-        fx("reply_counts_out_direction", &Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_ACK))
-            .from_backend()
-            .expect(
-                XDP_REDIRECT,
-                Some(&Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_ACK).with_src(VIP4, 80).forwarded(CLI_MAC, mac_of(CLIENT4))),
-            )
-            .check(|w, _| {
-                let s = w.maps.listener_stats(0)?;
-                anyhow::ensure!(s.out_packets == 1 && s.in_packets == 0, "stats {s:?}");
-                Ok(())
-            }),
+        fx("reply_v4_udp_zero_checksum", &reply_zero)
+            .arriving_from_backend()
+            .expect(XDP_REDIRECT, Some(&out)),
+    );
+    v.push(
+        fx(
+            "reply_counts_out_direction",
+            &Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_ACK),
+        )
+        .arriving_from_backend()
+        .expect(
+            XDP_REDIRECT,
+            Some(
+                &Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_ACK)
+                    .with_src(VIP4, 80)
+                    .forwarded(CLI_MAC, mac_of(CLIENT4)),
+            ),
+        )
+        .check(|w, _| {
+            let s = w.maps.listener_stats(0)?;
+            anyhow::ensure!(s.out_packets == 1 && s.in_packets == 0, "stats {s:?}");
+            Ok(())
+        }),
     );
     // The agent's own health check: a reply to this host is not NATed.
-    v.push(fx("reply_to_this_host_passes_untouched", &Packet::tcp("10.2.0.11", 8080, "10.2.0.1", 50000, TCP_SYN | TCP_ACK)).from_backend().counter(counter::PASS_FIB_OTHER, 1));
+    v.push(
+        fx(
+            "reply_to_this_host_passes_untouched",
+            &Packet::tcp("10.2.0.11", 8080, "10.2.0.1", 50000, TCP_SYN | TCP_ACK),
+        )
+        .arriving_from_backend()
+        .counter(counter::PASS_FIB_OTHER, 1),
+    );
     let mut reply_ttl = Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_ACK);
     reply_ttl.ttl = 1;
-    v.push(fx("reply_with_ttl_1_passes", &reply_ttl).from_backend().counter(counter::PASS_TTL_EXPIRED, 1));
+    v.push(
+        fx("reply_with_ttl_1_passes", &reply_ttl)
+            .arriving_from_backend()
+            .counter(counter::PASS_TTL_EXPIRED, 1),
+    );
     // A target endpoint serving two listeners: the reply takes the VIP its flow came in on.
-    for (vip, name) in [(VIP4B, "shared_endpoint_reply_uses_flow_vip_b"), (VIP4, "shared_endpoint_reply_uses_flow_vip_a")] {
+    for (vip, name) in [
+        (VIP4B, "shared_endpoint_reply_uses_flow_vip_b"),
+        (VIP4, "shared_endpoint_reply_uses_flow_vip_a"),
+    ] {
         let reply = Packet::tcp("10.2.0.13", 8080, CLIENT4, 43000, TCP_SYN | TCP_ACK);
         v.push(
             fx(name, &reply)
-                .from_backend()
+                .arriving_from_backend()
                 .after(&Packet::tcp(CLIENT4, 43000, vip, 81, TCP_SYN))
-                .expect(XDP_REDIRECT, Some(&reply.clone().with_src(vip, 81).forwarded(CLI_MAC, mac_of(CLIENT4)))),
+                .expect(
+                    XDP_REDIRECT,
+                    Some(
+                        &reply
+                            .clone()
+                            .with_src(vip, 81)
+                            .forwarded(CLI_MAC, mac_of(CLIENT4)),
+                    ),
+                ),
         );
     }
     v.push(
-        fx("shared_endpoint_reply_without_flow_passes", &Packet::tcp("10.2.0.13", 8080, CLIENT4, 43001, TCP_ACK))
-            .from_backend()
-            .counter(counter::PASS_REPLY_UNKNOWN, 1),
+        fx(
+            "shared_endpoint_reply_without_flow_passes",
+            &Packet::tcp("10.2.0.13", 8080, CLIENT4, 43001, TCP_ACK),
+        )
+        .arriving_from_backend()
+        .counter(counter::PASS_REPLY_UNKNOWN, 1),
     );
 
     // --- Forwarding choices ---
     let one_arm = Packet::tcp(CLIENT4, 44000, VIP4, 8080, TCP_SYN);
-    v.push(fx("one_arm_target_uses_xdp_tx", &one_arm).expect(
-        XDP_TX,
-        Some(&one_arm.clone().with_dst(ONE_ARM_TARGET, 8080).forwarded(CLI_MAC, mac_of(ONE_ARM_TARGET))),
-    ));
+    v.push(
+        fx("one_arm_target_uses_xdp_tx", &one_arm).expect(
+            XDP_TX,
+            Some(
+                &one_arm
+                    .clone()
+                    .with_dst(ONE_ARM_TARGET, 8080)
+                    .forwarded(CLI_MAC, mac_of(ONE_ARM_TARGET)),
+            ),
+        ),
+    );
     let no_neigh = Packet::tcp(CLIENT4, 44001, VIP4, 8081, TCP_SYN);
     v.push(
-        fx("unknown_neighbour_passes_rewritten_with_ttl_kept", &no_neigh)
-            .expect(XDP_PASS, Some(&no_neigh.clone().with_dst("10.2.0.99", 8080)))
-            .counter(counter::PASS_NO_NEIGHBOUR, 1),
+        fx(
+            "unknown_neighbour_passes_rewritten_with_ttl_kept",
+            &no_neigh,
+        )
+        .expect(
+            XDP_PASS,
+            Some(&no_neigh.clone().with_dst("10.2.0.99", 8080)),
+        )
+        .counter(counter::PASS_NO_NEIGHBOUR, 1),
     );
     v.push(
         fx("egress_not_in_devmap_passes_rewritten", &syn4(44002, 80))
             .setup(|w, lab| w.maps.remove_interface(lab.bk))
             .setup(|w, _| {
-                let t = w.predict(0, &members(0), &flow_key(CLIENT4, 44002, VIP4, 80, PROTO_TCP));
+                let t = w.predict(
+                    0,
+                    &members(0),
+                    &flow_key(CLIENT4, 44002, VIP4, 80, PROTO_TCP),
+                );
                 let (addr, port) = target(t);
-                EXPECTED.with(|e| *e.borrow_mut() = Some(syn4(44002, 80).with_dst(addr, port).bytes()));
+                EXPECTED
+                    .with(|e| *e.borrow_mut() = Some(syn4(44002, 80).with_dst(addr, port).bytes()));
                 Ok(())
             })
             .counter(counter::PASS_FIB_OTHER, 1),
     );
 
     // --- Not forwarded ---
-    v.push(fx("non_vip_passes_untouched", &Packet::tcp(CLIENT4, 40000, "10.2.0.11", 22, TCP_SYN)));
-    v.push(fx("non_vip_udp_passes_untouched", &Packet::udp(CLIENT4, 40000, "10.2.0.11", 53)));
-    v.push(fx("non_vip_icmp_passes_untouched", &Packet::new(CLIENT4, "10.2.0.11", L4::Raw { protocol: 1, bytes: vec![8, 0, 0xf7, 0xfe, 0, 1, 0, 0] })));
+    v.push(fx(
+        "non_vip_passes_untouched",
+        &Packet::tcp(CLIENT4, 40000, "10.2.0.11", 22, TCP_SYN),
+    ));
+    v.push(fx(
+        "non_vip_udp_passes_untouched",
+        &Packet::udp(CLIENT4, 40000, "10.2.0.11", 53),
+    ));
+    v.push(fx(
+        "non_vip_icmp_passes_untouched",
+        &Packet::new(
+            CLIENT4,
+            "10.2.0.11",
+            L4::Raw {
+                protocol: 1,
+                bytes: vec![8, 0, 0xf7, 0xfe, 0, 1, 0, 0],
+            },
+        ),
+    ));
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[0x02, 0xcc, 0, 0, 0, 2, 0x08, 0x06]);
-    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 0x02, 0xcc, 0, 0, 0, 2, 10, 1, 0, 2, 0, 0, 0, 0, 0, 0, 10, 9, 0, 10]);
+    arp.extend_from_slice(&[
+        0, 1, 8, 0, 6, 4, 0, 1, 0x02, 0xcc, 0, 0, 0, 2, 10, 1, 0, 2, 0, 0, 0, 0, 0, 0, 10, 9, 0, 10,
+    ]);
     v.push(fx_bytes("arp_for_vip_passes", arp));
-    v.push(fx("non_listener_port_drops", &syn4(40000, 22)).expect(XDP_DROP, None).counter(counter::DROP_NO_LISTENER, 1));
-    v.push(fx("listener_port_wrong_protocol_drops", &Packet::udp(CLIENT4, 40000, VIP4, 443)).expect(XDP_DROP, None).counter(counter::DROP_NO_LISTENER, 1));
-    v.push(fx("icmp_echo_to_vip_drops", &Packet::new(CLIENT4, VIP4, L4::Raw { protocol: 1, bytes: vec![8, 0, 0xf7, 0xfe, 0, 1, 0, 0] })).expect(XDP_DROP, None).counter(counter::DROP_NO_LISTENER, 1));
-    v.push(fx("icmpv6_neighbour_solicitation_to_vip_passes", &Packet::new(CLIENT6, VIP6, L4::Raw { protocol: 58, bytes: vec![135, 0, 0, 0, 0, 0, 0, 0] })));
-    v.push(fx("icmpv6_echo_to_vip_drops", &Packet::new(CLIENT6, VIP6, L4::Raw { protocol: 58, bytes: vec![128, 0, 0, 0, 0, 1, 0, 1] })).expect(XDP_DROP, None).counter(counter::DROP_NO_LISTENER, 1));
-    v.push(fx("source_not_allowed_v4_drops", &Packet::tcp(FAR_CLIENT4, 40000, VIP4, 443, TCP_SYN)).expect(XDP_DROP, None).counter(counter::DROP_SOURCE_NOT_ALLOWED, 1));
-    v.push(fx("source_not_allowed_v6_drops", &Packet::tcp("fd00:3::2", 40000, VIP6, 443, TCP_SYN)).expect(XDP_DROP, None).counter(counter::DROP_SOURCE_NOT_ALLOWED, 1));
+    v.push(
+        fx("non_listener_port_drops", &syn4(40000, 22))
+            .expect(XDP_DROP, None)
+            .counter(counter::DROP_NO_LISTENER, 1),
+    );
+    v.push(
+        fx(
+            "listener_port_wrong_protocol_drops",
+            &Packet::udp(CLIENT4, 40000, VIP4, 443),
+        )
+        .expect(XDP_DROP, None)
+        .counter(counter::DROP_NO_LISTENER, 1),
+    );
+    v.push(
+        fx(
+            "icmp_echo_to_vip_drops",
+            &Packet::new(
+                CLIENT4,
+                VIP4,
+                L4::Raw {
+                    protocol: 1,
+                    bytes: vec![8, 0, 0xf7, 0xfe, 0, 1, 0, 0],
+                },
+            ),
+        )
+        .expect(XDP_DROP, None)
+        .counter(counter::DROP_NO_LISTENER, 1),
+    );
+    v.push(fx(
+        "icmpv6_neighbour_solicitation_to_vip_passes",
+        &Packet::new(
+            CLIENT6,
+            VIP6,
+            L4::Raw {
+                protocol: 58,
+                bytes: vec![135, 0, 0, 0, 0, 0, 0, 0],
+            },
+        ),
+    ));
+    v.push(
+        fx(
+            "icmpv6_echo_to_vip_drops",
+            &Packet::new(
+                CLIENT6,
+                VIP6,
+                L4::Raw {
+                    protocol: 58,
+                    bytes: vec![128, 0, 0, 0, 0, 1, 0, 1],
+                },
+            ),
+        )
+        .expect(XDP_DROP, None)
+        .counter(counter::DROP_NO_LISTENER, 1),
+    );
+    v.push(
+        fx(
+            "source_not_allowed_v4_drops",
+            &Packet::tcp(FAR_CLIENT4, 40000, VIP4, 443, TCP_SYN),
+        )
+        .expect(XDP_DROP, None)
+        .counter(counter::DROP_SOURCE_NOT_ALLOWED, 1),
+    );
+    v.push(
+        fx(
+            "source_not_allowed_v6_drops",
+            &Packet::tcp("fd00:3::2", 40000, VIP6, 443, TCP_SYN),
+        )
+        .expect(XDP_DROP, None)
+        .counter(counter::DROP_SOURCE_NOT_ALLOWED, 1),
+    );
     let mut ttl1 = syn4(40000, 80);
     ttl1.ttl = 1;
-    v.push(fx("ttl_1_passes_for_time_exceeded", &ttl1).counter(counter::PASS_TTL_EXPIRED, 1).check(|w, _| {
-        anyhow::ensure!(w.maps.flow(&flow_key(CLIENT4, 40000, VIP4, 80, PROTO_TCP))?.is_none(), "flow created");
-        Ok(())
-    }));
+    v.push(
+        fx("ttl_1_passes_for_time_exceeded", &ttl1)
+            .counter(counter::PASS_TTL_EXPIRED, 1)
+            .check(|w, _| {
+                anyhow::ensure!(
+                    w.maps
+                        .flow(&flow_key(CLIENT4, 40000, VIP4, 80, PROTO_TCP))?
+                        .is_none(),
+                    "flow created"
+                );
+                Ok(())
+            }),
+    );
     let mut hop1 = Packet::tcp(CLIENT6, 40000, VIP6, 80, TCP_SYN);
     hop1.ttl = 1;
     v.push(fx("hop_limit_1_passes", &hop1).counter(counter::PASS_TTL_EXPIRED, 1));
     let mut mf = syn4(40000, 80);
     mf.frag = 0x2000;
-    v.push(fx("first_fragment_drops", &mf).expect(XDP_DROP, None).counter(counter::DROP_FRAGMENT, 1));
+    v.push(
+        fx("first_fragment_drops", &mf)
+            .expect(XDP_DROP, None)
+            .counter(counter::DROP_FRAGMENT, 1),
+    );
     let mut later = Packet::udp(CLIENT4, 40000, VIP4, 80);
     later.frag = 0x00b9;
-    v.push(fx("later_fragment_drops", &later).expect(XDP_DROP, None).counter(counter::DROP_FRAGMENT, 1));
+    v.push(
+        fx("later_fragment_drops", &later)
+            .expect(XDP_DROP, None)
+            .counter(counter::DROP_FRAGMENT, 1),
+    );
     let mut later_nonvip = Packet::udp(CLIENT4, 40000, "10.2.0.11", 80);
     later_nonvip.frag = 0x00b9;
     v.push(fx("non_vip_fragment_passes", &later_nonvip));
     for (code, name, reason) in [
         (44, "ipv6_fragment_header_drops", counter::DROP_FRAGMENT),
-        (0, "ipv6_hop_by_hop_header_drops", counter::DROP_IPV6_EXTENSION),
-        (43, "ipv6_routing_header_drops", counter::DROP_IPV6_EXTENSION),
-        (60, "ipv6_destination_options_drops", counter::DROP_IPV6_EXTENSION),
+        (
+            0,
+            "ipv6_hop_by_hop_header_drops",
+            counter::DROP_IPV6_EXTENSION,
+        ),
+        (
+            43,
+            "ipv6_routing_header_drops",
+            counter::DROP_IPV6_EXTENSION,
+        ),
+        (
+            60,
+            "ipv6_destination_options_drops",
+            counter::DROP_IPV6_EXTENSION,
+        ),
     ] {
         let mut p = Packet::tcp(CLIENT6, 40000, VIP6, 80, TCP_SYN);
         p.ipv6_ext = Some(code);
@@ -424,11 +727,23 @@ fn fixtures() -> Vec<Fx> {
     }
     let mut bad_ihl = syn4(40000, 80).bytes();
     bad_ihl[14] = 0x44;
-    v.push(fx_bytes("ihl_below_5_drops", bad_ihl).expect(XDP_DROP, None).counter(counter::DROP_MALFORMED, 1));
+    v.push(
+        fx_bytes("ihl_below_5_drops", bad_ihl)
+            .expect(XDP_DROP, None)
+            .counter(counter::DROP_MALFORMED, 1),
+    );
     let mut long = syn4(40000, 80).bytes();
     long[17] += 10;
-    v.push(fx_bytes("ip_length_beyond_frame_drops", long).expect(XDP_DROP, None).counter(counter::DROP_MALFORMED, 1));
-    v.push(fx("empty_group_drops", &syn4(40000, 8082)).expect(XDP_DROP, None).counter(counter::DROP_NO_TARGET, 1));
+    v.push(
+        fx_bytes("ip_length_beyond_frame_drops", long)
+            .expect(XDP_DROP, None)
+            .counter(counter::DROP_MALFORMED, 1),
+    );
+    v.push(
+        fx("empty_group_drops", &syn4(40000, 8082))
+            .expect(XDP_DROP, None)
+            .counter(counter::DROP_NO_TARGET, 1),
+    );
     v.push(
         fx("unconfigured_dataplane_drops", &syn4(40000, 80))
             .setup(|w, _| w.maps.set_config(&Default::default()))
@@ -449,12 +764,19 @@ fn fixtures() -> Vec<Fx> {
         let full = p.bytes();
         for len in 14..full.len() {
             let f = fx_bytes(format!("truncated_{name}_to_{len}"), full[..len].to_vec());
-            v.push(if len < fixed { f } else { f.expect(XDP_DROP, None).counter(counter::DROP_MALFORMED, 1) });
+            v.push(if len < fixed {
+                f
+            } else {
+                f.expect(XDP_DROP, None).counter(counter::DROP_MALFORMED, 1)
+            });
         }
     }
     let reply = Packet::tcp("10.2.0.11", 8080, CLIENT4, 40000, TCP_ACK).bytes();
     for len in 14..reply.len() {
-        v.push(fx_bytes(format!("truncated_reply_to_{len}"), reply[..len].to_vec()).from_backend());
+        v.push(
+            fx_bytes(format!("truncated_reply_to_{len}"), reply[..len].to_vec())
+                .arriving_from_backend(),
+        );
     }
     v
 }
@@ -480,13 +802,20 @@ fn run_fixture(lab: &Lab, f: &Fx, shared: Option<&mut World>) -> Result<Result<(
         Side::Backend => lab.bk,
     };
     let (action, out) = w.run(ingress, &f.input)?;
-    let expected = EXPECTED.with(|e| e.borrow().clone()).or_else(|| f.output.clone()).unwrap_or_else(|| f.input.clone());
+    let expected = EXPECTED
+        .with(|e| e.borrow().clone())
+        .or_else(|| f.output.clone())
+        .unwrap_or_else(|| f.input.clone());
     let mut problems = Vec::new();
     if action != f.action {
         problems.push(format!("action {action}, want {}", f.action));
     }
     if out != expected {
-        problems.push(format!("output differs from expected:\n  got  {}\n  want {}", hex(&out), hex(&expected)));
+        problems.push(format!(
+            "output differs from expected:\n  got  {}\n  want {}",
+            hex(&out),
+            hex(&expected)
+        ));
     }
     if out != f.input {
         if let Err(e) = verify_checksums(&out) {
@@ -496,7 +825,10 @@ fn run_fixture(lab: &Lab, f: &Fx, shared: Option<&mut World>) -> Result<Result<(
     if let Some((index, n)) = f.counter {
         let after = w.maps.counters()?;
         if after[index as usize] - before[index as usize] != n {
-            problems.push(format!("counter {index} moved by {}, want {n}", after[index as usize] - before[index as usize]));
+            problems.push(format!(
+                "counter {index} moved by {}, want {n}",
+                after[index as usize] - before[index as usize]
+            ));
         }
     }
     if let Some(check) = &f.check {
@@ -508,7 +840,12 @@ fn run_fixture(lab: &Lab, f: &Fx, shared: Option<&mut World>) -> Result<Result<(
         return Ok(Ok(()));
     }
     let path = pcap::write(&f.name, &[&f.input, &out])?;
-    Ok(Err(format!("{}: {} (pcap: {})", f.name, problems.join("; "), path.display())))
+    Ok(Err(format!(
+        "{}: {} (pcap: {})",
+        f.name,
+        problems.join("; "),
+        path.display()
+    )))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -519,7 +856,10 @@ fn hex(b: &[u8]) -> String {
 fn packet_fixtures() {
     let lab = Lab::new().expect("lab namespace");
     let all = fixtures();
-    let named = all.iter().filter(|f| !f.name.starts_with("truncated_")).count();
+    let named = all
+        .iter()
+        .filter(|f| !f.name.starts_with("truncated_"))
+        .count();
     assert!(named >= 40, "only {named} named fixtures");
     let mut failures = Vec::new();
     // Truncated frames are dropped or passed: they create no flow, so they share one world.
@@ -532,8 +872,19 @@ fn packet_fixtures() {
             Err(e) => failures.push(format!("{}: harness error: {e:#}", f.name)),
         }
     }
-    println!("{} fixtures ({named} named, {} truncations), {} failed", all.len(), all.len() - named, failures.len());
-    assert!(failures.is_empty(), "{} of {} fixtures failed:\n{}", failures.len(), all.len(), failures.join("\n"));
+    println!(
+        "{} fixtures ({named} named, {} truncations), {} failed",
+        all.len(),
+        all.len() - named,
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} fixtures failed:\n{}",
+        failures.len(),
+        all.len(),
+        failures.join("\n")
+    );
 }
 
 /// Source-IP stickiness: every connection from one client lands on one target, while the
@@ -545,14 +896,28 @@ fn source_ip_stickiness() {
     let mut sticky = std::collections::BTreeSet::new();
     let mut spread = std::collections::BTreeSet::new();
     for sport in 46000..46040 {
-        let (a, out) = w.run(lab.cli, &Packet::tcp(CLIENT4, sport, VIP4, 8443, TCP_SYN).bytes()).unwrap();
+        let (a, out) = w
+            .run(
+                lab.cli,
+                &Packet::tcp(CLIENT4, sport, VIP4, 8443, TCP_SYN).bytes(),
+            )
+            .unwrap();
         assert_eq!(a, XDP_REDIRECT);
         sticky.insert(out[30..34].to_vec());
         let (a, out) = w.run(lab.cli, &syn4(sport, 80).bytes()).unwrap();
         assert_eq!(a, XDP_REDIRECT);
         spread.insert(out[30..34].to_vec());
     }
-    assert_eq!(sticky.len(), 1, "sticky listener used {} targets", sticky.len());
-    assert_eq!(spread.len(), 2, "non-sticky listener used {} targets", spread.len());
-    let _ = PROTO_UDP;
+    assert_eq!(
+        sticky.len(),
+        1,
+        "sticky listener used {} targets",
+        sticky.len()
+    );
+    assert_eq!(
+        spread.len(),
+        2,
+        "non-sticky listener used {} targets",
+        spread.len()
+    );
 }

@@ -1,1 +1,207 @@
-fn main() {}
+//! `cargo xtask setup | build-ebpf | build | test | demo | bench`: the project's commands.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the build, the tests, the demo and the benchmarks use.
+const PACKAGES: &[&str] = &[
+    "iproute2", "ethtool", "curl", "bpftool", "tcpdump", "iperf3", "haproxy", "socat", "wrk",
+];
+const BPF_LINKER_VERSION: &str = "0.13";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let rest = &args.get(1..).unwrap_or_default();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build-ebpf") => build_ebpf(),
+        Some("build") => cargo(&["build", "--release"], &[]),
+        Some("test") => test(rest),
+        Some("bench") => bench(rest),
+        Some("demo") => bail!(
+            "the demo is not built yet (issue 4); run `cargo xtask test` to see the data plane's fixtures"
+        ),
+        _ => {
+            eprintln!("usage: cargo xtask <setup|build-ebpf|build|test|demo|bench> [args]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(root());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+/// The toolchain that builds the eBPF side: `nightly` if rustup has one, else `stable` with
+/// RUSTC_BOOTSTRAP=1 (both need rust-src for build-std).
+fn ebpf_toolchain() -> String {
+    if let Ok(t) = env::var("LB_EBPF_TOOLCHAIN") {
+        if !t.is_empty() {
+            return t;
+        }
+    }
+    let list = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if list.lines().any(|l| l.starts_with("nightly")) {
+        "nightly".into()
+    } else {
+        "stable".into()
+    }
+}
+
+fn setup() -> Result<()> {
+    if !is_root() {
+        bail!("setup installs Debian packages: run it as root");
+    }
+    // 1. Debian packages, only the missing ones.
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("packages: all present ({})", PACKAGES.join(" "));
+    } else {
+        eprintln!("packages: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    // 2. rust-src for build-std.
+    let tc = ebpf_toolchain();
+    eprintln!("eBPF toolchain: {tc}");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]))?;
+
+    // 3. bpf-linker, linked against the toolchain's own libLLVM.
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if have.contains(&format!(" {BPF_LINKER_VERSION}.")) {
+        eprintln!("bpf-linker: present ({})", have.trim());
+        return Ok(());
+    }
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{tc}"))
+            .args(["--print", "sysroot"]),
+    )
+    .context("rustc --print sysroot")?;
+    let libdir = PathBuf::from(sysroot.trim()).join("lib");
+    let lib = std::fs::read_dir(&libdir)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
+        .with_context(|| format!("no libLLVM*.so in {}", libdir.display()))?;
+    let verbose =
+        output(Command::new("rustc").arg(format!("+{tc}")).arg("-vV")).context("rustc -vV")?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV names no LLVM version")?
+        .to_string();
+    let libname = lib.trim_start_matches("lib").trim_end_matches(".so");
+    let dir = libdir.display();
+    let rustflags =
+        format!("-C link-arg=-L{dir} -C link-arg=-l{libname} -C link-arg=-Wl,-rpath,{dir}");
+    eprintln!("bpf-linker: building {BPF_LINKER_VERSION} against {lib} (LLVM {llvm_major})");
+    let mut cmd = Command::new("cargo");
+    cmd.arg(format!("+{tc}"))
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            &format!("~{BPF_LINKER_VERSION}"),
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major},no-llvm-linking"),
+        ])
+        .env("RUSTFLAGS", rustflags);
+    if tc != "nightly" {
+        cmd.env("RUSTC_BOOTSTRAP", "1");
+    }
+    run(&mut cmd)
+}
+
+fn build_ebpf() -> Result<()> {
+    let tc = ebpf_toolchain();
+    let mut cmd = Command::new("cargo");
+    cmd.arg(format!("+{tc}"))
+        .args(["build", "--release"])
+        .current_dir(root().join("lb-ebpf"));
+    if tc != "nightly" {
+        cmd.env("RUSTC_BOOTSTRAP", "1");
+    }
+    run(&mut cmd)?;
+    eprintln!("object: target/bpfel-unknown-none/release/lb-xdp");
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the data-plane tests load BPF programs and make network namespaces: run as root");
+    }
+    let mut a = vec!["test"];
+    a.extend(args.iter().map(String::as_str));
+    cargo(&a, &[])
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load BPF programs: run as root");
+    }
+    let mut a = vec![
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "lb-tests",
+        "--bin",
+        "lb-bench",
+        "--",
+    ];
+    a.extend(args.iter().map(String::as_str));
+    cargo(&a, &[])
+}
