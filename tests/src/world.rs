@@ -214,21 +214,7 @@ impl World {
 
     /// Builds and publishes `group`'s table over `members` (target ids).
     pub fn publish(&mut self, group: u32, members: &[u32]) -> Result<()> {
-        let ids: Vec<Vec<u8>> = members
-            .iter()
-            .map(|id| {
-                let t = TARGETS.iter().find(|t| t.0 == *id).expect("target id");
-                identity(t.1, t.2)
-            })
-            .collect();
-        let backends: Vec<maglev::Backend> = ids
-            .iter()
-            .map(|i| maglev::Backend {
-                identity: i,
-                weight: 1,
-            })
-            .collect();
-        let table = maglev::build(&backends, TABLE_SIZE, 0)?;
+        let table = group_table(members)?;
         let flags = if group == STICKY_GROUP {
             GROUP_F_STICKY_SOURCE
         } else {
@@ -241,21 +227,7 @@ impl World {
     /// The target id the group's current table gives a new flow (predicted from lb-common's
     /// hash, the function the program runs).
     pub fn predict(&self, group: u32, members: &[u32], key: &FlowKey) -> u32 {
-        let ids: Vec<Vec<u8>> = members
-            .iter()
-            .map(|id| {
-                let t = TARGETS.iter().find(|t| t.0 == *id).expect("target id");
-                identity(t.1, t.2)
-            })
-            .collect();
-        let backends: Vec<maglev::Backend> = ids
-            .iter()
-            .map(|i| maglev::Backend {
-                identity: i,
-                weight: 1,
-            })
-            .collect();
-        let table = maglev::build(&backends, TABLE_SIZE, 0).expect("table");
+        let table = group_table(members).expect("table");
         let h = if group == STICKY_GROUP {
             hash::source_hash(HASH_KEY, &key.src_addr)
         } else {
@@ -269,6 +241,25 @@ impl World {
         let prog = dataplane::program_mut(&mut self.ebpf, PROGRAM_XDP)?;
         run_prog(prog, ingress, frame)
     }
+}
+
+/// The Maglev table (indices into `members`) of a group of fixture targets, weight 1 each.
+fn group_table(members: &[u32]) -> Result<Vec<u32>> {
+    let ids: Vec<Vec<u8>> = members
+        .iter()
+        .map(|id| {
+            let t = TARGETS.iter().find(|t| t.0 == *id).expect("target id");
+            identity(t.1, t.2)
+        })
+        .collect();
+    let backends: Vec<maglev::Backend> = ids
+        .iter()
+        .map(|i| maglev::Backend {
+            identity: i,
+            weight: 1,
+        })
+        .collect();
+    Ok(maglev::build(&backends, TABLE_SIZE, 0)?)
 }
 
 /// One `BPF_PROG_TEST_RUN` of an XDP program with `ingress` as the receiving interface.

@@ -261,36 +261,26 @@ fn fixtures() -> Vec<Fx> {
                 Ok(())
             }),
     );
-    let fin = Packet::tcp(CLIENT4, 41001, VIP4, 80, TCP_FIN | TCP_ACK);
-    v.push(
-        fx("tcp_fin_marks_flow_closing", &fin)
-            .after(&syn4(41001, 80))
-            .with_predicted(fin.clone(), 0)
-            .check(|w, _| {
-                let key = flow_key(CLIENT4, 41001, VIP4, 80, PROTO_TCP);
-                let f = w
-                    .maps
-                    .flow(&key)?
-                    .ok_or_else(|| anyhow::anyhow!("no flow"))?;
-                anyhow::ensure!(f.flags & FLOW_F_CLOSING != 0, "flags {:#x}", f.flags);
-                Ok(())
-            }),
-    );
-    let rst = Packet::tcp(CLIENT4, 41002, VIP4, 80, TCP_RST);
-    v.push(
-        fx("tcp_rst_marks_flow_closing", &rst)
-            .after(&syn4(41002, 80))
-            .with_predicted(rst.clone(), 0)
-            .check(|w, _| {
-                let key = flow_key(CLIENT4, 41002, VIP4, 80, PROTO_TCP);
-                let f = w
-                    .maps
-                    .flow(&key)?
-                    .ok_or_else(|| anyhow::anyhow!("no flow"))?;
-                anyhow::ensure!(f.flags & FLOW_F_CLOSING != 0, "flags {:#x}", f.flags);
-                Ok(())
-            }),
-    );
+    for (name, sport, flags) in [
+        ("tcp_fin_marks_flow_closing", 41001, TCP_FIN | TCP_ACK),
+        ("tcp_rst_marks_flow_closing", 41002, TCP_RST),
+    ] {
+        let p = Packet::tcp(CLIENT4, sport, VIP4, 80, flags);
+        v.push(
+            fx(name, &p)
+                .after(&syn4(sport, 80))
+                .with_predicted(p.clone(), 0)
+                .check(move |w, _| {
+                    let key = flow_key(CLIENT4, sport, VIP4, 80, PROTO_TCP);
+                    let f = w
+                        .maps
+                        .flow(&key)?
+                        .ok_or_else(|| anyhow::anyhow!("no flow"))?;
+                    anyhow::ensure!(f.flags & FLOW_F_CLOSING != 0, "flags {:#x}", f.flags);
+                    Ok(())
+                }),
+        );
+    }
     v.push(
         fx("syn_on_established_flow_keeps_target", &syn4(41003, 80))
             .after(&syn4(41003, 80))
