@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use lb_common::{
-    counter, FLOW_F_CLOSING, PROTO_TCP, TARGET_DROP, TARGET_FORWARD, TARGET_REMOVED,
+    counter, FlowKey, FLOW_F_CLOSING, PROTO_TCP, TARGET_DROP, TARGET_FORWARD, TARGET_REMOVED,
     TARGET_RESCHEDULE,
 };
 use lb_tests::{
@@ -116,33 +116,34 @@ fn to_target(p: &Packet, id: u32) -> Packet {
         .forwarded(BK_MAC, mac_of(addr))
 }
 
-fn predicted(w: &World, group: u32, p: &Packet) -> u32 {
+/// The 5-tuple of a client → VIP packet.
+fn key_of(p: &Packet) -> FlowKey {
     let (sport, dport) = match p.l4 {
         L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (sport, dport),
         L4::Raw { .. } => panic!("no ports"),
     };
-    let key = flow_key(
+    flow_key(
         &p.src.to_string(),
         sport,
         &p.dst.to_string(),
         dport,
         p.protocol(),
-    );
-    w.predict(group, &members(group), &key)
+    )
+}
+
+fn predicted(w: &World, group: u32, p: &Packet) -> u32 {
+    w.predict(group, &members(group), &key_of(p))
 }
 
 /// A new flow on `group`: forwarded to the target the table gives it.
 fn forwards_new(name: &str, p: Packet, group: u32) -> Fx {
-    let input = p.clone();
-    fx(name, &p).with_predicted(input, group)
+    fx(name, &p).with_predicted(p, group)
 }
 
 impl Fx {
     /// Sets the expected output to `p` forwarded to the target predicted for it on `group`;
     /// resolved when the fixture runs (the prediction needs the world).
     fn with_predicted(mut self, p: Packet, group: u32) -> Self {
-        self.output = None;
-        self.check = None;
         let fwd = move |w: &World| to_target(&p, predicted(w, group, &p)).bytes();
         self.setup.push(Box::new(move |w, _| {
             EXPECTED.with(|e| *e.borrow_mut() = Some(fwd(w)));
@@ -167,19 +168,8 @@ fn ack4(sport: u16, dport: u16) -> Packet {
 
 /// The target a client-side flow of `p` (group 0) is recorded with.
 fn flow_target(w: &World, p: &Packet) -> Result<u32> {
-    let (sport, dport) = match p.l4 {
-        L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (sport, dport),
-        L4::Raw { .. } => panic!("no ports"),
-    };
-    let key = flow_key(
-        &p.src.to_string(),
-        sport,
-        &p.dst.to_string(),
-        dport,
-        p.protocol(),
-    );
     Ok(w.maps
-        .flow(&key)?
+        .flow(&key_of(p))?
         .ok_or_else(|| anyhow::anyhow!("no flow entry"))?
         .target_id)
 }
