@@ -1,5 +1,6 @@
-//! The agent's library: loading the data plane and writing its maps. The `lb-agent` binary and
-//! the tests use the same code.
+//! The agent's library: config, health checks, desired state, reconciler, map writer and the
+//! control API. The `lb-agent` binary and the tests use the same code.
 
+pub mod config;
 pub mod dataplane;
 pub mod maps;

@@ -1,0 +1,436 @@
+use super::*;
+
+const EXAMPLE: &str = include_str!("example.toml");
+
+/// A small valid config; cases below change one thing in it.
+const BASE: &str = r#"[agent]
+interfaces = ["eth0"]
+
+[[listener]]
+name = "web"
+address = "198.18.100.10"
+port = 80
+target_group = "web"
+
+[[target_group]]
+name = "web"
+
+[target_group.health_check]
+interval = "10s"
+timeout = "5s"
+
+[[target_group.target]]
+address = "198.18.2.11"
+port = 8080
+
+[[target_group.target]]
+address = "198.18.2.12"
+port = 8080
+"#;
+
+fn problems(src: &str) -> Vec<String> {
+    match parse(src, "lb.toml") {
+        Ok(_) => Vec::new(),
+        Err(e) => e.to_string().lines().map(String::from).collect(),
+    }
+}
+
+/// `src` is rejected with exactly one problem, `lb.toml:LINE: PATH: ...MESSAGE...`.
+#[track_caller]
+fn rejects(src: &str, line: usize, path: &str, message: &str) {
+    let got = problems(src);
+    assert_eq!(got.len(), 1, "expected one problem, got {got:#?}");
+    let prefix = format!("lb.toml:{line}: {path}: ");
+    assert!(
+        got[0].starts_with(&prefix) && got[0].contains(message),
+        "expected {prefix}…{message}…, got {:?}",
+        got[0]
+    );
+}
+
+#[test]
+fn example_sets_every_key() {
+    let c = parse(EXAMPLE, "example.toml").expect("the spec's example is valid");
+    assert_eq!(c.agent.interfaces, ["eth0"]);
+    assert_eq!(c.agent.xdp_mode, XdpMode::Native);
+    assert_eq!(c.agent.api, "unix:/run/lb-agent/api.sock");
+    assert_eq!(c.agent.metrics, "127.0.0.1:9900");
+    assert_eq!(c.agent.pin_path, "/sys/fs/bpf/lb");
+    assert_eq!(c.agent.flow_table_size, 1_048_576);
+    assert_eq!(c.agent.hash_seed, "");
+    let l = &c.listeners[0];
+    assert_eq!(
+        (l.name.as_str(), l.port.0, l.protocol),
+        ("web", 80, Protocol::Tcp)
+    );
+    assert_eq!(l.address, "198.18.100.10".parse::<IpAddr>().unwrap());
+    assert_eq!(l.allowed_sources.len(), 2);
+    assert_eq!(l.idle_timeout, Some(Duration::from_secs(350)));
+    let g = &c.target_groups[0];
+    assert_eq!(g.forwarding, Forwarding::Nat);
+    assert_eq!(g.stickiness, Stickiness::None);
+    assert_eq!(g.deregistration_delay, Duration::from_secs(300));
+    assert!(!g.connection_termination_on_deregistration);
+    assert!(g.connection_termination_on_unhealthy);
+    assert_eq!(g.unhealthy_draining_interval, Duration::from_secs(0));
+    assert_eq!(g.slow_start, Duration::from_secs(0));
+    assert_eq!(g.hash_table_size, 65537);
+    let h = &g.health_check;
+    assert_eq!(h.protocol, HealthCheckProtocol::Http);
+    assert_eq!(h.port, HealthCheckPort::TrafficPort);
+    assert_eq!(h.path, "/health");
+    assert_eq!(h.matcher.to_string(), "200-399");
+    assert_eq!(
+        (h.interval, h.timeout),
+        (Duration::from_secs(10), Some(Duration::from_secs(6)))
+    );
+    assert_eq!((h.healthy_threshold, h.unhealthy_threshold), (3, 3));
+    let t = &g.targets[0];
+    assert_eq!(
+        (t.port.0, t.weight, t.zone.as_deref()),
+        (8080, 100, Some("a"))
+    );
+    // Every key of the spec is in the example: serializing the parsed config gives no key the
+    // example lacks (the Option keys left unset in the spec are the only exceptions).
+    let reparsed: Config = toml::from_str(EXAMPLE).unwrap();
+    assert_eq!(reparsed, c);
+}
+
+#[test]
+fn defaults_follow_nlb() {
+    let c = parse(BASE, "lb.toml").unwrap();
+    assert_eq!(c.agent.xdp_mode, XdpMode::Native);
+    assert_eq!(c.agent.api, DEFAULT_API);
+    let l = &c.listeners[0];
+    assert_eq!(l.protocol, Protocol::Tcp);
+    assert_eq!(l.idle_timeout_for(lb_common::PROTO_TCP).as_secs(), 350);
+    assert_eq!(l.idle_timeout_for(lb_common::PROTO_UDP).as_secs(), 120);
+    assert_eq!(l.allowed_sources, default_allowed_sources());
+    let g = &c.target_groups[0];
+    assert_eq!(g.deregistration_delay.0.as_secs(), 300);
+    assert!(g.connection_termination_on_unhealthy);
+    let h = &g.health_check;
+    assert_eq!(h.protocol, HealthCheckProtocol::Tcp);
+    assert_eq!(h.effective_timeout().as_secs(), 5);
+    assert_eq!((h.healthy_threshold, h.unhealthy_threshold), (5, 2));
+    assert_eq!(g.targets[0].weight, DEFAULT_WEIGHT);
+    let http = HealthCheckConfig {
+        protocol: HealthCheckProtocol::Http,
+        ..Default::default()
+    };
+    assert_eq!(http.effective_timeout().as_secs(), 6);
+    assert_eq!(HealthCheckConfig::default().interval.0.as_secs(), 30);
+}
+
+#[test]
+fn unknown_key() {
+    let src = BASE.replace("port = 80\n", "port = 80\ncolour = \"blue\"\n");
+    rejects(&src, 8, "listener[0].colour", "unknown field `colour`");
+    let src = BASE.replace("[agent]\n", "[agent]\nintreface = \"x\"\n");
+    rejects(&src, 2, "agent.intreface", "unknown field");
+    rejects(
+        &format!("{BASE}\n[extra]\n"),
+        25,
+        "extra",
+        "unknown field `extra`",
+    );
+}
+
+#[test]
+fn wrong_type() {
+    rejects(
+        &BASE.replace("port = 80\n", "port = \"80\"\n"),
+        7,
+        "listener[0].port",
+        "invalid type",
+    );
+    rejects(
+        &BASE.replace("interfaces = [\"eth0\"]", "interfaces = \"eth0\""),
+        2,
+        "agent.interfaces",
+        "invalid type",
+    );
+    rejects(
+        &BASE.replace("interval = \"10s\"", "interval = 10"),
+        14,
+        "target_group[0].health_check.interval",
+        "duration",
+    );
+}
+
+#[test]
+fn bad_enum_value() {
+    rejects(
+        &BASE.replace("port = 80\n", "port = 80\nprotocol = \"sctp\"\n"),
+        8,
+        "listener[0].protocol",
+        "unknown variant `sctp`",
+    );
+}
+
+#[test]
+fn duplicate_names() {
+    let two_listeners = BASE.replace(
+        "[[target_group]]",
+        "[[listener]]\nname = \"web\"\naddress = \"198.18.100.11\"\nport = 80\ntarget_group = \"web\"\n\n[[target_group]]",
+    );
+    rejects(
+        &two_listeners,
+        11,
+        "listener[1].name",
+        "duplicate listener name \"web\"",
+    );
+    let two_groups = format!("{BASE}\n[[target_group]]\nname = \"web\"\n");
+    rejects(
+        &two_groups,
+        26,
+        "target_group[1].name",
+        "duplicate target_group name",
+    );
+}
+
+#[test]
+fn listener_naming_missing_group() {
+    rejects(
+        &BASE.replace("target_group = \"web\"", "target_group = \"api\""),
+        8,
+        "listener[0].target_group",
+        "no target_group is named \"api\"",
+    );
+}
+
+#[test]
+fn vip_and_target_of_different_families() {
+    rejects(
+        &BASE.replace("\"198.18.2.12\"", "\"fd00::12\""),
+        8,
+        "listener[0].target_group",
+        "different address families",
+    );
+}
+
+#[test]
+fn port_out_of_range() {
+    rejects(
+        &BASE.replace("port = 80\n", "port = 0\n"),
+        7,
+        "listener[0].port",
+        "port 0 is outside 1..=65535",
+    );
+    rejects(
+        &BASE.replace("port = 80\n", "port = 65536\n"),
+        7,
+        "listener[0].port",
+        "port 65536 is outside",
+    );
+    rejects(
+        &BASE.replace("interval = \"10s\"", "interval = \"10s\"\nport = 70000"),
+        15,
+        "target_group[0].health_check.port",
+        "outside 1..=65535",
+    );
+}
+
+#[test]
+fn thresholds_outside_2_to_10() {
+    rejects(
+        &BASE.replace(
+            "interval = \"10s\"",
+            "interval = \"10s\"\nhealthy_threshold = 1",
+        ),
+        15,
+        "target_group[0].health_check.healthy_threshold",
+        "1 is outside 2..=10",
+    );
+    rejects(
+        &BASE.replace(
+            "interval = \"10s\"",
+            "interval = \"10s\"\nunhealthy_threshold = 11",
+        ),
+        15,
+        "target_group[0].health_check.unhealthy_threshold",
+        "11 is outside 2..=10",
+    );
+}
+
+#[test]
+fn timeout_not_below_interval() {
+    rejects(
+        &BASE.replace("timeout = \"5s\"", "timeout = \"10s\""),
+        15,
+        "target_group[0].health_check.timeout",
+        "must be shorter than interval 10s",
+    );
+    // The tcp default timeout (10s) against a 5s interval, though timeout is not written.
+    rejects(
+        &BASE.replace("interval = \"10s\"\ntimeout = \"5s\"", "interval = \"5s\""),
+        13,
+        "target_group[0].health_check.timeout",
+        "10s must be shorter than interval 5s",
+    );
+    rejects(
+        &BASE.replace(
+            "interval = \"10s\"\ntimeout = \"5s\"",
+            "interval = \"500ms\"\ntimeout = \"100ms\"",
+        ),
+        14,
+        "target_group[0].health_check.interval",
+        "outside 1s..300s",
+    );
+}
+
+#[test]
+fn bad_matcher() {
+    rejects(
+        &BASE.replace(
+            "interval = \"10s\"",
+            "interval = \"10s\"\nmatcher = \"200-99x\"",
+        ),
+        15,
+        "target_group[0].health_check.matcher",
+        "not an HTTP status code",
+    );
+}
+
+#[test]
+fn weight_outside_range() {
+    rejects(
+        &BASE.replace("port = 8080\n\n", "port = 8080\nweight = 0\n\n"),
+        20,
+        "target_group[0].target[0].weight",
+        "0 is outside 1..=65535",
+    );
+    rejects(
+        &BASE.replace("port = 8080\n\n", "port = 8080\nweight = 65536\n\n"),
+        20,
+        "target_group[0].target[0].weight",
+        "65536 is outside",
+    );
+}
+
+#[test]
+fn bad_cidr() {
+    rejects(
+        &BASE.replace(
+            "port = 80\n",
+            "port = 80\nallowed_sources = [\"10.0.0.1/8\"]\n",
+        ),
+        8,
+        "listener[0].allowed_sources[0]",
+        "host bits set",
+    );
+    rejects(
+        &BASE.replace(
+            "port = 80\n",
+            "port = 80\nallowed_sources = [\"10.0.0.0/40\"]\n",
+        ),
+        8,
+        "listener[0].allowed_sources[0]",
+        "length must be 0..=32",
+    );
+}
+
+#[test]
+fn duplicate_target() {
+    rejects(
+        &BASE.replace("198.18.2.12", "198.18.2.11"),
+        22,
+        "target_group[0].target[1].address",
+        "duplicate target 198.18.2.11:8080",
+    );
+}
+
+#[test]
+fn target_equal_to_vip() {
+    rejects(
+        &BASE.replace("198.18.2.12", "198.18.100.10"),
+        22,
+        "target_group[0].target[1].address",
+        "is a listener's VIP",
+    );
+}
+
+#[test]
+fn table_size_not_prime() {
+    rejects(
+        &BASE.replace(
+            "name = \"web\"\n\n[target_group.health_check]",
+            "name = \"web\"\nhash_table_size = 65536\n\n[target_group.health_check]",
+        ),
+        12,
+        "target_group[0].hash_table_size",
+        "65536 is not a prime",
+    );
+}
+
+#[test]
+fn no_interfaces() {
+    rejects(
+        &BASE.replace("interfaces = [\"eth0\"]", "interfaces = []"),
+        2,
+        "agent.interfaces",
+        "no interfaces",
+    );
+    // No [agent] table at all: the problem is still reported, at line 1.
+    let src = BASE.replace("[agent]\ninterfaces = [\"eth0\"]\n", "");
+    rejects(&src, 1, "agent.interfaces", "no interfaces");
+}
+
+#[test]
+fn missing_required_key() {
+    rejects(
+        &BASE.replace("port = 80\n", ""),
+        4,
+        "listener[0]",
+        "missing field `port`",
+    );
+}
+
+#[test]
+fn syntax_error() {
+    rejects(&BASE.replace("port = 80\n", "port = = 80\n"), 7, "toml", "");
+}
+
+#[test]
+fn every_problem_is_reported_not_only_the_first() {
+    let src = BASE
+        .replace("port = 80\n", "port = 80\ncolour = \"blue\"\n")
+        .replace(
+            "interval = \"10s\"",
+            "interval = \"10s\"\nhealthy_threshold = 1\nmatcher = \"abc\"",
+        )
+        .replace("port = 8080\n\n", "port = 0\n\n")
+        .replace("interfaces = [\"eth0\"]", "interfaces = []");
+    let got = problems(&src);
+    let paths: Vec<&str> = got.iter().map(|l| l.split(": ").nth(1).unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "agent.interfaces",
+            "listener[0].colour",
+            "target_group[0].health_check.healthy_threshold",
+            "target_group[0].health_check.matcher",
+            "target_group[0].target[0].port",
+        ],
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn never_panics_on_any_prefix_or_mangling() {
+    for end in 0..=EXAMPLE.len() {
+        if EXAMPLE.is_char_boundary(end) {
+            let _ = parse(&EXAMPLE[..end], "x.toml");
+        }
+    }
+    for (from, to) in [
+        ("\"", ""),
+        ("=", "=="),
+        ("]", ""),
+        ("80", "-1"),
+        ("10s", "10"),
+        ("\n", " "),
+    ] {
+        let _ = parse(&EXAMPLE.replacen(from, to, 3), "x.toml");
+    }
+}
