@@ -603,19 +603,17 @@ impl HealthCheckConfig {
                 problem(format!("{at}.{key}"), format!("{v} is outside 2..=10"));
             }
         }
-        if self.protocol == HealthCheckProtocol::Http {
-            if !self.path.starts_with('/')
-                || self.path.len() > 1024
-                || self.path.chars().any(|c| c.is_ascii_control() || c == ' ')
-            {
-                problem(
-                    format!("{at}.path"),
-                    format!(
-                        "{:?}: expected an absolute path like \"/health\"",
-                        self.path
-                    ),
-                );
-            }
+        let bad_path = !self.path.starts_with('/')
+            || self.path.len() > 1024
+            || self.path.chars().any(|c| c.is_ascii_control() || c == ' ');
+        if self.protocol == HealthCheckProtocol::Http && bad_path {
+            problem(
+                format!("{at}.path"),
+                format!(
+                    "{:?}: expected an absolute path like \"/health\"",
+                    self.path
+                ),
+            );
         }
     }
 }
