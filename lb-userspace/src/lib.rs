@@ -1,7 +1,11 @@
-//! The agent's library: config, health checks, desired state, reconciler, map writer and the
-//! control API. The `lb-agent` binary and the tests use the same code.
+//! The agent's library: config, health checks, target model, desired state, reconciler, map
+//! writer and the control API. The `lb-agent` binary and the tests use the same code.
 
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod health;
 pub mod maps;
+pub mod model;
+pub mod reconcile;
+pub mod state;

@@ -1,0 +1,292 @@
+//! The reconciler: diffs the desired state against the last-applied shadow and writes only
+//! what changed, in an order where a packet never meets a reference to something not yet
+//! written (targets before the tables that name them; tables before the listeners that use
+//! them; removals last).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use anyhow::{Context, Result};
+use lb_common::{
+    maglev, DataplaneConfig, EndpointKey, ListenerValue, ReverseValue, TargetValue, VipValue,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    maps::{table_of_ids, KernelMaps, SourcePrefix},
+    state::{Desired, TableSpec},
+};
+
+/// The map operations the reconciler needs; `KernelMaps` writes the kernel's maps, `FakeMaps`
+/// records them for tests.
+pub trait MapWriter {
+    fn set_config(&mut self, config: &DataplaneConfig) -> Result<()>;
+    fn put_vip(&mut self, ip: IpAddr, value: VipValue) -> Result<()>;
+    fn remove_vip(&mut self, ip: IpAddr) -> Result<()>;
+    fn put_listener(&mut self, key: EndpointKey, value: ListenerValue) -> Result<()>;
+    fn remove_listener(&mut self, key: &EndpointKey) -> Result<()>;
+    fn allow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()>;
+    fn disallow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()>;
+    fn put_target(&mut self, target_id: u32, value: &TargetValue) -> Result<()>;
+    fn put_reverse(&mut self, key: EndpointKey, value: ReverseValue) -> Result<()>;
+    fn remove_reverse(&mut self, key: &EndpointKey) -> Result<()>;
+    fn add_interface(&mut self, ifindex: u32) -> Result<()>;
+    fn remove_interface(&mut self, ifindex: u32) -> Result<()>;
+    fn publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]) -> Result<()>;
+}
+
+macro_rules! delegate {
+    ($($name:ident(&mut self $(, $arg:ident: $ty:ty)*);)*) => {
+        impl MapWriter for KernelMaps {
+            $(fn $name(&mut self $(, $arg: $ty)*) -> Result<()> {
+                KernelMaps::$name(self $(, $arg)*)
+            })*
+        }
+    };
+}
+
+delegate! {
+    set_config(&mut self, config: &DataplaneConfig);
+    put_vip(&mut self, ip: IpAddr, value: VipValue);
+    remove_vip(&mut self, ip: IpAddr);
+    put_listener(&mut self, key: EndpointKey, value: ListenerValue);
+    remove_listener(&mut self, key: &EndpointKey);
+    allow_source(&mut self, listener_id: u32, prefix: SourcePrefix);
+    disallow_source(&mut self, listener_id: u32, prefix: SourcePrefix);
+    put_target(&mut self, target_id: u32, value: &TargetValue);
+    put_reverse(&mut self, key: EndpointKey, value: ReverseValue);
+    remove_reverse(&mut self, key: &EndpointKey);
+    add_interface(&mut self, ifindex: u32);
+    remove_interface(&mut self, ifindex: u32);
+    publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]);
+}
+
+/// What one reconciliation wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub writes: usize,
+    pub tables: usize,
+}
+
+/// Keeps the shadow of what was last written.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    shadow: Desired,
+}
+
+fn prefix(c: &crate::config::Cidr) -> SourcePrefix {
+    SourcePrefix {
+        addr: c.addr,
+        len: c.len,
+    }
+}
+
+/// Builds a group's table: target ids by slot.
+pub fn build_table(spec: &TableSpec) -> Result<Vec<u32>> {
+    let backends: Vec<maglev::Backend<'_>> = spec
+        .members
+        .iter()
+        .map(|m| maglev::Backend {
+            identity: &m.identity,
+            weight: m.weight,
+        })
+        .collect();
+    let indices = maglev::build(&backends, spec.size, spec.seed).context("building a table")?;
+    let ids: Vec<u32> = spec.members.iter().map(|m| m.target_id).collect();
+    Ok(table_of_ids(&indices, &ids))
+}
+
+impl Reconciler {
+    /// A reconciler that believes `shadow` is in the maps (adopting pinned maps).
+    pub fn with_shadow(shadow: Desired) -> Self {
+        Self { shadow }
+    }
+
+    pub fn shadow(&self) -> &Desired {
+        &self.shadow
+    }
+
+    /// Writes the difference between `desired` and the shadow. On an error the shadow holds
+    /// what was written before it, so the next call retries the rest.
+    pub fn apply(&mut self, desired: &Desired, w: &mut impl MapWriter) -> Result<Applied> {
+        let mut n = Applied::default();
+        let s = &mut self.shadow;
+        if s.config != desired.config {
+            w.set_config(&desired.config)?;
+            s.config = desired.config;
+            n.writes += 1;
+        }
+        for &ifindex in desired.interfaces.difference(&s.interfaces.clone()) {
+            w.add_interface(ifindex)?;
+            s.interfaces.insert(ifindex);
+            n.writes += 1;
+        }
+        for (&id, v) in &desired.targets {
+            if s.targets.get(&id) != Some(v) {
+                w.put_target(id, v)?;
+                s.targets.insert(id, *v);
+                n.writes += 1;
+            }
+        }
+        for (&gid, spec) in &desired.tables {
+            if s.tables.get(&gid) != Some(spec) {
+                let table = build_table(spec)?;
+                w.publish_table(gid, spec.flags, &table)?;
+                s.tables.insert(gid, spec.clone());
+                n.tables += 1;
+            }
+        }
+        for (&ip, v) in &desired.vips {
+            if s.vips.get(&ip) != Some(v) {
+                w.put_vip(ip, *v)?;
+                s.vips.insert(ip, *v);
+                n.writes += 1;
+            }
+        }
+        for (key, v) in &desired.reverse {
+            if s.reverse.get(key) != Some(v) {
+                w.put_reverse(*key, *v)?;
+                s.reverse.insert(*key, *v);
+                n.writes += 1;
+            }
+        }
+        for src in desired.sources.difference(&s.sources.clone()) {
+            w.allow_source(src.0, prefix(&src.1))?;
+            s.sources.insert(*src);
+            n.writes += 1;
+        }
+        for (key, v) in &desired.listeners {
+            if s.listeners.get(key) != Some(v) {
+                w.put_listener(*key, *v)?;
+                s.listeners.insert(*key, *v);
+                n.writes += 1;
+            }
+        }
+        // Removals, users before what they use.
+        for key in gone(&s.listeners, &desired.listeners) {
+            w.remove_listener(&key)?;
+            s.listeners.remove(&key);
+            n.writes += 1;
+        }
+        for src in s.sources.clone().difference(&desired.sources) {
+            w.disallow_source(src.0, prefix(&src.1))?;
+            s.sources.remove(src);
+            n.writes += 1;
+        }
+        for key in gone(&s.reverse, &desired.reverse) {
+            w.remove_reverse(&key)?;
+            s.reverse.remove(&key);
+            n.writes += 1;
+        }
+        for ip in gone(&s.vips, &desired.vips) {
+            w.remove_vip(ip)?;
+            s.vips.remove(&ip);
+            n.writes += 1;
+        }
+        for gid in gone(&s.tables, &desired.tables) {
+            // No listener points at the group any more: leave an empty table behind.
+            w.publish_table(gid, 0, &[])?;
+            s.tables.remove(&gid);
+            n.tables += 1;
+        }
+        for id in gone(&s.targets, &desired.targets) {
+            w.put_target(id, &TargetValue::default())?;
+            s.targets.remove(&id);
+            n.writes += 1;
+        }
+        for ifindex in s.interfaces.clone().difference(&desired.interfaces) {
+            w.remove_interface(*ifindex)?;
+            s.interfaces.remove(ifindex);
+            n.writes += 1;
+        }
+        Ok(n)
+    }
+}
+
+fn gone<K: Ord + Copy, V>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<K> {
+    old.keys()
+        .filter(|k| !new.contains_key(k))
+        .copied()
+        .collect()
+}
+
+/// An in-memory map writer: the maps' contents and a log of every operation.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct FakeMaps {
+    pub ops: Vec<String>,
+    pub targets: BTreeMap<u32, (u8, u32)>,
+    pub tables: BTreeMap<u32, Vec<u32>>,
+    pub listeners: usize,
+    pub vips: usize,
+}
+
+impl MapWriter for FakeMaps {
+    fn set_config(&mut self, _: &DataplaneConfig) -> Result<()> {
+        self.ops.push("config".into());
+        Ok(())
+    }
+    fn put_vip(&mut self, ip: IpAddr, _: VipValue) -> Result<()> {
+        self.vips += 1;
+        self.ops.push(format!("put_vip {ip}"));
+        Ok(())
+    }
+    fn remove_vip(&mut self, ip: IpAddr) -> Result<()> {
+        self.vips -= 1;
+        self.ops.push(format!("remove_vip {ip}"));
+        Ok(())
+    }
+    fn put_listener(&mut self, _: EndpointKey, v: ListenerValue) -> Result<()> {
+        self.listeners += 1;
+        self.ops.push(format!("put_listener {}", v.listener_id));
+        Ok(())
+    }
+    fn remove_listener(&mut self, _: &EndpointKey) -> Result<()> {
+        self.listeners -= 1;
+        self.ops.push("remove_listener".into());
+        Ok(())
+    }
+    fn allow_source(&mut self, id: u32, p: SourcePrefix) -> Result<()> {
+        self.ops.push(format!("allow {id} {}/{}", p.addr, p.len));
+        Ok(())
+    }
+    fn disallow_source(&mut self, id: u32, p: SourcePrefix) -> Result<()> {
+        self.ops.push(format!("disallow {id} {}/{}", p.addr, p.len));
+        Ok(())
+    }
+    fn put_target(&mut self, id: u32, v: &TargetValue) -> Result<()> {
+        self.targets.insert(id, (v.state, v.cookie));
+        self.ops.push(format!("put_target {id} state={}", v.state));
+        Ok(())
+    }
+    fn put_reverse(&mut self, _: EndpointKey, _: ReverseValue) -> Result<()> {
+        self.ops.push("put_reverse".into());
+        Ok(())
+    }
+    fn remove_reverse(&mut self, _: &EndpointKey) -> Result<()> {
+        self.ops.push("remove_reverse".into());
+        Ok(())
+    }
+    fn add_interface(&mut self, i: u32) -> Result<()> {
+        self.ops.push(format!("add_interface {i}"));
+        Ok(())
+    }
+    fn remove_interface(&mut self, i: u32) -> Result<()> {
+        self.ops.push(format!("remove_interface {i}"));
+        Ok(())
+    }
+    fn publish_table(&mut self, gid: u32, _: u32, table: &[u32]) -> Result<()> {
+        self.tables.insert(gid, table.to_vec());
+        self.ops.push(format!("publish {gid}"));
+        Ok(())
+    }
+}
+
+impl FakeMaps {
+    /// How many slots of group `gid`'s table each target id has.
+    pub fn slots(&self, gid: u32) -> BTreeMap<u32, usize> {
+        let mut out = BTreeMap::new();
+        for &id in self.tables.get(&gid).map(Vec::as_slice).unwrap_or_default() {
+            *out.entry(id).or_default() += 1;
+        }
+        out
+    }
+}

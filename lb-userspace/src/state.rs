@@ -1,0 +1,312 @@
+//! The desired data-plane state: a pure function of the config, the target model and the time.
+//!
+//! Rules (README "Target lifecycle"):
+//! - new flows go to `healthy` targets of a group, weighted; a group with no healthy target
+//!   fails open over all its registered, non-draining targets;
+//! - a target in slow start has its weight scaled by the elapsed fraction of `slow_start`, in
+//!   tenths (so the table changes at most ten times over the period);
+//! - draining targets get no new flows and keep forwarding their flows;
+//! - unhealthy targets (outside fail-open) get no new flows; their flows are rescheduled when
+//!   `connection_termination_on_unhealthy`, else they keep going (for `unhealthy_draining_interval`
+//!   when it is not zero);
+//! - a removed target's id keeps a tombstone: its flows are dropped, or rescheduled (TCP then
+//!   gets a reset from the new target) with `connection_termination_on_deregistration`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Instant,
+};
+
+use lb_common::{
+    addr, DataplaneConfig, EndpointKey, ListenerValue, ReverseValue, TargetValue, VipValue,
+    CONFIG_F_READY, GROUP_F_STICKY_SOURCE, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6,
+    REVERSE_F_AMBIGUOUS, TARGET_DROP, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
+};
+
+use crate::{
+    config::{Cidr, Config, Stickiness},
+    health::TargetState,
+    model::{Model, Target, TargetKey},
+};
+
+/// One member of a group's consistent-hash table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub target_id: u32,
+    /// Address, port and family bytes: the same on every node.
+    pub identity: Vec<u8>,
+    pub weight: u32,
+}
+
+/// What a group's table is built from; equal specs build equal tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSpec {
+    pub flags: u32,
+    pub size: u32,
+    pub seed: u64,
+    /// Sorted by identity.
+    pub members: Vec<Member>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    pub config: DataplaneConfig,
+    pub vips: BTreeMap<IpAddr, VipValue>,
+    pub listeners: BTreeMap<EndpointKey, ListenerValue>,
+    /// (listener id, prefix) of listeners that do not allow every source of their family.
+    pub sources: BTreeSet<(u32, Cidr)>,
+    pub reverse: BTreeMap<EndpointKey, ReverseValue>,
+    pub targets: BTreeMap<u32, TargetValue>,
+    pub tables: BTreeMap<u32, TableSpec>,
+    pub interfaces: BTreeSet<u32>,
+}
+
+pub fn endpoint_key(ip: IpAddr, port: u16, protocol: u8) -> EndpointKey {
+    let (addr, family) = addr::to_words(ip);
+    EndpointKey {
+        addr,
+        port_be: port.to_be(),
+        protocol,
+        family,
+    }
+}
+
+/// The target's identity bytes for the consistent hash.
+pub fn identity(ip: IpAddr, port: u16) -> Vec<u8> {
+    let (words, family) = addr::to_words(ip);
+    let mut id: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    id.extend_from_slice(&port.to_be_bytes());
+    id.push(family);
+    id
+}
+
+fn target_value(key: &TargetKey, cookie: u32, state: u8, flags: u32) -> TargetValue {
+    let (addr, family) = addr::to_words(key.addr);
+    TargetValue {
+        addr,
+        port_be: key.port.to_be(),
+        family,
+        state,
+        cookie,
+        flags,
+        _pad: 0,
+    }
+}
+
+/// Is a target in slow start at `now`, and with what share of its weight (tenths, 1..=10)?
+fn slow_start_tenths(t: &Target, slow_start: std::time::Duration, now: Instant) -> u32 {
+    match t.slow_start_from {
+        Some(from) if !slow_start.is_zero() => {
+            let elapsed = now.saturating_duration_since(from).as_secs_f64();
+            let tenths = (10.0 * elapsed / slow_start.as_secs_f64()).ceil() as u32;
+            tenths.clamp(1, 10)
+        }
+        _ => 10,
+    }
+}
+
+/// The desired state. `interfaces` are the ifindexes XDP is attached to.
+pub fn desired(
+    config: &Config,
+    model: &Model,
+    hash_key: [u32; 2],
+    interfaces: &BTreeSet<u32>,
+    now: Instant,
+) -> Desired {
+    let mut d = Desired {
+        config: DataplaneConfig {
+            hash_key,
+            flags: CONFIG_F_READY,
+            _pad: 0,
+        },
+        interfaces: interfaces.clone(),
+        ..Default::default()
+    };
+    let seed = (hash_key[0] as u64) << 32 | hash_key[1] as u64;
+
+    // Tombstones first: a live target that took the id overwrites it below.
+    for (&id, t) in &model.tombstones {
+        let state = if t.terminate {
+            TARGET_RESCHEDULE
+        } else {
+            TARGET_DROP
+        };
+        d.targets.insert(
+            id,
+            TargetValue {
+                state,
+                cookie: t.cookie,
+                ..Default::default()
+            },
+        );
+    }
+
+    // Which listeners each target endpoint serves decides how replies find their VIP.
+    let mut served: BTreeMap<EndpointKey, Vec<(u32, IpAddr, u16)>> = BTreeMap::new();
+    for l in &config.listeners {
+        let (Some(lid), Some(gid)) = (
+            model.listener_ids.get(&l.name),
+            model.group_ids.get(&l.target_group),
+        ) else {
+            continue;
+        };
+        let all_v4 = l
+            .allowed_sources
+            .iter()
+            .any(|c| c.len == 0 && c.addr.is_ipv4());
+        let all_v6 = l
+            .allowed_sources
+            .iter()
+            .any(|c| c.len == 0 && c.addr.is_ipv6());
+        let mut flags = 0;
+        if all_v4 {
+            flags |= LISTENER_F_ALLOW_ALL_V4;
+        }
+        if all_v6 {
+            flags |= LISTENER_F_ALLOW_ALL_V6;
+        }
+        for c in &l.allowed_sources {
+            let covered = if c.addr.is_ipv4() { all_v4 } else { all_v6 };
+            if !covered && c.addr.is_ipv4() == l.address.is_ipv4() {
+                d.sources.insert((lid, *c));
+            }
+        }
+        d.vips.entry(l.address).or_default().listener_count += 1;
+        for &proto in l.protocol.ip_protocols() {
+            d.listeners.insert(
+                endpoint_key(l.address, l.port.0, proto),
+                ListenerValue {
+                    listener_id: lid,
+                    group_id: gid,
+                    flags,
+                },
+            );
+            for key in model.targets.keys().filter(|k| k.group == l.target_group) {
+                served
+                    .entry(endpoint_key(key.addr, key.port, proto))
+                    .or_default()
+                    .push((lid, l.address, l.port.0));
+            }
+        }
+    }
+    for (key, listeners) in &served {
+        let (lid, vip, port) = listeners[0];
+        d.reverse.insert(
+            *key,
+            ReverseValue {
+                vip_addr: addr::to_words(vip).0,
+                vip_port_be: port.to_be(),
+                _pad: 0,
+                listener_id: lid,
+                flags: if listeners.len() > 1 {
+                    REVERSE_F_AMBIGUOUS
+                } else {
+                    0
+                },
+            },
+        );
+    }
+
+    for g in &config.target_groups {
+        let Some(gid) = model.group_ids.get(&g.name) else {
+            continue;
+        };
+        if !config.listeners.iter().any(|l| l.target_group == g.name) {
+            continue; // unused: no table, no target entries
+        }
+        let members: Vec<(&TargetKey, &Target)> = model
+            .targets
+            .iter()
+            .filter(|(k, _)| k.group == g.name)
+            .collect();
+        let any_healthy = members
+            .iter()
+            .any(|(_, t)| t.draining_until.is_none() && t.health == TargetState::Healthy);
+        let mut table = Vec::new();
+        for (key, t) in &members {
+            let shared = served.iter().any(|(k, l)| {
+                l.len() > 1 && k.addr == addr::to_words(key.addr).0 && k.port_be == key.port.to_be()
+            });
+            let flags = if shared { TARGET_F_SHARED_ENDPOINT } else { 0 };
+            let draining = t.draining_until.is_some();
+            let eligible = !draining && (t.health == TargetState::Healthy || !any_healthy);
+            let state = if draining || eligible {
+                TARGET_FORWARD
+            } else {
+                // Unhealthy (or initial) outside fail-open.
+                let keep_going = !g.connection_termination_on_unhealthy
+                    && (g.unhealthy_draining_interval.0.is_zero()
+                        || t.unhealthy_since
+                            .is_none_or(|s| now < s + g.unhealthy_draining_interval.0));
+                if keep_going || t.health == TargetState::Initial {
+                    TARGET_FORWARD
+                } else {
+                    TARGET_RESCHEDULE
+                }
+            };
+            d.targets
+                .insert(t.id, target_value(key, t.cookie, state, flags));
+            if eligible {
+                let tenths = if any_healthy {
+                    slow_start_tenths(t, g.slow_start.0, now)
+                } else {
+                    10
+                };
+                table.push(Member {
+                    target_id: t.id,
+                    identity: identity(key.addr, key.port),
+                    weight: (t.weight * tenths).div_ceil(10).max(1),
+                });
+            }
+        }
+        table.sort_by(|a, b| a.identity.cmp(&b.identity));
+        d.tables.insert(
+            gid,
+            TableSpec {
+                flags: if g.stickiness == Stickiness::SourceIp {
+                    GROUP_F_STICKY_SOURCE
+                } else {
+                    0
+                },
+                size: g.hash_table_size,
+                seed,
+                members: table,
+            },
+        );
+    }
+    d
+}
+
+/// When the desired state will next change by itself (slow-start steps, draining deadlines,
+/// unhealthy draining intervals): the agent recomputes then.
+pub fn next_deadline(config: &Config, model: &Model, now: Instant) -> Option<Instant> {
+    let mut next: Option<Instant> = None;
+    let mut consider = |t: Instant| {
+        if t > now && next.is_none_or(|n| t < n) {
+            next = Some(t);
+        }
+    };
+    for (key, t) in &model.targets {
+        let Some(g) = config.group(&key.group) else {
+            continue;
+        };
+        if let Some(d) = t.draining_until {
+            consider(d);
+        }
+        if let Some(from) = t.slow_start_from {
+            let step = g.slow_start.0 / 10;
+            if !step.is_zero() {
+                for i in 1..=10 {
+                    consider(from + step * i);
+                }
+            }
+        }
+        if let Some(s) = t.unhealthy_since {
+            if !g.unhealthy_draining_interval.0.is_zero() {
+                consider(s + g.unhealthy_draining_interval.0);
+            }
+        }
+    }
+    next
+}
