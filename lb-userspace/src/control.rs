@@ -52,6 +52,26 @@ impl Controller {
         })
     }
 
+    /// A controller that carries on from an earlier run: its config, model and the shadow of
+    /// what it wrote. No state change is reported for what the earlier run already showed.
+    pub fn adopted(
+        config: Config,
+        model: Model,
+        hash_key: [u32; 2],
+        interfaces: BTreeSet<u32>,
+        shadow: Desired,
+    ) -> Self {
+        let shown = model.shown_states(&config);
+        Self {
+            config,
+            model,
+            reconciler: Reconciler::with_shadow(shadow),
+            hash_key,
+            interfaces,
+            shown,
+        }
+    }
+
     pub fn desired(&self, now: Instant) -> Desired {
         state::desired(
             &self.config,

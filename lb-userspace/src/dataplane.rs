@@ -10,6 +10,14 @@ use lb_common::maps::{
 /// The object this binary was built with.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
 
+/// A digest of the embedded object (FNV-1a, hex): pins made by another build are not adopted.
+pub fn object_digest() -> String {
+    let h = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
 /// Sizes of the maps that scale with the config.
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -38,9 +46,13 @@ pub fn load(sizes: MapSizes) -> Result<Ebpf> {
         .load(OBJECT)
         .context("loading the XDP object (maps and BTF)")?;
     for name in [PROGRAM_XDP, PROGRAM_XDP_PASS] {
-        program_mut(&mut ebpf, name)?
-            .load()
-            .with_context(|| format!("the kernel rejected program {name}"))?;
+        if let Err(e) = program_mut(&mut ebpf, name)?.load() {
+            // aya's error holds the whole verifier log; its end says why.
+            let text = format!("{e:#}");
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+            anyhow::bail!("the kernel's verifier rejected program {name}; end of its log:\n{tail}");
+        }
     }
     Ok(ebpf)
 }

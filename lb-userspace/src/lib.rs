@@ -1,11 +1,16 @@
 //! The agent's library: config, health checks, target model, desired state, reconciler, map
 //! writer and the control API. The `lb-agent` binary and the tests use the same code.
 
+pub mod agent;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod datapath;
 pub mod health;
+pub mod http;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod state;

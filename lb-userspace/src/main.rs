@@ -1,18 +1,154 @@
-//! `lb-agent`: the balancer's agent. The data plane and its map writer are in place (the
-//! library); config, health checks and the control API come with the agent's own issue.
+//! `lb-agent`: the load balancer's agent (`run`, `validate`) and the clients of its control API
+//! (`status`, `targets`, `reload`). Exit codes: 0 ok, 1 runtime failure, 2 bad input.
 
-use std::process::ExitCode;
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use lb_userspace::{agent, client, config};
+
+#[derive(Parser)]
+#[command(name = "lb-agent", version, about = "XDP L4 load balancer agent")]
+struct Cli {
+    /// Control API of the running agent (client commands).
+    #[arg(long, global = true, default_value = config::DEFAULT_API)]
+    api: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config, load and attach XDP, run health checks, the control API and
+    /// metrics until SIGINT/SIGTERM.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// On exit leave programs, links and maps pinned (traffic keeps flowing); the next
+        /// `run` adopts them.
+        #[arg(long)]
+        keep_datapath: bool,
+    },
+    /// Check a config file without touching the kernel.
+    Validate {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Listeners, target groups and every target's state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Register or deregister targets at run time.
+    Targets {
+        #[command(subcommand)]
+        action: TargetAction,
+    },
+    /// Re-read the config file and apply the difference (as SIGHUP does).
+    Reload,
+}
+
+#[derive(Subcommand)]
+enum TargetAction {
+    Register {
+        #[arg(long)]
+        group: String,
+        /// ADDR:PORT ([v6]:port for IPv6)
+        target: SocketAddr,
+        #[arg(long, default_value_t = config::DEFAULT_WEIGHT)]
+        weight: u32,
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    Deregister {
+        #[arg(long)]
+        group: String,
+        target: SocketAddr,
+    },
+}
+
+fn init_logs() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
 
 fn main() -> ExitCode {
-    let cmd = std::env::args().nth(1).unwrap_or_default();
-    match cmd.as_str() {
-        "run" | "validate" | "status" | "targets" | "reload" => {
-            eprintln!("lb-agent {cmd}: not implemented yet; this build ships the data plane only");
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lb-agent: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(dispatch(cli));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(problems) = e.downcast_ref::<config::ConfigErrors>() {
+                eprintln!("{problems}");
+                return ExitCode::from(2);
+            }
+            if let Some(client::BadRequest(msg)) = e.downcast_ref::<client::BadRequest>() {
+                eprintln!("lb-agent: {msg}");
+                return ExitCode::from(2);
+            }
+            eprintln!("lb-agent: {e:#}");
             ExitCode::from(1)
         }
-        _ => {
-            eprintln!("usage: lb-agent <run|validate|status|targets|reload> [options]");
-            ExitCode::from(2)
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run { config, keep_datapath } => {
+            init_logs();
+            agent::run(agent::RunOptions {
+                config_path: config,
+                keep_datapath,
+            })
+            .await?;
+        }
+        Command::Validate { config } => {
+            let c = config::load(&config)?;
+            println!("{}: ok: {}", config.display(), c.summary());
+        }
+        Command::Status { json } => {
+            let status = client::call(&cli.api, "GET", "/v1/status", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", client::status_table(&status));
+            }
+        }
+        Command::Targets { action } => {
+            let (path, body) = match action {
+                TargetAction::Register { group, target, weight, zone } => (
+                    "/v1/targets/register",
+                    serde_json::json!({"group": group, "target": target, "weight": weight, "zone": zone}),
+                ),
+                TargetAction::Deregister { group, target } => (
+                    "/v1/targets/deregister",
+                    serde_json::json!({"group": group, "target": target}),
+                ),
+            };
+            let r = client::call(&cli.api, "POST", path, Some(&body)).await?;
+            let ms = r["maps_written_ms"].as_f64().context("no maps_written_ms in the answer")?;
+            println!("{}: ok (maps written in {ms:.2} ms)", r["target"].as_str().unwrap_or_default());
+        }
+        Command::Reload => {
+            let r = client::call(&cli.api, "POST", "/v1/reload", None).await?;
+            println!("reloaded: {}", r["summary"].as_str().unwrap_or_default());
+            for note in r["notes"].as_array().into_iter().flatten() {
+                println!("note: {}", note.as_str().unwrap_or_default());
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

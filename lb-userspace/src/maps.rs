@@ -5,13 +5,13 @@
 //! first, then the group's size for that half, then the `active` index flips; a packet reads
 //! either the old table or the new one, never a mix.
 
-use std::{collections::HashMap as StdHashMap, net::IpAddr};
+use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{
         lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, LpmTrie, Map, MapData,
-        PerCpuArray,
+        MapType, PerCpuArray,
     },
     Ebpf,
 };
@@ -40,6 +40,7 @@ pub struct KernelMaps {
     targets: Array<MapData, TargetValue>,
     reverse: HashMap<MapData, EndpointKey, ReverseValue>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
+    reply_flows: HashMap<MapData, FlowKey, ReverseValue>,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
@@ -49,42 +50,110 @@ pub struct KernelMaps {
     table_slots: u32,
 }
 
-fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
-    ebpf.take_map(name)
-        .with_context(|| format!("map {name} missing from the object"))
+/// Opens a pinned map with the variant its kernel type calls for.
+fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let map_type = data
+        .info()
+        .and_then(|i| i.map_type())
+        .with_context(|| format!("reading the type of {}", path.display()))?;
+    Ok(match map_type {
+        MapType::Array => Map::Array(data),
+        MapType::Hash => Map::HashMap(data),
+        MapType::LruHash => Map::LruHashMap(data),
+        MapType::LpmTrie => Map::LpmTrie(data),
+        MapType::PerCpuArray => Map::PerCpuArray(data),
+        MapType::DevMapHash => Map::DevMapHash(data),
+        other => bail!("pinned map {} has unexpected type {other:?}", path.display()),
+    })
 }
 
-macro_rules! typed {
-    ($ebpf:expr, $name:expr) => {
-        take($ebpf, $name)?
-            .try_into()
-            .with_context(|| format!("map {} has an unexpected type or layout", $name))?
-    };
+/// Where the reconciler's table regions are, to carry over a restart.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct TableLayout {
+    /// (group id, base of half 0, capacity of a half)
+    pub regions: Vec<(u32, u32, u32)>,
+    pub next_free_slot: u32,
 }
 
 impl KernelMaps {
-    /// Takes the maps out of a freshly loaded object (the programs keep using them).
+    /// Takes the maps out of a freshly loaded object (the programs keep using them), pinning
+    /// each under `pin_dir` when given.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
-        let tables: Array<MapData, u32> = typed!(ebpf, MAP_TABLES);
+        Self::open(|name| {
+            ebpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))
+        })
+    }
+
+    /// As `new`, pinning every map as `pin_dir/NAME` first.
+    pub fn new_pinned(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self> {
+        Self::open(|name| {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            let path = pin_dir.join(name);
+            map.pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+            Ok(map)
+        })
+    }
+
+    /// The maps pinned under `pin_dir` by an earlier run.
+    pub fn from_pins(pin_dir: &Path) -> Result<Self> {
+        Self::open(|name| open_pinned(pin_dir, name))
+    }
+
+    fn open(mut take: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
+        macro_rules! typed {
+            ($name:expr) => {
+                take($name)?
+                    .try_into()
+                    .with_context(|| format!("map {} has an unexpected type or layout", $name))?
+            };
+        }
+        let tables: Array<MapData, u32> = typed!(MAP_TABLES);
         let table_slots = tables.len();
         Ok(Self {
-            config: typed!(ebpf, MAP_CONFIG),
-            vips: typed!(ebpf, MAP_VIPS),
-            listeners: typed!(ebpf, MAP_LISTENERS),
-            allow_v4: typed!(ebpf, MAP_ALLOW_V4),
-            allow_v6: typed!(ebpf, MAP_ALLOW_V6),
-            groups: typed!(ebpf, MAP_GROUPS),
+            config: typed!(MAP_CONFIG),
+            vips: typed!(MAP_VIPS),
+            listeners: typed!(MAP_LISTENERS),
+            allow_v4: typed!(MAP_ALLOW_V4),
+            allow_v6: typed!(MAP_ALLOW_V6),
+            groups: typed!(MAP_GROUPS),
             tables,
-            targets: typed!(ebpf, MAP_TARGETS),
-            reverse: typed!(ebpf, MAP_REVERSE),
-            flows: typed!(ebpf, MAP_FLOWS),
-            devmap: typed!(ebpf, MAP_DEVMAP),
-            stats: typed!(ebpf, MAP_STATS),
-            counters: typed!(ebpf, MAP_COUNTERS),
+            targets: typed!(MAP_TARGETS),
+            reverse: typed!(MAP_REVERSE),
+            flows: typed!(MAP_FLOWS),
+            reply_flows: typed!(MAP_REPLY_FLOWS),
+            devmap: typed!(MAP_DEVMAP),
+            stats: typed!(MAP_STATS),
+            counters: typed!(MAP_COUNTERS),
             regions: StdHashMap::new(),
             next_free_slot: 0,
             table_slots,
         })
+    }
+
+    pub fn table_layout(&self) -> TableLayout {
+        let mut regions: Vec<(u32, u32, u32)> =
+            self.regions.iter().map(|(&g, &(b, c))| (g, b, c)).collect();
+        regions.sort_unstable();
+        TableLayout {
+            regions,
+            next_free_slot: self.next_free_slot,
+        }
+    }
+
+    pub fn restore_table_layout(&mut self, layout: &TableLayout) {
+        self.regions = layout.regions.iter().map(|&(g, b, c)| (g, (b, c))).collect();
+        self.next_free_slot = layout.next_free_slot;
+    }
+
+    pub fn config(&self) -> Result<DataplaneConfig> {
+        self.config.get(&0, 0).context("reading LB_CONFIG")
     }
 
     pub fn set_config(&mut self, config: &DataplaneConfig) -> Result<()> {
@@ -278,6 +347,13 @@ impl KernelMaps {
 
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
         self.flows.remove(key).context("removing from LB_FLOWS")
+    }
+
+    pub fn remove_reply_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.reply_flows.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from LB_REPLY_FLOWS"),
+        }
     }
 
     pub fn flow_keys(&self) -> impl Iterator<Item = Result<FlowKey>> + '_ {

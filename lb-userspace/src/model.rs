@@ -75,6 +75,8 @@ pub struct LastCheck {
 /// new cookie tells them apart when they do).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Ids<K: Ord> {
+    #[serde(with = "pairs")]
+    #[serde(bound(serialize = "K: Serialize", deserialize = "K: Deserialize<'de>"))]
     assigned: BTreeMap<K, u32>,
     freed: BTreeSet<u32>,
     next: u32,
@@ -113,6 +115,21 @@ impl<K: Ord + Clone> Ids<K> {
         let id = self.assigned.remove(key)?;
         self.freed.insert(id);
         Some(id)
+    }
+}
+
+/// A map as a list of pairs (JSON keys must be strings; target keys are not).
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, S: Serializer>(m: &BTreeMap<K, u32>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.iter())
+    }
+
+    pub fn deserialize<'de, K: Deserialize<'de> + Ord, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<K, u32>, D::Error> {
+        Ok(Vec::<(K, u32)>::deserialize(d)?.into_iter().collect())
     }
 }
 
@@ -400,4 +417,94 @@ pub fn state_changes(
             })
         })
         .collect()
+}
+
+/// A target as the state file keeps it (times as milliseconds left or passed, since `Instant`s
+/// do not survive a restart).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SavedTarget {
+    key: TargetKey,
+    weight: u32,
+    zone: Option<String>,
+    origin: Origin,
+    id: u32,
+    cookie: u32,
+    health: TargetState,
+    reason: Option<Reason>,
+    draining_left_ms: Option<u64>,
+    unhealthy_for_ms: Option<u64>,
+}
+
+/// The model as the state file keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SavedModel {
+    targets: Vec<SavedTarget>,
+    listener_ids: Ids<String>,
+    group_ids: Ids<String>,
+    target_ids: Ids<TargetKey>,
+    tombstones: Vec<(u32, Tombstone)>,
+    next_cookie: u32,
+}
+
+impl Model {
+    pub fn save(&self, now: Instant) -> SavedModel {
+        SavedModel {
+            targets: self
+                .targets
+                .iter()
+                .map(|(k, t)| SavedTarget {
+                    key: k.clone(),
+                    weight: t.weight,
+                    zone: t.zone.clone(),
+                    origin: t.origin,
+                    id: t.id,
+                    cookie: t.cookie,
+                    health: t.health,
+                    reason: t.reason,
+                    draining_left_ms: t
+                        .draining_until
+                        .map(|d| d.saturating_duration_since(now).as_millis() as u64),
+                    unhealthy_for_ms: t
+                        .unhealthy_since
+                        .map(|s| now.saturating_duration_since(s).as_millis() as u64),
+                })
+                .collect(),
+            listener_ids: self.listener_ids.clone(),
+            group_ids: self.group_ids.clone(),
+            target_ids: self.target_ids.clone(),
+            tombstones: self.tombstones.iter().map(|(&i, &t)| (i, t)).collect(),
+            next_cookie: self.next_cookie,
+        }
+    }
+
+    pub fn restore(saved: SavedModel, now: Instant) -> Self {
+        let ms = Duration::from_millis;
+        Self {
+            targets: saved
+                .targets
+                .into_iter()
+                .map(|s| {
+                    let t = Target {
+                        weight: s.weight,
+                        zone: s.zone,
+                        origin: s.origin,
+                        id: s.id,
+                        cookie: s.cookie,
+                        health: s.health,
+                        reason: s.reason,
+                        slow_start_from: None,
+                        unhealthy_since: s.unhealthy_for_ms.map(|m| now.checked_sub(ms(m)).unwrap_or(now)),
+                        draining_until: s.draining_left_ms.map(|m| now + ms(m)),
+                        last_check: None,
+                    };
+                    (s.key, t)
+                })
+                .collect(),
+            listener_ids: saved.listener_ids,
+            group_ids: saved.group_ids,
+            target_ids: saved.target_ids,
+            tombstones: saved.tombstones.into_iter().collect(),
+            next_cookie: saved.next_cookie,
+        }
+    }
 }

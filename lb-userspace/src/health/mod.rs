@@ -6,14 +6,14 @@ mod probe;
 
 use std::{fmt, net::SocketAddr, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 pub use probe::{HttpProbe, Probe, TcpProbe};
 
 /// A target's state as NLB names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetState {
     Initial,
@@ -36,7 +36,7 @@ impl fmt::Display for TargetState {
 }
 
 /// Why a target is in its state (NLB's reason codes).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Reason {
     #[serde(rename = "Elb.InitialHealthChecking")]
     InitialHealthChecking,

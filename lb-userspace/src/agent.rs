@@ -1,0 +1,641 @@
+//! `lb-agent run`: the runtime around the controller. One task owns the controller and the maps;
+//! health checkers, the control API and the metrics endpoint are tasks that talk to it over
+//! channels. Every change (a health transition, an API call, a deadline, SIGHUP) ends in one
+//! reconciliation that writes only what changed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use lb_common::{FlowKey, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+use serde_json::json;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc, oneshot},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    config::{self, Config},
+    control::Controller,
+    datapath::{self, Datapath},
+    health::{self, HealthEvent, Schedule, TargetState},
+    http::{self, Request, Response},
+    metrics::{self, HealthMetrics},
+    model::{Model, SavedModel, TargetKey},
+};
+
+/// How often idle flows are looked for.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// A flow that has seen a FIN or RST is forgotten after this long without packets.
+const CLOSING_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed map write, the next attempt.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    pub keep_datapath: bool,
+}
+
+/// A control-API call on its way to the agent task.
+struct Call {
+    request: Request,
+    reply: oneshot::Sender<Response>,
+}
+
+struct Checker {
+    cancel: CancellationToken,
+    spec: (String, Schedule),
+}
+
+struct Agent {
+    config_path: PathBuf,
+    ctl: Controller,
+    dp: Datapath,
+    checkers: HashMap<TargetKey, Checker>,
+    events: mpsc::Sender<HealthEvent<TargetKey>>,
+    health_metrics: HealthMetrics,
+    active_flows: BTreeMap<String, u64>,
+    retry_at: Option<Instant>,
+}
+
+/// The flow-hash key: random for an empty seed (one node); otherwise derived from the seed, so
+/// every node given the same seed hashes flows alike.
+pub fn hash_key(seed: &str) -> Result<[u32; 2]> {
+    if seed.is_empty() {
+        let mut key = [0u8; 8];
+        // SAFETY: writes at most key.len() bytes into key.
+        let n = unsafe { libc::getrandom(key.as_mut_ptr().cast(), key.len(), 0) };
+        anyhow::ensure!(n == key.len() as isize, "getrandom failed");
+        return Ok([
+            u32::from_ne_bytes(key[..4].try_into().expect("4 bytes")),
+            u32::from_ne_bytes(key[4..].try_into().expect("4 bytes")),
+        ]);
+    }
+    // A chain of the keyed hash over the seed's bytes, under two fixed keys.
+    let derive = |k: [u32; 2]| {
+        let mut h = seed.len() as u32;
+        for chunk in seed.as_bytes().chunks(4) {
+            let mut w = [0u8; 4];
+            w[..chunk.len()].copy_from_slice(chunk);
+            h = lb_common::hash::halfsiphash13(k, &[h, u32::from_le_bytes(w)]);
+        }
+        h
+    };
+    Ok([derive([0x6c62_2d61, 0x6765_6e74]), derive([0x666c_6f77, 0x2d6b_6579])])
+}
+
+/// `LB_TABLES` slots for a config: both halves of every group, with room for groups a reload
+/// adds.
+fn table_slots(config: &Config) -> u32 {
+    let sum: u64 = config.target_groups.iter().map(|g| g.hash_table_size as u64).sum();
+    (4 * sum).max(lb_common::maps::DEFAULT_TABLE_SLOTS as u64).min(u32::MAX as u64 / 2) as u32
+}
+
+fn api_path(config: &Config) -> PathBuf {
+    PathBuf::from(config.agent.api.trim_start_matches("unix:"))
+}
+
+/// Binds the API socket (0600), replacing a stale one; refuses when another agent answers on it.
+async fn bind_api(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another lb-agent answers on {}; stop it first (or set agent.api)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let config = config::load(&opts.config_path)?;
+    datapath::check_privileges()?;
+    // The API socket first: it is how a second agent on the same config finds the first.
+    let api = bind_api(&api_path(&config)).await?;
+    let now = Instant::now();
+    let dp = datapath::open(&config, table_slots(&config))?;
+    let interfaces: BTreeSet<u32> = dp.attached.values().map(|(i, _)| *i).collect();
+    let metrics_listener = match config.agent.metrics.as_str() {
+        "" => None,
+        a => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding agent.metrics {a}"))?,
+        ),
+    };
+
+    let mut dp = dp;
+    let ctl = match dp.adopted.take() {
+        None => {
+            let key = hash_key(&config.agent.hash_seed)?;
+            Controller::new(config, key, interfaces, now)?
+        }
+        Some(state) => adopt(&mut dp, state, config, interfaces, now)?,
+    };
+    let (events, mut health_rx) = mpsc::channel(1024);
+    let mut agent = Agent {
+        config_path: opts.config_path.clone(),
+        ctl,
+        dp,
+        checkers: HashMap::new(),
+        events,
+        health_metrics: HealthMetrics::default(),
+        active_flows: BTreeMap::new(),
+        retry_at: None,
+    };
+    agent.apply(now, "start");
+    agent.sync_checkers();
+    info!(
+        config = %opts.config_path.display(),
+        listeners = agent.ctl.config.listeners.len(),
+        targets = agent.ctl.model.targets.len(),
+        "lb-agent running"
+    );
+
+    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
+    tokio::spawn(serve_api(api, calls_tx.clone()));
+    if let Some(l) = metrics_listener {
+        tokio::spawn(serve_metrics(l, calls_tx));
+    }
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+
+    loop {
+        let deadline = agent.next_deadline();
+        tokio::select! {
+            Some(event) = health_rx.recv() => agent.on_health(event),
+            Some(call) = calls.recv() => {
+                let response = agent.handle(&call.request);
+                let _ = call.reply.send(response);
+            }
+            _ = sleep_until(deadline) => {
+                agent.apply(Instant::now(), "timer");
+            }
+            _ = sweep.tick() => agent.sweep_flows(),
+            _ = sighup.recv() => {
+                let r = agent.reload();
+                if r.status != 200 {
+                    warn!("SIGHUP: reload rejected; the running config stays");
+                }
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    agent.shut_down(opts.keep_datapath)
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Takes over the data plane an earlier run left pinned: its hash key, ids, target states and
+/// table layout, with a shadow of what it wrote, then moves to `config`.
+fn adopt(
+    dp: &mut Datapath,
+    state: serde_json::Value,
+    config: Config,
+    interfaces: BTreeSet<u32>,
+    now: Instant,
+) -> Result<Controller> {
+    let old_config: Config = serde_json::from_value(state["config"].clone())
+        .context("the state file's config")?;
+    let saved: SavedModel =
+        serde_json::from_value(state["model"].clone()).context("the state file's model")?;
+    let layout = serde_json::from_value(state["tables"].clone()).context("the state file's table layout")?;
+    let old_interfaces: BTreeSet<u32> =
+        serde_json::from_value(state["interfaces"].clone()).unwrap_or_default();
+    dp.maps.restore_table_layout(&layout);
+    let hash_key = dp.maps.config()?.hash_key;
+    let model = Model::restore(saved, now);
+    // What the earlier run wrote: the shadow the diff starts from.
+    let shadow = crate::state::desired(&old_config, &model, hash_key, &old_interfaces, now);
+    let mut ctl = Controller::adopted(old_config, model, hash_key, interfaces, shadow);
+    ctl.reload(config, now)?;
+    info!(
+        pin_path = %dp.pin_dir.display(),
+        targets = ctl.model.targets.len(),
+        "adopted the pinned data plane (flows, tables and target states carry on)"
+    );
+    Ok(ctl)
+}
+
+impl Agent {
+    fn next_deadline(&self) -> Option<Instant> {
+        let now = Instant::now();
+        match (self.ctl.next_deadline(now), self.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Reconciles, logs state changes, and keeps checkers and the state file in step. A failed
+    /// write is logged and retried.
+    fn apply(&mut self, now: Instant, why: &str) -> Option<Duration> {
+        let started = Instant::now();
+        match self.ctl.reconcile(&mut self.dp.maps, now) {
+            Ok(step) => {
+                let took = started.elapsed();
+                self.retry_at = None;
+                for c in &step.changes {
+                    info!(
+                        target = %c.target,
+                        from = %c.from,
+                        to = %c.to,
+                        reason = c.reason.map_or("", |r| r.as_str()),
+                        "target state changed"
+                    );
+                }
+                for k in &step.removed {
+                    info!(target = %k, "target removed after draining");
+                }
+                if step.applied.writes + step.applied.tables > 0 {
+                    debug!(
+                        why,
+                        writes = step.applied.writes,
+                        tables = step.applied.tables,
+                        micros = took.as_micros() as u64,
+                        "maps written"
+                    );
+                }
+                if !step.changes.is_empty() || !step.removed.is_empty() {
+                    self.sync_checkers();
+                }
+                if step.applied.writes + step.applied.tables > 0 || !step.changes.is_empty() {
+                    self.save_state(now);
+                }
+                Some(took)
+            }
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "writing the maps failed; retrying in 1 s");
+                self.retry_at = Some(now + RETRY_AFTER);
+                None
+            }
+        }
+    }
+
+    fn save_state(&self, now: Instant) {
+        let state = json!({
+            "config": self.ctl.config,
+            "model": self.ctl.model.save(now),
+            "tables": self.dp.maps.table_layout(),
+            "interfaces": self.ctl.interfaces,
+        });
+        if let Err(e) = self.dp.save_state(state) {
+            warn!(error = %format!("{e:#}"), "could not write the state file");
+        }
+    }
+
+    /// One checker per target that is in use and not draining, restarted when its check
+    /// changes; the others stopped.
+    fn sync_checkers(&mut self) {
+        let config = &self.ctl.config;
+        let mut wanted: HashMap<TargetKey, (Box<dyn health::ProbeBox>, Schedule, TargetState)> = HashMap::new();
+        for (key, t) in &self.ctl.model.targets {
+            let (state, _) = self.ctl.model.shown_state(config, key, t);
+            if matches!(state, TargetState::Draining | TargetState::Unused) {
+                continue;
+            }
+            let Some(g) = config.group(&key.group) else { continue };
+            let hc = &g.health_check;
+            let addr = SocketAddr::new(key.addr, hc.port.resolve(key.port));
+            let schedule = Schedule {
+                interval: hc.interval.0,
+                healthy_threshold: hc.healthy_threshold,
+                unhealthy_threshold: hc.unhealthy_threshold,
+            };
+            wanted.insert(key.clone(), (health::probe_for(hc, addr), schedule, t.health));
+        }
+        self.checkers.retain(|key, c| {
+            let keep = wanted
+                .get(key)
+                .is_some_and(|(p, s, _)| c.spec == (p.describe_boxed(), *s));
+            if !keep {
+                c.cancel.cancel();
+            }
+            keep
+        });
+        for (key, (probe, schedule, state)) in wanted {
+            if self.checkers.contains_key(&key) {
+                continue;
+            }
+            let cancel = CancellationToken::new();
+            let spec = (probe.describe_boxed(), schedule);
+            debug!(target = %key, check = %spec.0, "health checker started");
+            tokio::spawn(health::run_checker(
+                key.clone(),
+                probe,
+                schedule,
+                state,
+                self.events.clone(),
+                cancel.clone(),
+            ));
+            self.checkers.insert(key, Checker { cancel, spec });
+        }
+    }
+
+    fn on_health(&mut self, event: HealthEvent<TargetKey>) {
+        let key = event.target.clone();
+        self.health_metrics
+            .observe(&key, event.outcome.label(), event.latency.as_secs_f64());
+        if let health::Outcome::Fail(reason, detail) = &event.outcome {
+            debug!(target = %key, reason = %reason, detail, "health check failed");
+        }
+        self.ctl.record(&key, &event);
+        if event.transition.is_some() {
+            self.apply(event.at.into_std(), "health");
+        }
+    }
+
+    fn reload(&mut self) -> Response {
+        let config = match config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(problems = e.problems.len(), "reload: the config is invalid; the running config stays\n{e}");
+                return Response::json(400, &json!({"error": format!("the new config is invalid; the running config stays:\n{e}")}));
+            }
+        };
+        let mut notes = Vec::new();
+        let mut config = config;
+        if config.agent != self.ctl.config.agent {
+            notes.push("[agent] changes take effect at the next start (not applied by reload)".to_string());
+            config.agent = self.ctl.config.agent.clone();
+        }
+        let now = Instant::now();
+        if let Err(e) = self.ctl.reload(config, now) {
+            return Response::json(400, &json!({"error": format!("{e:#}")}));
+        }
+        let took = self.apply(now, "reload");
+        self.sync_checkers();
+        for n in &notes {
+            warn!("reload: {n}");
+        }
+        info!(config = %self.config_path.display(), "config reloaded");
+        Response::json(200, &json!({
+            "ok": true,
+            "summary": self.ctl.config.summary(),
+            "notes": notes,
+            "maps_written_ms": took.map(|d| d.as_secs_f64() * 1000.0),
+        }))
+    }
+
+    fn handle(&mut self, r: &Request) -> Response {
+        match (r.method.as_str(), r.path.as_str()) {
+            ("GET", "/v1/status") => Response::json(200, &self.status()),
+            ("GET", "/metrics") => Response::text(200, "text/plain; version=0.0.4", self.metrics_page()),
+            ("POST", "/v1/targets/register") => self.target_call(&r.body, true),
+            ("POST", "/v1/targets/deregister") => self.target_call(&r.body, false),
+            ("POST", "/v1/reload") => self.reload(),
+            (_, "/v1/status" | "/v1/targets/register" | "/v1/targets/deregister" | "/v1/reload") => {
+                Response::json(405, &json!({"error": "method not allowed"}))
+            }
+            _ => Response::json(404, &json!({"error": format!("no such endpoint {}", r.path)})),
+        }
+    }
+
+    fn target_call(&mut self, body: &[u8], register: bool) -> Response {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body {
+            group: String,
+            target: SocketAddr,
+            #[serde(default = "default_weight")]
+            weight: u32,
+            #[serde(default)]
+            zone: Option<String>,
+        }
+        fn default_weight() -> u32 {
+            config::DEFAULT_WEIGHT
+        }
+        let b: Body = match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => return Response::json(400, &json!({"error": format!("bad request body: {e}")})),
+        };
+        let key = TargetKey { group: b.group, addr: b.target.ip(), port: b.target.port() };
+        let now = Instant::now();
+        let result = if register {
+            self.ctl.register(key.clone(), b.weight, b.zone)
+        } else {
+            self.ctl.deregister(&key, now)
+        };
+        if let Err(e) = result {
+            return Response::json(400, &json!({"error": format!("{e:#}")}));
+        }
+        info!(target = %key, "{}", if register { "target registered" } else { "target deregistered (draining)" });
+        let took = self.apply(now, if register { "register" } else { "deregister" });
+        self.sync_checkers();
+        match took {
+            Some(d) => Response::json(200, &json!({"ok": true, "target": key.to_string(), "maps_written_ms": d.as_secs_f64() * 1000.0})),
+            None => Response::json(500, &json!({"error": "writing the maps failed (see the agent's log); retrying"})),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let c = &self.ctl.config;
+        let listeners: Vec<_> = c
+            .listeners
+            .iter()
+            .map(|l| json!({
+                "name": l.name, "address": l.address, "port": l.port.0, "protocol": l.protocol,
+                "target_group": l.target_group,
+                "allowed_sources": l.allowed_sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            }))
+            .collect();
+        let desired = self.ctl.reconciler.shadow();
+        let groups: Vec<_> = c
+            .target_groups
+            .iter()
+            .map(|g| {
+                let gid = self.ctl.model.group_ids.get(&g.name);
+                let in_table: BTreeSet<u32> = gid
+                    .and_then(|id| desired.tables.get(&id))
+                    .map(|t| t.members.iter().map(|m| m.target_id).collect())
+                    .unwrap_or_default();
+                let targets: Vec<_> = self
+                    .ctl
+                    .model
+                    .targets
+                    .iter()
+                    .filter(|(k, _)| k.group == g.name)
+                    .map(|(k, t)| {
+                        let (state, reason) = self.ctl.model.shown_state(c, k, t);
+                        json!({
+                            "target": config::endpoint(k.addr, k.port),
+                            "weight": t.weight, "zone": t.zone, "origin": t.origin,
+                            "state": state, "reason": reason,
+                            "receives_new_flows": in_table.contains(&t.id),
+                            "last_check": t.last_check,
+                        })
+                    })
+                    .collect();
+                let healthy = self.ctl.model.targets.iter().filter(|(k, t)| k.group == g.name && t.draining_until.is_none() && t.health == TargetState::Healthy).count();
+                json!({
+                    "name": g.name,
+                    "fail_open": healthy == 0 && !in_table.is_empty(),
+                    "health_check": g.health_check,
+                    "targets": targets,
+                })
+            })
+            .collect();
+        json!({
+            "listeners": listeners,
+            "target_groups": groups,
+            "datapath": {
+                "pin_path": self.dp.pin_dir,
+                "interfaces": self.dp.attached.iter().map(|(n, (i, m))| json!({"name": n, "ifindex": i, "mode": m})).collect::<Vec<_>>(),
+            },
+        })
+    }
+
+    fn metrics_page(&self) -> String {
+        let mut listener_stats = BTreeMap::new();
+        for l in &self.ctl.config.listeners {
+            if let Some(id) = self.ctl.model.listener_ids.get(&l.name) {
+                if let Ok(s) = self.dp.maps.listener_stats(id) {
+                    listener_stats.insert(l.name.clone(), s);
+                }
+            }
+        }
+        let counters = self.dp.maps.counters().unwrap_or([0; lb_common::counter::COUNT as usize]);
+        metrics::render(&metrics::Inputs {
+            config: &self.ctl.config,
+            model: &self.ctl.model,
+            listener_stats,
+            counters,
+            active_flows: self.active_flows.clone(),
+            health: &self.health_metrics,
+        })
+    }
+
+    /// Forgets flows idle for longer than their listener's `idle_timeout` (closing flows after
+    /// `CLOSING_FLOW_TIMEOUT`), with their reply-flow entries; counts the rest per listener.
+    fn sweep_flows(&mut self) {
+        let now_ticks = monotonic_coarse_ns() >> FLOW_TICK_SHIFT;
+        let ticks = |d: Duration| (d.as_nanos() >> FLOW_TICK_SHIFT) as u64 + 1;
+        let by_id: HashMap<u32, &config::ListenerConfig> = self
+            .ctl
+            .config
+            .listeners
+            .iter()
+            .filter_map(|l| Some((self.ctl.model.listener_ids.get(&l.name)?, l)))
+            .collect();
+        let keys: Vec<FlowKey> = self.dp.maps.flow_keys().filter_map(Result::ok).collect();
+        let mut active: BTreeMap<String, u64> = BTreeMap::new();
+        let mut expired = 0usize;
+        for key in keys {
+            let Ok(Some(v)) = self.dp.maps.flow(&key) else { continue };
+            let age = (now_ticks as u32).wrapping_sub(v.last_seen_ticks) as u64;
+            let listener = by_id.get(&v.listener_id);
+            let limit = match listener {
+                Some(l) if v.flags & FLOW_F_CLOSING != 0 => ticks(CLOSING_FLOW_TIMEOUT.min(l.idle_timeout_for(key.protocol))),
+                Some(l) => ticks(l.idle_timeout_for(key.protocol)),
+                None => ticks(Duration::from_secs(if key.protocol == PROTO_UDP { 120 } else { 350 })),
+            };
+            if age > limit {
+                if self.dp.maps.remove_flow(&key).is_ok() {
+                    expired += 1;
+                }
+                if let Some(t) = self.ctl.reconciler.shadow().targets.get(&v.target_id) {
+                    let reply = FlowKey {
+                        src_addr: t.addr,
+                        dst_addr: key.src_addr,
+                        src_port_be: t.port_be,
+                        dst_port_be: key.src_port_be,
+                        protocol: key.protocol,
+                        family: key.family,
+                        _pad: 0,
+                    };
+                    let _ = self.dp.maps.remove_reply_flow(&reply);
+                }
+            } else if let Some(l) = listener {
+                *active.entry(l.name.clone()).or_default() += 1;
+            }
+        }
+        if expired > 0 {
+            debug!(expired, "idle flows expired");
+        }
+        self.active_flows = active;
+    }
+
+    fn shut_down(mut self, keep: bool) -> Result<()> {
+        for c in self.checkers.values() {
+            c.cancel.cancel();
+        }
+        let _ = std::fs::remove_file(api_path(&self.ctl.config));
+        if keep {
+            self.save_state(Instant::now());
+            info!(pin_path = %self.dp.pin_dir.display(), "exiting; the data plane stays attached and pinned (--keep-datapath)");
+            return Ok(());
+        }
+        self.checkers.clear();
+        self.dp.tear_down()
+    }
+}
+
+fn monotonic_coarse_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+async fn serve_api(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let response = match http::read_request(&mut stream).await {
+                Ok(request) => forward(&calls, request).await,
+                Err(e) => Response::json(400, &json!({"error": format!("{e:#}")})),
+            };
+            let _ = http::write_response(&mut stream, &response).await;
+        });
+    }
+}
+
+async fn serve_metrics(listener: TcpListener, calls: mpsc::Sender<Call>) {
+    let calls = Arc::new(calls);
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let response = match http::read_request(&mut stream).await {
+                Ok(r) if r.method == "GET" && r.path == "/metrics" => forward(&calls, r).await,
+                Ok(_) => Response::text(404, "text/plain", "only GET /metrics here\n".into()),
+                Err(e) => Response::text(400, "text/plain", format!("{e:#}\n")),
+            };
+            let _ = http::write_response(&mut stream, &response).await;
+        });
+    }
+}
+
+async fn forward(calls: &mpsc::Sender<Call>, request: Request) -> Response {
+    let (reply, answer) = oneshot::channel();
+    if calls.send(Call { request, reply }).await.is_err() {
+        return Response::json(500, &json!({"error": "the agent is shutting down"}));
+    }
+    answer
+        .await
+        .unwrap_or_else(|_| Response::json(500, &json!({"error": "the agent dropped the call"})))
+}
