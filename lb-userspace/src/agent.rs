@@ -89,14 +89,23 @@ pub fn hash_key(seed: &str) -> Result<[u32; 2]> {
         }
         h
     };
-    Ok([derive([0x6c62_2d61, 0x6765_6e74]), derive([0x666c_6f77, 0x2d6b_6579])])
+    Ok([
+        derive([0x6c62_2d61, 0x6765_6e74]),
+        derive([0x666c_6f77, 0x2d6b_6579]),
+    ])
 }
 
 /// `LB_TABLES` slots for a config: both halves of every group, with room for groups a reload
 /// adds.
 fn table_slots(config: &Config) -> u32 {
-    let sum: u64 = config.target_groups.iter().map(|g| g.hash_table_size as u64).sum();
-    (4 * sum).max(lb_common::maps::DEFAULT_TABLE_SLOTS as u64).min(u32::MAX as u64 / 2) as u32
+    let sum: u64 = config
+        .target_groups
+        .iter()
+        .map(|g| g.hash_table_size as u64)
+        .sum();
+    (4 * sum)
+        .max(lb_common::maps::DEFAULT_TABLE_SLOTS as u64)
+        .min(u32::MAX as u64 / 2) as u32
 }
 
 fn api_path(config: &Config) -> PathBuf {
@@ -117,7 +126,8 @@ async fn bind_api(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
@@ -219,11 +229,12 @@ fn adopt(
     interfaces: BTreeSet<u32>,
     now: Instant,
 ) -> Result<Controller> {
-    let old_config: Config = serde_json::from_value(state["config"].clone())
-        .context("the state file's config")?;
+    let old_config: Config =
+        serde_json::from_value(state["config"].clone()).context("the state file's config")?;
     let saved: SavedModel =
         serde_json::from_value(state["model"].clone()).context("the state file's model")?;
-    let layout = serde_json::from_value(state["tables"].clone()).context("the state file's table layout")?;
+    let layout =
+        serde_json::from_value(state["tables"].clone()).context("the state file's table layout")?;
     let old_interfaces: BTreeSet<u32> =
         serde_json::from_value(state["interfaces"].clone()).unwrap_or_default();
     dp.maps.restore_table_layout(&layout);
@@ -311,13 +322,16 @@ impl Agent {
     /// changes; the others stopped.
     fn sync_checkers(&mut self) {
         let config = &self.ctl.config;
-        let mut wanted: HashMap<TargetKey, (Box<dyn health::ProbeBox>, Schedule, TargetState)> = HashMap::new();
+        let mut wanted: HashMap<TargetKey, (Box<dyn health::ProbeBox>, Schedule, TargetState)> =
+            HashMap::new();
         for (key, t) in &self.ctl.model.targets {
             let (state, _) = self.ctl.model.shown_state(config, key, t);
             if matches!(state, TargetState::Draining | TargetState::Unused) {
                 continue;
             }
-            let Some(g) = config.group(&key.group) else { continue };
+            let Some(g) = config.group(&key.group) else {
+                continue;
+            };
             let hc = &g.health_check;
             let addr = SocketAddr::new(key.addr, hc.port.resolve(key.port));
             let schedule = Schedule {
@@ -325,7 +339,10 @@ impl Agent {
                 healthy_threshold: hc.healthy_threshold,
                 unhealthy_threshold: hc.unhealthy_threshold,
             };
-            wanted.insert(key.clone(), (health::probe_for(hc, addr), schedule, t.health));
+            wanted.insert(
+                key.clone(),
+                (health::probe_for(hc, addr), schedule, t.health),
+            );
         }
         self.checkers.retain(|key, c| {
             let keep = wanted
@@ -372,14 +389,22 @@ impl Agent {
         let config = match config::load(&self.config_path) {
             Ok(c) => c,
             Err(e) => {
-                warn!(problems = e.problems.len(), "reload: the config is invalid; the running config stays\n{e}");
-                return Response::json(400, &json!({"error": format!("the new config is invalid; the running config stays:\n{e}")}));
+                warn!(
+                    problems = e.problems.len(),
+                    "reload: the config is invalid; the running config stays\n{e}"
+                );
+                return Response::json(
+                    400,
+                    &json!({"error": format!("the new config is invalid; the running config stays:\n{e}")}),
+                );
             }
         };
         let mut notes = Vec::new();
         let mut config = config;
         if config.agent != self.ctl.config.agent {
-            notes.push("[agent] changes take effect at the next start (not applied by reload)".to_string());
+            notes.push(
+                "[agent] changes take effect at the next start (not applied by reload)".to_string(),
+            );
             config.agent = self.ctl.config.agent.clone();
         }
         let now = Instant::now();
@@ -392,25 +417,34 @@ impl Agent {
             warn!("reload: {n}");
         }
         info!(config = %self.config_path.display(), "config reloaded");
-        Response::json(200, &json!({
-            "ok": true,
-            "summary": self.ctl.config.summary(),
-            "notes": notes,
-            "maps_written_ms": took.map(|d| d.as_secs_f64() * 1000.0),
-        }))
+        Response::json(
+            200,
+            &json!({
+                "ok": true,
+                "summary": self.ctl.config.summary(),
+                "notes": notes,
+                "maps_written_ms": took.map(|d| d.as_secs_f64() * 1000.0),
+            }),
+        )
     }
 
     fn handle(&mut self, r: &Request) -> Response {
         match (r.method.as_str(), r.path.as_str()) {
             ("GET", "/v1/status") => Response::json(200, &self.status()),
-            ("GET", "/metrics") => Response::text(200, "text/plain; version=0.0.4", self.metrics_page()),
+            ("GET", "/metrics") => {
+                Response::text(200, "text/plain; version=0.0.4", self.metrics_page())
+            }
             ("POST", "/v1/targets/register") => self.target_call(&r.body, true),
             ("POST", "/v1/targets/deregister") => self.target_call(&r.body, false),
             ("POST", "/v1/reload") => self.reload(),
-            (_, "/v1/status" | "/v1/targets/register" | "/v1/targets/deregister" | "/v1/reload") => {
-                Response::json(405, &json!({"error": "method not allowed"}))
-            }
-            _ => Response::json(404, &json!({"error": format!("no such endpoint {}", r.path)})),
+            (
+                _,
+                "/v1/status" | "/v1/targets/register" | "/v1/targets/deregister" | "/v1/reload",
+            ) => Response::json(405, &json!({"error": "method not allowed"})),
+            _ => Response::json(
+                404,
+                &json!({"error": format!("no such endpoint {}", r.path)}),
+            ),
         }
     }
 
@@ -430,9 +464,15 @@ impl Agent {
         }
         let b: Body = match serde_json::from_slice(body) {
             Ok(b) => b,
-            Err(e) => return Response::json(400, &json!({"error": format!("bad request body: {e}")})),
+            Err(e) => {
+                return Response::json(400, &json!({"error": format!("bad request body: {e}")}))
+            }
         };
-        let key = TargetKey { group: b.group, addr: b.target.ip(), port: b.target.port() };
+        let key = TargetKey {
+            group: b.group,
+            addr: b.target.ip(),
+            port: b.target.port(),
+        };
         let now = Instant::now();
         let result = if register {
             self.ctl.register(key.clone(), b.weight, b.zone)
@@ -446,8 +486,14 @@ impl Agent {
         let took = self.apply(now, if register { "register" } else { "deregister" });
         self.sync_checkers();
         match took {
-            Some(d) => Response::json(200, &json!({"ok": true, "target": key.to_string(), "maps_written_ms": d.as_secs_f64() * 1000.0})),
-            None => Response::json(500, &json!({"error": "writing the maps failed (see the agent's log); retrying"})),
+            Some(d) => Response::json(
+                200,
+                &json!({"ok": true, "target": key.to_string(), "maps_written_ms": d.as_secs_f64() * 1000.0}),
+            ),
+            None => Response::json(
+                500,
+                &json!({"error": "writing the maps failed (see the agent's log); retrying"}),
+            ),
         }
     }
 
@@ -489,7 +535,17 @@ impl Agent {
                         })
                     })
                     .collect();
-                let healthy = self.ctl.model.targets.iter().filter(|(k, t)| k.group == g.name && t.draining_until.is_none() && t.health == TargetState::Healthy).count();
+                let healthy = self
+                    .ctl
+                    .model
+                    .targets
+                    .iter()
+                    .filter(|(k, t)| {
+                        k.group == g.name
+                            && t.draining_until.is_none()
+                            && t.health == TargetState::Healthy
+                    })
+                    .count();
                 json!({
                     "name": g.name,
                     "fail_open": healthy == 0 && !in_table.is_empty(),
@@ -517,7 +573,11 @@ impl Agent {
                 }
             }
         }
-        let counters = self.dp.maps.counters().unwrap_or([0; lb_common::counter::COUNT as usize]);
+        let counters = self
+            .dp
+            .maps
+            .counters()
+            .unwrap_or([0; lb_common::counter::COUNT as usize]);
         metrics::render(&metrics::Inputs {
             config: &self.ctl.config,
             model: &self.ctl.model,
@@ -544,13 +604,21 @@ impl Agent {
         let mut active: BTreeMap<String, u64> = BTreeMap::new();
         let mut expired = 0usize;
         for key in keys {
-            let Ok(Some(v)) = self.dp.maps.flow(&key) else { continue };
+            let Ok(Some(v)) = self.dp.maps.flow(&key) else {
+                continue;
+            };
             let age = (now_ticks as u32).wrapping_sub(v.last_seen_ticks) as u64;
             let listener = by_id.get(&v.listener_id);
             let limit = match listener {
-                Some(l) if v.flags & FLOW_F_CLOSING != 0 => ticks(CLOSING_FLOW_TIMEOUT.min(l.idle_timeout_for(key.protocol))),
+                Some(l) if v.flags & FLOW_F_CLOSING != 0 => {
+                    ticks(CLOSING_FLOW_TIMEOUT.min(l.idle_timeout_for(key.protocol)))
+                }
                 Some(l) => ticks(l.idle_timeout_for(key.protocol)),
-                None => ticks(Duration::from_secs(if key.protocol == PROTO_UDP { 120 } else { 350 })),
+                None => ticks(Duration::from_secs(if key.protocol == PROTO_UDP {
+                    120
+                } else {
+                    350
+                })),
             };
             if age > limit {
                 if self.dp.maps.remove_flow(&key).is_ok() {
@@ -594,7 +662,10 @@ impl Agent {
 }
 
 fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: a valid out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -602,7 +673,9 @@ fn monotonic_coarse_ns() -> u64 {
 
 async fn serve_api(listener: UnixListener, calls: mpsc::Sender<Call>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         let calls = calls.clone();
         tokio::spawn(async move {
             let response = match http::read_request(&mut stream).await {
@@ -617,7 +690,9 @@ async fn serve_api(listener: UnixListener, calls: mpsc::Sender<Call>) {
 async fn serve_metrics(listener: TcpListener, calls: mpsc::Sender<Call>) {
     let calls = Arc::new(calls);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         let calls = calls.clone();
         tokio::spawn(async move {
             let response = match http::read_request(&mut stream).await {

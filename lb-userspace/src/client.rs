@@ -21,7 +21,10 @@ pub async fn call(api: &str, method: &str, path: &str, body: Option<&Value>) -> 
         let mut stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
             format!("connecting to the agent at {socket} (is `lb-agent run` running? --api selects another socket)")
         })?;
-        let body = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()?
+            .unwrap_or_default();
         http::exchange(&mut stream, method, path, &body).await
     };
     let (status, body) = tokio::time::timeout(Duration::from_secs(30), exchange)
@@ -37,7 +40,9 @@ pub async fn call(api: &str, method: &str, path: &str, body: Option<&Value>) -> 
 }
 
 fn error_text(v: &Value) -> String {
-    v["error"].as_str().map_or_else(|| v.to_string(), String::from)
+    v["error"]
+        .as_str()
+        .map_or_else(|| v.to_string(), String::from)
 }
 
 fn s(v: &Value) -> String {
@@ -52,15 +57,32 @@ fn s(v: &Value) -> String {
 pub fn status_table(status: &Value) -> String {
     let mut o = String::new();
     let empty = Vec::new();
-    let _ = writeln!(o, "{:<16} {:<40} {:<9} {:<8} {}", "LISTENER", "ADDRESS", "PROTOCOL", "GROUP", "ALLOWED SOURCES");
+    let _ = writeln!(
+        o,
+        "{:<16} {:<40} {:<9} {:<8} ALLOWED SOURCES",
+        "LISTENER", "ADDRESS", "PROTOCOL", "GROUP"
+    );
     for l in status["listeners"].as_array().unwrap_or(&empty) {
         let addr = match l["address"].as_str() {
             Some(a) if a.contains(':') => format!("[{a}]:{}", l["port"]),
             Some(a) => format!("{a}:{}", l["port"]),
             None => "-".into(),
         };
-        let sources: Vec<String> = l["allowed_sources"].as_array().unwrap_or(&empty).iter().map(s).collect();
-        let _ = writeln!(o, "{:<16} {:<40} {:<9} {:<8} {}", s(&l["name"]), addr, s(&l["protocol"]), s(&l["target_group"]), sources.join(","));
+        let sources: Vec<String> = l["allowed_sources"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(s)
+            .collect();
+        let _ = writeln!(
+            o,
+            "{:<16} {:<40} {:<9} {:<8} {}",
+            s(&l["name"]),
+            addr,
+            s(&l["protocol"]),
+            s(&l["target_group"]),
+            sources.join(",")
+        );
     }
     for g in status["target_groups"].as_array().unwrap_or(&empty) {
         let hc = &g["health_check"];
@@ -68,22 +90,42 @@ pub fn status_table(status: &Value) -> String {
             o,
             "\nGROUP {}{}  (check: {} port {} every {}, timeout {}, healthy {} / unhealthy {})",
             s(&g["name"]),
-            if g["fail_open"].as_bool() == Some(true) { "  FAIL-OPEN: no healthy target, new flows go to all" } else { "" },
+            if g["fail_open"].as_bool() == Some(true) {
+                "  FAIL-OPEN: no healthy target, new flows go to all"
+            } else {
+                ""
+            },
             s(&hc["protocol"]),
             s(&hc["port"]),
             s(&hc["interval"]),
-            if hc["timeout"].is_null() { "default".into() } else { s(&hc["timeout"]) },
+            if hc["timeout"].is_null() {
+                "default".into()
+            } else {
+                s(&hc["timeout"])
+            },
             s(&hc["healthy_threshold"]),
             s(&hc["unhealthy_threshold"]),
         );
-        let _ = writeln!(o, "  {:<44} {:>6} {:<10} {:<32} {:<9} {}", "TARGET", "WEIGHT", "STATE", "REASON", "NEW FLOWS", "LAST CHECK");
+        let _ = writeln!(
+            o,
+            "  {:<44} {:>6} {:<10} {:<32} {:<9} LAST CHECK",
+            "TARGET", "WEIGHT", "STATE", "REASON", "NEW FLOWS"
+        );
         for t in g["targets"].as_array().unwrap_or(&empty) {
             let last = &t["last_check"];
             let check = if last.is_null() {
                 "-".to_string()
             } else {
-                let detail = last["detail"].as_str().filter(|d| !d.is_empty()).map(|d| format!(" ({d})")).unwrap_or_default();
-                format!("{} {:.1} ms{detail}", s(&last["result"]), last["latency_ms"].as_f64().unwrap_or(0.0))
+                let detail = last["detail"]
+                    .as_str()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default();
+                format!(
+                    "{} {:.1} ms{detail}",
+                    s(&last["result"]),
+                    last["latency_ms"].as_f64().unwrap_or(0.0)
+                )
             };
             let _ = writeln!(
                 o,
@@ -92,7 +134,11 @@ pub fn status_table(status: &Value) -> String {
                 s(&t["weight"]),
                 s(&t["state"]),
                 s(&t["reason"]),
-                if t["receives_new_flows"].as_bool() == Some(true) { "yes" } else { "no" },
+                if t["receives_new_flows"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                },
                 check
             );
         }
@@ -104,6 +150,11 @@ pub fn status_table(status: &Value) -> String {
         .iter()
         .map(|i| format!("{} ({})", s(&i["name"]), s(&i["mode"])))
         .collect();
-    let _ = writeln!(o, "\nXDP on {}; pinned at {}", ifaces.join(", "), s(&dp["pin_path"]));
+    let _ = writeln!(
+        o,
+        "\nXDP on {}; pinned at {}",
+        ifaces.join(", "),
+        s(&dp["pin_path"])
+    );
     o
 }

@@ -76,7 +76,8 @@ fn statfs_magic(path: &Path) -> Option<i64> {
 /// Makes sure `pin_path` lies on a bpffs, mounting one at /sys/fs/bpf when that is where it
 /// goes and nothing is mounted there yet.
 pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
-    let on_bpffs = |p: &Path| p.ancestors().find(|a| a.exists()).and_then(statfs_magic) == Some(BPF_FS_MAGIC);
+    let on_bpffs =
+        |p: &Path| p.ancestors().find(|a| a.exists()).and_then(statfs_magic) == Some(BPF_FS_MAGIC);
     if on_bpffs(pin_path) {
         return Ok(());
     }
@@ -92,7 +93,13 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
     let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
     // SAFETY: NUL-terminated strings; no data argument.
     let rc = unsafe {
-        libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error()).context("mounting bpffs at /sys/fs/bpf");
@@ -141,12 +148,19 @@ fn attach(prog: &mut Xdp, iface: &str, mode: ConfiguredMode) -> Result<(FdLink, 
 /// directory holds pins that are not ours.
 /// Where the state of the data plane pinned at `pin_dir` is kept.
 pub fn state_file(pin_dir: &Path) -> PathBuf {
-    let name = pin_dir.to_string_lossy().trim_matches('/').replace('/', "_");
+    let name = pin_dir
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "_");
     Path::new(STATE_DIR).join(format!("{name}.state.json"))
 }
 
 fn earlier_state(pin_dir: &Path) -> Result<Option<serde_json::Value>> {
-    if !pin_dir.exists() || fs::read_dir(pin_dir).map(|mut d| d.next().is_none()).unwrap_or(false) {
+    if !pin_dir.exists()
+        || fs::read_dir(pin_dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false)
+    {
         return Ok(None);
     }
     let path = state_file(pin_dir);
@@ -160,9 +174,15 @@ fn earlier_state(pin_dir: &Path) -> Result<Option<serde_json::Value>> {
     let state: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not an lb-agent state file", path.display()))?;
     if state.get("owner").and_then(|o| o.as_str()) != Some(OWNER) {
-        bail!("agent.pin_path {} is in use by a foreign program", pin_dir.display());
+        bail!(
+            "agent.pin_path {} is in use by a foreign program",
+            pin_dir.display()
+        );
     }
-    let object = state.get("object").and_then(|o| o.as_str()).unwrap_or_default();
+    let object = state
+        .get("object")
+        .and_then(|o| o.as_str())
+        .unwrap_or_default();
     if object != dataplane::object_digest() {
         bail!(
             "the data plane pinned at {} was loaded by a different lb-agent build (object {object}, this build {}); stop it with that build, or remove the pins to start afresh (this drops every flow)",
@@ -192,8 +212,11 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
     let (maps, mut prog) = match &earlier {
         Some(_) => {
             let maps = KernelMaps::from_pins(&pin_dir.join("maps"))?;
-            let prog = Xdp::from_pin(pin_dir.join("prog"), aya_obj::programs::XdpAttachType::Interface)
-                .context("opening the pinned program")?;
+            let prog = Xdp::from_pin(
+                pin_dir.join("prog"),
+                aya_obj::programs::XdpAttachType::Interface,
+            )
+            .context("opening the pinned program")?;
             (maps, prog)
         }
         None => {
@@ -203,9 +226,13 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
             })?;
             let maps = KernelMaps::new_pinned(&mut ebpf, &pin_dir.join("maps"))?;
             let prog = dataplane::program_mut(&mut ebpf, PROGRAM_XDP)?;
-            prog.pin(pin_dir.join("prog")).context("pinning the program")?;
-            let prog = Xdp::from_pin(pin_dir.join("prog"), aya_obj::programs::XdpAttachType::Interface)
-                .context("reopening the pinned program")?;
+            prog.pin(pin_dir.join("prog"))
+                .context("pinning the program")?;
+            let prog = Xdp::from_pin(
+                pin_dir.join("prog"),
+                aya_obj::programs::XdpAttachType::Interface,
+            )
+            .context("reopening the pinned program")?;
             (maps, prog)
         }
     };
@@ -222,7 +249,11 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
         if link_path.exists() {
             PinnedLink::from_pin(&link_path)
                 .with_context(|| format!("opening the pinned link of {name}"))?;
-            let mode = if pinned_modes.get(name).map(String::as_str) == Some("generic") { "generic" } else { "native" };
+            let mode = if pinned_modes.get(name).map(String::as_str) == Some("generic") {
+                "generic"
+            } else {
+                "native"
+            };
             info!(interface = %name, mode, "adopted the pinned XDP link");
             attached.insert(name.clone(), (index, mode));
             continue;
@@ -252,7 +283,9 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
 
 fn detach_link(path: &Path) -> Result<()> {
     let link = PinnedLink::from_pin(path).with_context(|| format!("opening {}", path.display()))?;
-    let fd_link = link.unpin().with_context(|| format!("unpinning {}", path.display()))?;
+    let fd_link = link
+        .unpin()
+        .with_context(|| format!("unpinning {}", path.display()))?;
     drop(fd_link); // the last reference: the kernel detaches the program
     Ok(())
 }

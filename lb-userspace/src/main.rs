@@ -80,7 +80,10 @@ fn init_logs() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lb-agent: cannot start the runtime: {e}");
@@ -107,7 +110,10 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { config, keep_datapath } => {
+        Command::Run {
+            config,
+            keep_datapath,
+        } => {
             init_logs();
             agent::run(agent::RunOptions {
                 config_path: config,
@@ -129,7 +135,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Targets { action } => {
             let (path, body) = match action {
-                TargetAction::Register { group, target, weight, zone } => (
+                TargetAction::Register {
+                    group,
+                    target,
+                    weight,
+                    zone,
+                } => (
                     "/v1/targets/register",
                     serde_json::json!({"group": group, "target": target, "weight": weight, "zone": zone}),
                 ),
@@ -139,8 +150,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 ),
             };
             let r = client::call(&cli.api, "POST", path, Some(&body)).await?;
-            let ms = r["maps_written_ms"].as_f64().context("no maps_written_ms in the answer")?;
-            println!("{}: ok (maps written in {ms:.2} ms)", r["target"].as_str().unwrap_or_default());
+            let ms = r["maps_written_ms"]
+                .as_f64()
+                .context("no maps_written_ms in the answer")?;
+            println!(
+                "{}: ok (maps written in {ms:.2} ms)",
+                r["target"].as_str().unwrap_or_default()
+            );
         }
         Command::Reload => {
             let r = client::call(&cli.api, "POST", "/v1/reload", None).await?;

@@ -10,8 +10,8 @@ use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{
-        lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, LpmTrie, Map, MapData,
-        MapType, PerCpuArray,
+        lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, LpmTrie, Map, MapData, MapType,
+        PerCpuArray,
     },
     Ebpf,
 };
@@ -66,7 +66,10 @@ fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
         MapType::LpmTrie => Map::LpmTrie(data),
         MapType::PerCpuArray => Map::PerCpuArray(data),
         MapType::DevMapHash => Map::DevMapHash(data),
-        other => bail!("pinned map {} has unexpected type {other:?}", path.display()),
+        other => bail!(
+            "pinned map {} has unexpected type {other:?}",
+            path.display()
+        ),
     })
 }
 
@@ -148,7 +151,11 @@ impl KernelMaps {
     }
 
     pub fn restore_table_layout(&mut self, layout: &TableLayout) {
-        self.regions = layout.regions.iter().map(|&(g, b, c)| (g, (b, c))).collect();
+        self.regions = layout
+            .regions
+            .iter()
+            .map(|&(g, b, c)| (g, (b, c)))
+            .collect();
         self.next_free_slot = layout.next_free_slot;
     }
 
@@ -284,6 +291,19 @@ impl KernelMaps {
         self.groups
             .get(&group_id, 0)
             .with_context(|| format!("reading group {group_id}"))
+    }
+
+    /// The table packets of group `group_id` use now (target id per slot).
+    pub fn active_table(&self, group_id: u32) -> Result<Vec<u32>> {
+        let g = self.group(group_id)?;
+        let half = g.active as usize & 1;
+        (0..g.table_size[half])
+            .map(|i| {
+                self.tables
+                    .get(&(g.table_base[half] + i), 0)
+                    .context("reading LB_TABLES")
+            })
+            .collect()
     }
 
     /// Publishes a group's new consistent-hash table (`table[slot]` = target id, or empty for

@@ -12,7 +12,8 @@ use crate::{
 };
 
 /// Upper bounds (seconds) of the health-check duration histogram.
-pub const DURATION_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
+pub const DURATION_BUCKETS: [f64; 10] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
 /// What the agent counts itself (health checks); the rest is read from the maps.
 #[derive(Debug, Default)]
@@ -39,7 +40,9 @@ impl HealthMetrics {
 
 /// Label value escaping (backslash, quote, newline).
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Everything the page is made of.
@@ -59,35 +62,105 @@ pub fn render(i: &Inputs<'_>) -> String {
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    family(&mut o, "lb_packets_total", "counter", "Packets of a listener's flows, by direction (in: client to target; out: replies).");
+    family(
+        &mut o,
+        "lb_packets_total",
+        "counter",
+        "Packets of a listener's flows, by direction (in: client to target; out: replies).",
+    );
     for (l, s) in &i.listener_stats {
-        let _ = writeln!(o, "lb_packets_total{{listener=\"{}\",direction=\"in\"}} {}", esc(l), s.in_packets);
-        let _ = writeln!(o, "lb_packets_total{{listener=\"{}\",direction=\"out\"}} {}", esc(l), s.out_packets);
+        let _ = writeln!(
+            o,
+            "lb_packets_total{{listener=\"{}\",direction=\"in\"}} {}",
+            esc(l),
+            s.in_packets
+        );
+        let _ = writeln!(
+            o,
+            "lb_packets_total{{listener=\"{}\",direction=\"out\"}} {}",
+            esc(l),
+            s.out_packets
+        );
     }
-    family(&mut o, "lb_bytes_total", "counter", "Bytes of a listener's flows, by direction.");
+    family(
+        &mut o,
+        "lb_bytes_total",
+        "counter",
+        "Bytes of a listener's flows, by direction.",
+    );
     for (l, s) in &i.listener_stats {
-        let _ = writeln!(o, "lb_bytes_total{{listener=\"{}\",direction=\"in\"}} {}", esc(l), s.in_bytes);
-        let _ = writeln!(o, "lb_bytes_total{{listener=\"{}\",direction=\"out\"}} {}", esc(l), s.out_bytes);
+        let _ = writeln!(
+            o,
+            "lb_bytes_total{{listener=\"{}\",direction=\"in\"}} {}",
+            esc(l),
+            s.in_bytes
+        );
+        let _ = writeln!(
+            o,
+            "lb_bytes_total{{listener=\"{}\",direction=\"out\"}} {}",
+            esc(l),
+            s.out_bytes
+        );
     }
-    family(&mut o, "lb_new_flows_total", "counter", "Flows scheduled to a target.");
+    family(
+        &mut o,
+        "lb_new_flows_total",
+        "counter",
+        "Flows scheduled to a target.",
+    );
     for (l, s) in &i.listener_stats {
-        let _ = writeln!(o, "lb_new_flows_total{{listener=\"{}\"}} {}", esc(l), s.new_flows);
+        let _ = writeln!(
+            o,
+            "lb_new_flows_total{{listener=\"{}\"}} {}",
+            esc(l),
+            s.new_flows
+        );
     }
-    family(&mut o, "lb_active_flows", "gauge", "Flow-table entries of the listener, as of the last expiry sweep.");
+    family(
+        &mut o,
+        "lb_active_flows",
+        "gauge",
+        "Flow-table entries of the listener, as of the last expiry sweep.",
+    );
     for l in &i.config.listeners {
         let n = i.active_flows.get(&l.name).copied().unwrap_or(0);
         let _ = writeln!(o, "lb_active_flows{{listener=\"{}\"}} {n}", esc(&l.name));
     }
-    family(&mut o, "lb_dropped_packets_total", "counter", "Packets dropped by the XDP program, by reason.");
+    family(
+        &mut o,
+        "lb_dropped_packets_total",
+        "counter",
+        "Packets dropped by the XDP program, by reason.",
+    );
     for &(index, reason) in counter::DROP_REASONS.iter() {
-        let _ = writeln!(o, "lb_dropped_packets_total{{reason=\"{reason}\"}} {}", i.counters[index as usize]);
+        let _ = writeln!(
+            o,
+            "lb_dropped_packets_total{{reason=\"{reason}\"}} {}",
+            i.counters[index as usize]
+        );
     }
-    family(&mut o, "lb_target_healthy", "gauge", "1 when the target is healthy, else 0.");
-    let mut healthy: BTreeMap<&str, (u64, u64)> = i.config.target_groups.iter().map(|g| (g.name.as_str(), (0, 0))).collect();
+    family(
+        &mut o,
+        "lb_target_healthy",
+        "gauge",
+        "1 when the target is healthy, else 0.",
+    );
+    let mut healthy: BTreeMap<&str, (u64, u64)> = i
+        .config
+        .target_groups
+        .iter()
+        .map(|g| (g.name.as_str(), (0, 0)))
+        .collect();
     for (k, t) in &i.model.targets {
         let (state, _) = i.model.shown_state(i.config, k, t);
         let up = state == TargetState::Healthy;
-        let _ = writeln!(o, "lb_target_healthy{{group=\"{}\",target=\"{}\"}} {}", esc(&k.group), target_label(k), up as u8);
+        let _ = writeln!(
+            o,
+            "lb_target_healthy{{group=\"{}\",target=\"{}\"}} {}",
+            esc(&k.group),
+            target_label(k),
+            up as u8
+        );
         if let Some(c) = healthy.get_mut(k.group.as_str()) {
             match state {
                 TargetState::Healthy => c.0 += 1,
@@ -96,25 +169,55 @@ pub fn render(i: &Inputs<'_>) -> String {
             }
         }
     }
-    family(&mut o, "lb_healthy_targets", "gauge", "Healthy targets of the group.");
+    family(
+        &mut o,
+        "lb_healthy_targets",
+        "gauge",
+        "Healthy targets of the group.",
+    );
     for (g, (up, _)) in &healthy {
         let _ = writeln!(o, "lb_healthy_targets{{group=\"{}\"}} {up}", esc(g));
     }
-    family(&mut o, "lb_unhealthy_targets", "gauge", "Unhealthy targets of the group.");
+    family(
+        &mut o,
+        "lb_unhealthy_targets",
+        "gauge",
+        "Unhealthy targets of the group.",
+    );
     for (g, (_, down)) in &healthy {
         let _ = writeln!(o, "lb_unhealthy_targets{{group=\"{}\"}} {down}", esc(g));
     }
     family(&mut o, "lb_health_checks_total", "counter", "Health checks by result (pass, timeout, response_code_mismatch, connection_refused, failed).");
     for ((k, result), n) in &i.health.checks {
-        let _ = writeln!(o, "lb_health_checks_total{{group=\"{}\",target=\"{}\",result=\"{result}\"}} {n}", esc(&k.group), target_label(k));
+        let _ = writeln!(
+            o,
+            "lb_health_checks_total{{group=\"{}\",target=\"{}\",result=\"{result}\"}} {n}",
+            esc(&k.group),
+            target_label(k)
+        );
     }
-    family(&mut o, "lb_health_check_duration_seconds", "histogram", "Duration of health checks.");
+    family(
+        &mut o,
+        "lb_health_check_duration_seconds",
+        "histogram",
+        "Duration of health checks.",
+    );
     for (bound, n) in DURATION_BUCKETS.iter().zip(i.health.buckets) {
-        let _ = writeln!(o, "lb_health_check_duration_seconds_bucket{{le=\"{bound}\"}} {n}");
+        let _ = writeln!(
+            o,
+            "lb_health_check_duration_seconds_bucket{{le=\"{bound}\"}} {n}"
+        );
     }
     let total = i.health.buckets[DURATION_BUCKETS.len()];
-    let _ = writeln!(o, "lb_health_check_duration_seconds_bucket{{le=\"+Inf\"}} {total}");
-    let _ = writeln!(o, "lb_health_check_duration_seconds_sum {}", i.health.sum_seconds);
+    let _ = writeln!(
+        o,
+        "lb_health_check_duration_seconds_bucket{{le=\"+Inf\"}} {total}"
+    );
+    let _ = writeln!(
+        o,
+        "lb_health_check_duration_seconds_sum {}",
+        i.health.sum_seconds
+    );
     let _ = writeln!(o, "lb_health_check_duration_seconds_count {total}");
     o
 }
@@ -131,14 +234,23 @@ mod tests {
     fn page_has_every_family_and_counts() {
         let config = crate::config::parse(include_str!("config/example.toml"), "x").unwrap();
         let mut model = Model::default();
-        model.sync_config(&config, std::time::Instant::now()).unwrap();
+        model
+            .sync_config(&config, std::time::Instant::now())
+            .unwrap();
         let key = model.targets.keys().next().unwrap().clone();
         let mut health = HealthMetrics::default();
         health.observe(&key, "pass", 0.003);
         health.observe(&key, "timeout", 6.0);
         let mut counters = [0u64; counter::COUNT as usize];
         counters[counter::DROP_NO_LISTENER as usize] = 7;
-        let stats = ListenerStats { in_packets: 5, in_bytes: 300, out_packets: 4, out_bytes: 200, new_flows: 2, ..Default::default() };
+        let stats = ListenerStats {
+            in_packets: 5,
+            in_bytes: 300,
+            out_packets: 4,
+            out_bytes: 200,
+            new_flows: 2,
+            ..Default::default()
+        };
         let page = render(&Inputs {
             config: &config,
             model: &model,

@@ -124,11 +124,16 @@ mod pairs {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<K: Serialize, S: Serializer>(m: &BTreeMap<K, u32>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<K: Serialize, S: Serializer>(
+        m: &BTreeMap<K, u32>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_seq(m.iter())
     }
 
-    pub fn deserialize<'de, K: Deserialize<'de> + Ord, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<K, u32>, D::Error> {
+    pub fn deserialize<'de, K: Deserialize<'de> + Ord, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<K, u32>, D::Error> {
         Ok(Vec::<(K, u32)>::deserialize(d)?.into_iter().collect())
     }
 }
@@ -493,7 +498,9 @@ impl Model {
                         health: s.health,
                         reason: s.reason,
                         slow_start_from: None,
-                        unhealthy_since: s.unhealthy_for_ms.map(|m| now.checked_sub(ms(m)).unwrap_or(now)),
+                        unhealthy_since: s
+                            .unhealthy_for_ms
+                            .map(|m| now.checked_sub(ms(m)).unwrap_or(now)),
                         draining_until: s.draining_left_ms.map(|m| now + ms(m)),
                         last_check: None,
                     };

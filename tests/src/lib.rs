@@ -5,4 +5,5 @@
 pub mod lab;
 pub mod packet;
 pub mod pcap;
+pub mod topology;
 pub mod world;

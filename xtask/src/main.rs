@@ -183,9 +183,12 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the data-plane tests load BPF programs and make network namespaces: run as root");
     }
+    // The agent tests run the real binary (in network namespaces).
+    cargo(&["build", "-p", "lb-userspace", "--bin", "lb-agent"], &[])?;
+    let bin = root().join("target/debug/lb-agent");
     let mut a = vec!["test"];
     a.extend(args.iter().map(String::as_str));
-    cargo(&a, &[])
+    cargo(&a, &[("LB_AGENT_BIN", bin.to_str().context("path")?)])
 }
 
 fn bench(args: &[String]) -> Result<()> {
