@@ -46,6 +46,8 @@ pub struct KernelMaps {
     counters: PerCpuArray<MapData, u64>,
     /// Where each group's two halves live in `LB_TABLES`: (base of half 0, capacity of a half).
     regions: StdHashMap<u32, (u32, u32)>,
+    /// What this process last wrote at each half's base: unchanged slots are not written again.
+    written: StdHashMap<u32, Vec<u32>>,
     next_free_slot: u32,
     table_slots: u32,
 }
@@ -135,6 +137,7 @@ impl KernelMaps {
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
             regions: StdHashMap::new(),
+            written: StdHashMap::new(),
             next_free_slot: 0,
             table_slots,
         })
@@ -315,11 +318,18 @@ impl KernelMaps {
         let (base, capacity) = self.region(group_id, size)?;
         let inactive = (group.active as usize & 1) ^ 1;
         let half_base = base + inactive as u32 * capacity;
+        // Only the slots that differ from what this half already holds: a consistent-hash
+        // table changes in few slots when one target comes or goes.
+        let before = self.written.remove(&half_base).unwrap_or_default();
         for (i, &target_id) in table.iter().enumerate() {
+            if before.get(i) == Some(&target_id) {
+                continue;
+            }
             self.tables
                 .set(half_base + i as u32, target_id, 0)
                 .with_context(|| format!("writing slot {i} of group {group_id}'s table"))?;
         }
+        self.written.insert(half_base, table.to_vec());
         // 1: the inactive half's place and size (nothing reads them yet).
         group.table_base[inactive] = half_base;
         group.table_size[inactive] = size;

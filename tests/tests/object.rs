@@ -25,3 +25,28 @@ fn every_map_name_resolves_in_the_loaded_object() {
         );
     }
 }
+
+/// Successive publishes (which write only the slots that differ from what the inactive half
+/// holds) always leave exactly the new table live, whatever the sizes.
+#[test]
+fn published_tables_read_back_exactly() {
+    let mut ebpf = dataplane::load(MapSizes {
+        flow_table: 1024,
+        table_slots: 4096,
+    })
+    .expect("load");
+    let mut maps = lb_userspace::maps::KernelMaps::new(&mut ebpf).expect("maps");
+    let tables: Vec<Vec<u32>> = vec![
+        (0..97).map(|i| i % 3).collect(),
+        (0..97).map(|i| i % 4).collect(),
+        (0..97).map(|i| if i == 50 { 9 } else { i % 3 }).collect(),
+        (0..97).map(|i| i % 4).collect(),
+        (0..31).map(|i| i % 2).collect(),
+        vec![],
+        (0..97).map(|i| i % 5).collect(),
+    ];
+    for (n, t) in tables.iter().enumerate() {
+        maps.publish_table(7, 0, t).expect("publish");
+        assert_eq!(&maps.active_table(7).expect("read"), t, "publish {n}");
+    }
+}
