@@ -32,8 +32,23 @@ use crate::{
     model::{Model, SavedModel, TargetKey},
 };
 
-/// How often idle flows are looked for.
+/// How often idle flows are looked for at most: a quarter of the shortest idle timeout, but
+/// not more often than every second (flow timestamps tick at ~1.07 s).
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+fn sweep_interval(config: &Config) -> Duration {
+    config
+        .listeners
+        .iter()
+        .flat_map(|l| {
+            l.protocol
+                .ip_protocols()
+                .iter()
+                .map(|&p| l.idle_timeout_for(p) / 4)
+        })
+        .fold(SWEEP_INTERVAL, Duration::min)
+        .max(Duration::from_secs(1))
+}
 /// A flow that has seen a FIN or RST is forgotten after this long without packets.
 const CLOSING_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a failed map write, the next attempt.
@@ -186,9 +201,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    let mut sweep = tokio::time::interval(sweep_interval(&agent.ctl.config));
 
     loop {
+        let period = sweep_interval(&agent.ctl.config);
+        if period != sweep.period() {
+            sweep = tokio::time::interval(period); // a reload changed the idle timeouts
+        }
         let deadline = agent.next_deadline();
         tokio::select! {
             Some(event) = health_rx.recv() => agent.on_health(event),

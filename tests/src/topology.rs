@@ -17,6 +17,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -190,6 +191,33 @@ impl Topology {
         // SAFETY: signalling a child we started.
         unsafe { libc::kill(child.id() as i32, signal) };
         Ok(child.wait()?)
+    }
+
+    /// Waits up to `limit` for a started process to end by itself.
+    pub fn stop_wait(
+        &mut self,
+        handle: usize,
+        limit: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        let child = &mut self.children[handle].1;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "process {} still running after {limit:?}",
+                    self.children[handle].0
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pid of a started process.
+    pub fn pid(&self, handle: usize) -> u32 {
+        self.children[handle].1.id()
     }
 
     /// The log of a started process.

@@ -350,3 +350,359 @@ fn scenario(h: &mut Harness) -> Result<()> {
     assert!(!h.topo.bpffs().join("lb").exists());
     Ok(())
 }
+
+const TWO_LISTENERS: &str = r#"[agent]
+interfaces = ["l0", "l1"]
+api = "unix:DIR/api.sock"
+metrics = ""
+pin_path = "DIR/bpf/lb"
+flow_table_size = 65536
+
+[[listener]]
+name = "web"
+address = "10.0.100.10"
+port = 80
+target_group = "web"
+
+[[listener]]
+name = "echo"
+address = "10.0.100.10"
+port = 5300
+protocol = "udp"
+target_group = "echo"
+idle_timeout = "2s"
+
+[[target_group]]
+name = "web"
+hash_table_size = 251
+
+[target_group.health_check]
+protocol = "http"
+interval = "1s"
+timeout = "500ms"
+healthy_threshold = 2
+
+[[target_group.target]]
+address = "10.0.2.11"
+port = 8080
+
+[[target_group.target]]
+address = "10.0.2.12"
+port = 8080
+
+[[target_group]]
+name = "echo"
+hash_table_size = 251
+
+[target_group.health_check]
+port = 8080
+interval = "1s"
+timeout = "500ms"
+healthy_threshold = 2
+
+[[target_group.target]]
+address = "10.0.2.11"
+port = 5300
+"#;
+
+/// A UDP echo server on backend 1, port 5300.
+const UDP_ECHO: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('10.0.2.11',5300))\nwhile True:\n    d,a=s.recvfrom(2048)\n    s.sendto(d,a)\n";
+
+/// One datagram to the UDP listener; the reply's source and payload.
+const UDP_CLIENT: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.sendto(b'ping',('10.0.100.10',5300))\nd,a=s.recvfrom(2048)\nprint(a[0],a[1],d.decode())\n";
+
+fn udp_flows(maps: &KernelMaps) -> usize {
+    maps.flow_keys()
+        .filter_map(Result::ok)
+        .filter(|k| k.protocol == lb_common::PROTO_UDP)
+        .count()
+}
+
+#[test]
+fn keep_datapath_restart_adopts_the_pins_and_keeps_flows() -> Result<()> {
+    let mut topo = Topology::routed(2)?;
+    for i in 1..=2 {
+        topo.http_backend(i)?;
+        // 4 MiB to download slowly across the restart.
+        let big = vec![b'x'; 4 << 20];
+        std::fs::write(topo.dir().join(format!("www{i}/big")), big)?;
+    }
+    std::fs::write(topo.dir().join("echo.py"), UDP_ECHO)?;
+    std::fs::write(topo.dir().join("udp_client.py"), UDP_CLIENT)?;
+    let echo = topo.dir().join("echo.py").to_string_lossy().into_owned();
+    topo.spawn("b1", "echo", Path::new("python3"), &[&echo])?;
+    let dir = topo.dir().to_string_lossy().into_owned();
+    let config_path = topo.dir().join("lb.toml");
+    std::fs::write(&config_path, TWO_LISTENERS.replace("DIR", &dir))?;
+    let state_file = lb_userspace::datapath::state_file(&topo.bpffs().join("lb"));
+    let bin = agent_bin();
+    let config_arg = config_path.to_string_lossy().into_owned();
+    let first = topo.spawn(
+        "lb",
+        "agent1",
+        &bin,
+        &["run", "--config", &config_arg, "--keep-datapath"],
+    )?;
+    let mut h = Harness {
+        topo,
+        agent: first,
+        config_path,
+        api: format!("unix:{dir}/api.sock"),
+    };
+    let result = restart_scenario(&mut h, &bin, &config_arg);
+    let _ = std::fs::remove_file(&state_file);
+    if result.is_err() {
+        eprintln!(
+            "--- first agent ---\n{}\n--- second agent ---\n{}",
+            h.topo.log("agent1"),
+            h.topo.log("agent2")
+        );
+    }
+    result
+}
+
+fn healthy_count(h: &Harness) -> usize {
+    h.status()
+        .ok()
+        .map(|s| {
+            s["target_groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|g| g["targets"].as_array().cloned().unwrap_or_default())
+                .filter(|t| t["state"] == "healthy")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn restart_scenario(h: &mut Harness, bin: &Path, config_arg: &str) -> Result<()> {
+    poll(Duration::from_secs(20), "three healthy targets", || {
+        Ok((healthy_count(h) == 3).then_some(()))
+    })?;
+
+    // UDP through the VIP: the reply comes from the VIP and listener port.
+    let client = h
+        .topo
+        .dir()
+        .join("udp_client.py")
+        .to_string_lossy()
+        .into_owned();
+    let reply = h.topo.exec("cli", &format!("python3 {client}"))?;
+    assert_eq!(reply.trim(), "10.0.100.10 5300 ping");
+    assert_eq!(udp_flows(&h.maps()?), 1);
+    // The listener's idle_timeout is 2s: the sweep forgets the flow (ticks are ~1.07 s, the
+    // sweep runs every second here).
+    let sent = Instant::now();
+    poll(Duration::from_secs(8), "idle UDP flow expired", || {
+        Ok((udp_flows(&h.maps()?) == 0).then_some(()))
+    })?;
+    let idle = sent.elapsed();
+    assert!(
+        idle >= Duration::from_millis(1500),
+        "expired after {idle:?}, before its idle timeout"
+    );
+    println!(
+        "FIGURE idle UDP flow (idle_timeout 2s) expired after {} ms",
+        idle.as_millis()
+    );
+
+    // A slow download runs across the restart.
+    let download = h.topo.spawn(
+        "cli",
+        "download",
+        Path::new("curl"),
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "--limit-rate",
+            "1M",
+            "-w",
+            "%{http_code} %{size_download}",
+            &format!("http://{VIP}/big"),
+        ],
+    )?;
+    poll(Duration::from_secs(5), "the download's flow", || {
+        Ok(h.maps()?
+            .flow_keys()
+            .filter_map(Result::ok)
+            .any(|k| k.protocol == lb_common::PROTO_TCP && u16::from_be(k.dst_port_be) == 80)
+            .then_some(()))
+    })?;
+
+    // The agent exits and leaves the data plane running.
+    let status = h.topo.stop(h.agent, libc::SIGTERM)?;
+    assert!(status.success(), "{status}");
+    assert!(
+        h.topo.exec("lb", "ip -d link show l0")?.contains(" xdp"),
+        "XDP must stay attached"
+    );
+    assert!(h.topo.bpffs().join("lb/links/l0").exists());
+
+    // The next agent adopts: no new attach, target states carried over.
+    h.agent = h
+        .topo
+        .spawn("lb", "agent2", bin, &["run", "--config", config_arg])?;
+    poll(Duration::from_secs(10), "the second agent's API", || {
+        Ok(h.status().ok())
+    })?;
+    assert_eq!(
+        healthy_count(h),
+        3,
+        "states carried over (not initial again)"
+    );
+    let log = h.topo.log("agent2");
+    assert!(log.contains("adopted the pinned data plane"), "{log}");
+    assert!(!log.contains("XDP attached"), "second attach: {log}");
+    assert!(
+        !log.contains("target state changed"),
+        "states must not flap on adoption: {log}"
+    );
+
+    // The download completes, whole.
+    let done = h.topo.stop_wait(download, Duration::from_secs(30))?;
+    assert!(done.success(), "curl: {done}");
+    assert_eq!(h.topo.log("download"), format!("200 {}", 4 << 20));
+
+    // SIGHUP reloads: a weight change shows in the status.
+    let text = std::fs::read_to_string(&h.config_path)?;
+    std::fs::write(
+        &h.config_path,
+        text.replacen("port = 8080\n", "port = 8080\nweight = 7\n", 1),
+    )?;
+    // SAFETY: signalling the agent this test started.
+    unsafe { libc::kill(h.topo.pid(h.agent) as i32, libc::SIGHUP) };
+    poll(Duration::from_secs(5), "weight 7 after SIGHUP", || {
+        Ok(h.status()?["target_groups"][0]["targets"][0]["weight"]
+            .eq(&7)
+            .then_some(()))
+    })?;
+
+    let status = h.topo.stop(h.agent, libc::SIGTERM)?;
+    assert!(status.success(), "{status}");
+    assert!(!h.topo.exec("lb", "ip -d link show l0")?.contains(" xdp"));
+    Ok(())
+}
+
+#[test]
+fn run_refuses_bad_setups_with_clear_errors() -> Result<()> {
+    let topo = Topology::routed(0)?;
+    let dir = topo.dir().to_string_lossy().into_owned();
+    let run = |config: &str, prefix: &[&str]| -> Result<(i32, String)> {
+        let path = topo.dir().join("bad.toml");
+        std::fs::write(&path, config.replace("DIR", &dir))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &topo.ns("lb")])
+            .args(prefix)
+            .arg(agent_bin())
+            .args(["run", "--config"])
+            .arg(&path);
+        let out = cmd.output()?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    // An invalid config: exit 2 before touching the kernel.
+    let (code, err) = run(
+        &CONFIG.replace("port = 80\n", "port = 80\ncolour = 1\n"),
+        &[],
+    )?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("bad.toml:12: listener[0].colour: unknown field `colour`"),
+        "{err}"
+    );
+    // No such interface.
+    let (code, err) = run(&CONFIG.replace("\"l1\"", "\"nosuch0\""), &[])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("interface nosuch0 not found"), "{err}");
+    // Not root.
+    let (code, err) = run(
+        CONFIG,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ],
+    )?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN"),
+        "{err}"
+    );
+    // A pin path holding someone else's pins.
+    std::fs::create_dir_all(topo.bpffs().join("lb"))?;
+    let foreign = topo.bpffs().join("lb/foreign");
+    let out = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&foreign)
+        .args([
+            "type", "array", "key", "4", "value", "4", "entries", "1", "name", "foreign",
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, err) = run(CONFIG, &[])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is in use by a foreign program"), "{err}");
+    assert!(foreign.exists(), "the foreign pin must be left alone");
+    assert!(
+        !topo.exec("lb", "ip -d link show")?.contains(" xdp"),
+        "nothing attached"
+    );
+    Ok(())
+}
+
+#[test]
+fn validate_prints_a_summary_or_every_problem() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("lb-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let good = dir.join("good.toml");
+    std::fs::write(&good, CONFIG.replace("DIR", "/run/x"))?;
+    let out = Command::new(agent_bin())
+        .args(["validate", "--config"])
+        .arg(&good)
+        .output()?;
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok: 1 listener(s), 1 target group(s), 3 target(s)"),
+        "{stdout}"
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        CONFIG
+            .replace("DIR", "/run/x")
+            .replace("port = 80\n", "port = 0\n")
+            .replace("timeout = \"500ms\"", "timeout = \"1s\""),
+    )?;
+    let out = Command::new(agent_bin())
+        .args(["validate", "--config"])
+        .arg(&bad)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let b = bad.display();
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            format!("{b}:11: listener[0].port: port 0 is outside 1..=65535"),
+            format!(
+                "{b}:23: target_group[0].health_check.timeout: 1s must be shorter than interval 1s"
+            ),
+        ]
+    );
+    // Bad arguments: exit 2 too.
+    let out = Command::new(agent_bin()).args(["validate"]).output()?;
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

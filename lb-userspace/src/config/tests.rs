@@ -96,6 +96,17 @@ fn example_sets_every_key() {
     assert_eq!(reparsed, c);
 }
 
+/// The agent keeps the config it applied in its state file (JSON): it must read back equal.
+#[test]
+fn config_round_trips_through_json() {
+    let mut c = parse(EXAMPLE, "example.toml").unwrap();
+    c.target_groups[0].health_check.port = HealthCheckPort::Port(8081);
+    c.target_groups[0].targets[0].zone = None;
+    let json = serde_json::to_string(&c).unwrap();
+    let back: Config = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, c);
+}
+
 #[test]
 fn defaults_follow_nlb() {
     let c = parse(BASE, "lb.toml").unwrap();

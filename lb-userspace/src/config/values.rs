@@ -147,6 +147,9 @@ impl<'de> Deserialize<'de> for HealthCheckPort {
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<HealthCheckPort, E> {
                 port_number(n).map(HealthCheckPort::Port).map_err(E::custom)
             }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<HealthCheckPort, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
         }
         d.deserialize_any(V)
     }
