@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_common::{FlowKey, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+use lb_common::PROTO_UDP;
 use serde_json::json;
 use tokio::{
     net::{TcpListener, UnixListener},
@@ -26,6 +26,7 @@ use crate::{
     config::{self, Config},
     control::Controller,
     datapath::{self, Datapath},
+    expiry::{self, ExpiryPlan, FlowTable, ListenerTimeouts, Sweep},
     health::{self, HealthEvent, Schedule, TargetState},
     http::{self, Request, Response},
     metrics::{self, HealthMetrics},
@@ -49,8 +50,6 @@ fn sweep_interval(config: &Config) -> Duration {
         .fold(SWEEP_INTERVAL, Duration::min)
         .max(Duration::from_secs(1))
 }
-/// A flow that has seen a FIN or RST is forgotten after this long without packets.
-const CLOSING_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a failed map write, the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -78,6 +77,8 @@ struct Agent {
     events: mpsc::Sender<HealthEvent<TargetKey>>,
     health_metrics: HealthMetrics,
     active_flows: BTreeMap<String, u64>,
+    /// The sweep's own handles on the flow maps; None while a sweep runs.
+    flow_table: Option<FlowTable>,
     retry_at: Option<Instant>,
 }
 
@@ -174,6 +175,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Some(state) => adopt(&mut dp, state, config, interfaces, now)?,
     };
     let (events, mut health_rx) = mpsc::channel(1024);
+    let flow_table = dp.maps.flow_table()?;
     let mut agent = Agent {
         config_path: opts.config_path.clone(),
         ctl,
@@ -182,6 +184,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         events,
         health_metrics: HealthMetrics::default(),
         active_flows: BTreeMap::new(),
+        flow_table: Some(flow_table),
         retry_at: None,
     };
     agent.apply(now, "start");
@@ -202,6 +205,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sweep = tokio::time::interval(sweep_interval(&agent.ctl.config));
+    let (swept_tx, mut swept) = mpsc::channel(1);
 
     loop {
         let period = sweep_interval(&agent.ctl.config);
@@ -218,7 +222,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = sleep_until(deadline) => {
                 agent.apply(Instant::now(), "timer");
             }
-            _ = sweep.tick() => agent.sweep_flows(),
+            _ = sweep.tick() => agent.start_sweep(&swept_tx),
+            Some((table, result)) = swept.recv() => agent.sweep_done(table, result),
             _ = sighup.recv() => {
                 let r = agent.reload();
                 if r.status != 200 {
@@ -607,62 +612,50 @@ impl Agent {
         })
     }
 
-    /// Forgets flows idle for longer than their listener's `idle_timeout` (closing flows after
-    /// `CLOSING_FLOW_TIMEOUT`), with their reply-flow entries; counts the rest per listener.
-    fn sweep_flows(&mut self) {
-        let now_ticks = monotonic_coarse_ns() >> FLOW_TICK_SHIFT;
-        let ticks = |d: Duration| (d.as_nanos() >> FLOW_TICK_SHIFT) as u64 + 1;
-        let by_id: HashMap<u32, &config::ListenerConfig> = self
-            .ctl
-            .config
-            .listeners
-            .iter()
-            .filter_map(|l| Some((self.ctl.model.listener_ids.get(&l.name)?, l)))
-            .collect();
-        let keys: Vec<FlowKey> = self.dp.maps.flow_keys().filter_map(Result::ok).collect();
-        let mut active: BTreeMap<String, u64> = BTreeMap::new();
-        let mut expired = 0usize;
-        for key in keys {
-            let Ok(Some(v)) = self.dp.maps.flow(&key) else {
-                continue;
-            };
-            let age = (now_ticks as u32).wrapping_sub(v.last_seen_ticks) as u64;
-            let listener = by_id.get(&v.listener_id);
-            let limit = match listener {
-                Some(l) if v.flags & FLOW_F_CLOSING != 0 => {
-                    ticks(CLOSING_FLOW_TIMEOUT.min(l.idle_timeout_for(key.protocol)))
-                }
-                Some(l) => ticks(l.idle_timeout_for(key.protocol)),
-                None => ticks(Duration::from_secs(if key.protocol == PROTO_UDP {
-                    120
-                } else {
-                    350
-                })),
-            };
-            if age > limit {
-                if self.dp.maps.remove_flow(&key).is_ok() {
-                    expired += 1;
-                }
-                if let Some(t) = self.ctl.reconciler.shadow().targets.get(&v.target_id) {
-                    let reply = FlowKey {
-                        src_addr: t.addr,
-                        dst_addr: key.src_addr,
-                        src_port_be: t.port_be,
-                        dst_port_be: key.src_port_be,
-                        protocol: key.protocol,
-                        family: key.family,
-                        _pad: 0,
+    /// Starts a sweep of the flow table on a blocking thread (unless one is still running);
+    /// its result comes back through `done`.
+    fn start_sweep(&mut self, done: &mpsc::Sender<(FlowTable, Sweep)>) {
+        let Some(mut table) = self.flow_table.take() else {
+            return; // the last sweep is still running
+        };
+        let model = &self.ctl.model;
+        let plan = ExpiryPlan {
+            listeners: self
+                .ctl
+                .config
+                .listeners
+                .iter()
+                .filter_map(|l| {
+                    let t = ListenerTimeouts {
+                        name: l.name.clone(),
+                        tcp: l.idle_timeout_for(lb_common::PROTO_TCP),
+                        udp: l.idle_timeout_for(PROTO_UDP),
                     };
-                    let _ = self.dp.maps.remove_reply_flow(&reply);
-                }
-            } else if let Some(l) = listener {
-                *active.entry(l.name.clone()).or_default() += 1;
-            }
+                    Some((model.listener_ids.get(&l.name)?, t))
+                })
+                .collect(),
+            targets: self
+                .ctl
+                .reconciler
+                .shadow()
+                .targets
+                .iter()
+                .map(|(&id, t)| (id, (t.addr, t.port_be)))
+                .collect(),
+        };
+        let done = done.clone();
+        tokio::task::spawn_blocking(move || {
+            let sweep = table.sweep(&plan, expiry::now_ticks());
+            let _ = done.blocking_send((table, sweep));
+        });
+    }
+
+    fn sweep_done(&mut self, table: FlowTable, sweep: Sweep) {
+        if sweep.expired > 0 {
+            debug!(expired = sweep.expired, "idle flows expired");
         }
-        if expired > 0 {
-            debug!(expired, "idle flows expired");
-        }
-        self.active_flows = active;
+        self.active_flows = sweep.active;
+        self.flow_table = Some(table);
     }
 
     fn shut_down(mut self, keep: bool) -> Result<()> {
@@ -678,16 +671,6 @@ impl Agent {
         self.checkers.clear();
         self.dp.tear_down()
     }
-}
-
-fn monotonic_coarse_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid out-parameter.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 async fn serve_api(listener: UnixListener, calls: mpsc::Sender<Call>) {

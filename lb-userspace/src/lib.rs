@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod dataplane;
+pub mod expiry;
 pub mod health;
 pub mod http;
 pub mod maps;

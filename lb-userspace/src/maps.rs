@@ -10,8 +10,8 @@ use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{
-        lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, LpmTrie, Map, MapData, MapType,
-        PerCpuArray,
+        lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, IterableMap, LpmTrie, Map,
+        MapData, MapType, PerCpuArray,
     },
     Ebpf,
 };
@@ -40,7 +40,7 @@ pub struct KernelMaps {
     targets: Array<MapData, TargetValue>,
     reverse: HashMap<MapData, EndpointKey, ReverseValue>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
-    reply_flows: HashMap<MapData, FlowKey, ReverseValue>,
+    reply_flows_id: u32,
     devmap: DevMapHash<MapData>,
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
@@ -57,10 +57,15 @@ fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening pinned map {}", path.display()))?;
+    typed_map(data).with_context(|| format!("pinned map {}", path.display()))
+}
+
+/// A map handle as the `Map` variant its kernel type calls for.
+pub(crate) fn typed_map(data: MapData) -> Result<Map> {
     let map_type = data
         .info()
         .and_then(|i| i.map_type())
-        .with_context(|| format!("reading the type of {}", path.display()))?;
+        .context("reading the map's type")?;
     Ok(match map_type {
         MapType::Array => Map::Array(data),
         MapType::Hash => Map::HashMap(data),
@@ -68,10 +73,7 @@ fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
         MapType::LpmTrie => Map::LpmTrie(data),
         MapType::PerCpuArray => Map::PerCpuArray(data),
         MapType::DevMapHash => Map::DevMapHash(data),
-        other => bail!(
-            "pinned map {} has unexpected type {other:?}",
-            path.display()
-        ),
+        other => bail!("unexpected map type {other:?}"),
     })
 }
 
@@ -132,7 +134,10 @@ impl KernelMaps {
             targets: typed!(MAP_TARGETS),
             reverse: typed!(MAP_REVERSE),
             flows: typed!(MAP_FLOWS),
-            reply_flows: typed!(MAP_REPLY_FLOWS),
+            reply_flows_id: {
+                let map: HashMap<MapData, FlowKey, ReverseValue> = typed!(MAP_REPLY_FLOWS);
+                map.map().info().context("LB_REPLY_FLOWS id")?.id()
+            },
             devmap: typed!(MAP_DEVMAP),
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
@@ -379,11 +384,10 @@ impl KernelMaps {
         self.flows.remove(key).context("removing from LB_FLOWS")
     }
 
-    pub fn remove_reply_flow(&mut self, key: &FlowKey) -> Result<()> {
-        match self.reply_flows.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).context("removing from LB_REPLY_FLOWS"),
-        }
+    /// Handles of its own on the flow tables, for the expiry sweep.
+    pub fn flow_table(&self) -> Result<crate::expiry::FlowTable> {
+        let flows_id = self.flows.map().info().context("LB_FLOWS id")?.id();
+        crate::expiry::FlowTable::open(flows_id, self.reply_flows_id)
     }
 
     pub fn flow_keys(&self) -> impl Iterator<Item = Result<FlowKey>> + '_ {

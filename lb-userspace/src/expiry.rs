@@ -1,0 +1,126 @@
+//! Idle-flow expiry. The XDP program stamps each flow entry with a coarse tick (~1.07 s) on every
+//! packet; the sweep forgets entries idle longer than their listener's `idle_timeout` (entries
+//! that saw a FIN or RST after `CLOSING_FLOW_TIMEOUT`), with their reply-flow entries, and counts
+//! the live ones per listener for `lb_active_flows`.
+//!
+//! The sweep has its own handles on the two flow maps, so the agent runs it on a blocking
+//! thread: a big flow table never stalls health transitions or API calls.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use lb_common::{FlowKey, FlowValue, ReverseValue, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+
+/// A flow that has seen a FIN or RST is forgotten after this long without packets.
+pub const CLOSING_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The flow table and the reply-flow table.
+pub struct FlowTable {
+    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    replies: BpfHashMap<MapData, FlowKey, ReverseValue>,
+}
+
+/// What a listener's flows may idle for.
+#[derive(Clone, Debug)]
+pub struct ListenerTimeouts {
+    pub name: String,
+    pub tcp: Duration,
+    pub udp: Duration,
+}
+
+/// What the sweep needs to know of the config: listeners by id, target endpoints by id (to find
+/// a flow's reply-flow entry).
+#[derive(Clone, Debug, Default)]
+pub struct ExpiryPlan {
+    pub listeners: HashMap<u32, ListenerTimeouts>,
+    /// Target id → (address words, port in network order).
+    pub targets: HashMap<u32, ([u32; 4], u16)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    pub expired: usize,
+    /// Listener name → live flow entries.
+    pub active: BTreeMap<String, u64>,
+}
+
+/// The tick the XDP program stamps now (`bpf_ktime_get_coarse_ns() >> FLOW_TICK_SHIFT`).
+pub fn now_ticks() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    (ns >> FLOW_TICK_SHIFT) as u32
+}
+
+/// Ticks a flow may idle for `d` (rounded up, plus one for the stamp's own coarseness).
+fn ticks(d: Duration) -> u32 {
+    (d.as_nanos() >> FLOW_TICK_SHIFT) as u32 + 1
+}
+
+impl FlowTable {
+    /// New handles on the maps with these kernel ids.
+    pub fn open(flows_id: u32, replies_id: u32) -> Result<Self> {
+        let open = |id| -> Result<aya::maps::Map> {
+            crate::maps::typed_map(MapData::from_id(id).context("opening a flow map by id")?)
+        };
+        Ok(Self {
+            flows: open(flows_id)?.try_into().context("LB_FLOWS layout")?,
+            replies: open(replies_id)?
+                .try_into()
+                .context("LB_REPLY_FLOWS layout")?,
+        })
+    }
+
+    /// One pass over the flow table at tick `now`.
+    pub fn sweep(&mut self, plan: &ExpiryPlan, now: u32) -> Sweep {
+        let mut out = Sweep::default();
+        let keys: Vec<FlowKey> = self.flows.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let Ok(v) = self.flows.get(&key, 0) else {
+                continue; // evicted meanwhile
+            };
+            let listener = plan.listeners.get(&v.listener_id);
+            let idle = match listener {
+                Some(l) if key.protocol == PROTO_UDP => l.udp,
+                Some(l) => l.tcp,
+                None if key.protocol == PROTO_UDP => Duration::from_secs(120),
+                None => Duration::from_secs(350),
+            };
+            let idle = if v.flags & FLOW_F_CLOSING != 0 {
+                idle.min(CLOSING_FLOW_TIMEOUT)
+            } else {
+                idle
+            };
+            if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
+                match self.flows.remove(&key) {
+                    Ok(()) => out.expired += 1,
+                    Err(MapError::KeyNotFound) => {}
+                    Err(_) => continue,
+                }
+                if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
+                    let reply = FlowKey {
+                        src_addr: addr,
+                        dst_addr: key.src_addr,
+                        src_port_be: port_be,
+                        dst_port_be: key.src_port_be,
+                        protocol: key.protocol,
+                        family: key.family,
+                        _pad: 0,
+                    };
+                    let _ = self.replies.remove(&reply);
+                }
+            } else if let Some(l) = listener {
+                *out.active.entry(l.name.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+}
