@@ -7,7 +7,6 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -673,37 +672,49 @@ impl Agent {
     }
 }
 
+/// Answers one connection: a control-API call, or (`metrics_only`) just `GET /metrics`.
+async fn answer<S>(mut stream: S, calls: mpsc::Sender<Call>, metrics_only: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let response = match http::read_request(&mut stream).await {
+        Ok(r) if metrics_only && !(r.method == "GET" && r.path == "/metrics") => {
+            Response::text(404, "text/plain", "only GET /metrics here\n".into())
+        }
+        Ok(r) => forward(&calls, r).await,
+        Err(e) => Response::json(400, &json!({"error": format!("{e:#}")})),
+    };
+    let _ = http::write_response(&mut stream, &response).await;
+}
+
+/// After a failed accept (out of file descriptors, say), the next try.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 async fn serve_api(listener: UnixListener, calls: mpsc::Sender<Call>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let calls = calls.clone();
-        tokio::spawn(async move {
-            let response = match http::read_request(&mut stream).await {
-                Ok(request) => forward(&calls, request).await,
-                Err(e) => Response::json(400, &json!({"error": format!("{e:#}")})),
-            };
-            let _ = http::write_response(&mut stream, &response).await;
-        });
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, calls.clone(), false));
+            }
+            Err(e) => {
+                warn!(error = %e, "control API: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
     }
 }
 
 async fn serve_metrics(listener: TcpListener, calls: mpsc::Sender<Call>) {
-    let calls = Arc::new(calls);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let calls = calls.clone();
-        tokio::spawn(async move {
-            let response = match http::read_request(&mut stream).await {
-                Ok(r) if r.method == "GET" && r.path == "/metrics" => forward(&calls, r).await,
-                Ok(_) => Response::text(404, "text/plain", "only GET /metrics here\n".into()),
-                Err(e) => Response::text(400, "text/plain", format!("{e:#}\n")),
-            };
-            let _ = http::write_response(&mut stream, &response).await;
-        });
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, calls.clone(), true));
+            }
+            Err(e) => {
+                warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
     }
 }
 

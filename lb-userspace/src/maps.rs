@@ -86,8 +86,7 @@ pub struct TableLayout {
 }
 
 impl KernelMaps {
-    /// Takes the maps out of a freshly loaded object (the programs keep using them), pinning
-    /// each under `pin_dir` when given.
+    /// Takes the maps out of a freshly loaded object (the programs keep using them).
     pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
         Self::open(|name| {
             ebpf.take_map(name)
