@@ -1,11 +1,17 @@
 //! Network-namespace topologies with real hosts, for tests that run the agent and real clients.
 //!
+//! Routed (two-arm):
+//!
 //! ```text
 //!  client ── c0 ═ l0 ── balancer ── l1 ═ s0 ──┐ switch (bridge br0)
 //!  10.0.1.2       10.0.1.1     10.0.2.1        ├─ s1 ═ e0  backend 1  10.0.2.11
-//!                                              ├─ s2 ═ e0  backend 2  10.0.2.12
-//!                                              └─ ...
+//!  10.0.1.3       fd00:1::1    fd00:2::1       ├─ s2 ═ e0  backend 2  10.0.2.12
+//!  fd00:1::2                                   └─ ...      (fd00:2::11, ...)
 //! ```
+//!
+//! One-arm: the balancer has only `l1` on the switch (10.0.2.1 and 10.0.3.1); the client sits
+//! on the switch too, in its own subnet (10.0.3.2, via 10.0.3.1), so that backends' replies to
+//! it go through the balancer; XDP sends everything back out of `l1` (XDP_TX).
 //!
 //! Every host is a namespace this topology made, named with a prefix unique to the process and
 //! the topology; the root namespace gets no address or route. The client routes everything via
@@ -23,11 +29,40 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 pub const CLIENT: &str = "10.0.1.2";
+/// A second client address (routed topology), for `allowed_sources` tests.
+pub const CLIENT_B: &str = "10.0.1.3";
+pub const CLIENT6: &str = "fd00:1::2";
+pub const ONE_ARM_CLIENT: &str = "10.0.3.2";
 pub const VIP: &str = "10.0.100.10";
+pub const VIP6: &str = "fd00:100::10";
 
 /// Backend `i` (1-based).
 pub fn backend_addr(i: usize) -> String {
     format!("10.0.2.{}", 10 + i)
+}
+
+pub fn backend_addr6(i: usize) -> String {
+    format!("fd00:2::{}", 10 + i)
+}
+
+/// How a topology is built.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    pub backends: usize,
+    /// The balancer has one interface (l1) and answers with XDP_TX.
+    pub one_arm: bool,
+    /// Leave tx checksum offload on at the client (its frames carry partial checksums).
+    pub client_tx_offload: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            backends: 3,
+            one_arm: false,
+            client_tx_offload: false,
+        }
+    }
 }
 
 pub struct Topology {
@@ -54,8 +89,15 @@ fn ip(args: &str) -> Result<String> {
 }
 
 impl Topology {
-    /// Client, balancer, switch and `backends` backends, wired as in the module doc.
+    /// Client, balancer, switch and `backends` backends, routed as in the module doc.
     pub fn routed(backends: usize) -> Result<Self> {
+        Self::new(Options {
+            backends,
+            ..Options::default()
+        })
+    }
+
+    pub fn new(options: Options) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "lbt{}-{}",
@@ -71,11 +113,12 @@ impl Topology {
             dir,
             children: Vec::new(),
         };
-        t.build(backends)?;
+        t.build(options)?;
         Ok(t)
     }
 
-    fn build(&mut self, backends: usize) -> Result<()> {
+    fn build(&mut self, o: Options) -> Result<()> {
+        let backends = o.backends;
         let mut names = vec!["cli".to_string(), "lb".into(), "sw".into()];
         names.extend((1..=backends).map(|i| format!("b{i}")));
         for n in &names {
@@ -85,14 +128,11 @@ impl Topology {
             ip(&format!("-n {ns} link set lo up"))?;
         }
         let (cli, lb, sw) = (self.ns("cli"), self.ns("lb"), self.ns("sw"));
-        ip(&format!(
-            "link add c0 netns {cli} type veth peer name l0 netns {lb}"
-        ))?;
+        ip(&format!("-n {sw} link add br0 type bridge"))?;
+        ip(&format!("-n {sw} link set br0 up"))?;
         ip(&format!(
             "link add l1 netns {lb} type veth peer name s0 netns {sw}"
         ))?;
-        ip(&format!("-n {sw} link add br0 type bridge"))?;
-        ip(&format!("-n {sw} link set br0 up"))?;
         ip(&format!("-n {sw} link set s0 master br0 up"))?;
         for i in 1..=backends {
             let b = self.ns(&format!("b{i}"));
@@ -101,22 +141,56 @@ impl Topology {
             ))?;
             ip(&format!("-n {sw} link set s{i} master br0 up"))?;
             ip(&format!("-n {b} addr add {}/24 dev e0", backend_addr(i)))?;
+            ip(&format!(
+                "-n {b} addr add {}/64 dev e0 nodad",
+                backend_addr6(i)
+            ))?;
             ip(&format!("-n {b} link set e0 up"))?;
             ip(&format!("-n {b} route add default via 10.0.2.1"))?;
+            ip(&format!("-n {b} -6 route add default via fd00:2::1"))?;
             self.exec(&format!("b{i}"), "ethtool -K e0 tx off")?;
         }
-        ip(&format!("-n {cli} addr add {CLIENT}/24 dev c0"))?;
-        ip(&format!("-n {cli} link set c0 up"))?;
-        ip(&format!("-n {cli} route add default via 10.0.1.1"))?;
-        // tx off: the client's checksums are complete before XDP forwards its frames; gro on:
-        // the peers of interfaces that receive XDP_TX/redirected frames need NAPI.
-        self.exec("cli", "ethtool -K c0 tx off gro on")?;
-        self.exec("sw", "ethtool -K s0 gro on")?;
-        ip(&format!("-n {lb} addr add 10.0.1.1/24 dev l0"))?;
-        ip(&format!("-n {lb} link set l0 up"))?;
         ip(&format!("-n {lb} addr add 10.0.2.1/24 dev l1"))?;
+        ip(&format!("-n {lb} addr add fd00:2::1/64 dev l1 nodad"))?;
         ip(&format!("-n {lb} link set l1 up"))?;
-        self.exec("lb", "sysctl -qw net.ipv4.ip_forward=1")?;
+        // gro on: the peers of interfaces that receive XDP_TX/redirected frames need NAPI.
+        self.exec("sw", "ethtool -K s0 gro on")?;
+        let client_if = if o.one_arm {
+            ip(&format!(
+                "link add c0 netns {cli} type veth peer name s99 netns {sw}"
+            ))?;
+            ip(&format!("-n {sw} link set s99 master br0 up"))?;
+            ip(&format!("-n {lb} addr add 10.0.3.1/24 dev l1"))?;
+            ip(&format!("-n {cli} addr add {ONE_ARM_CLIENT}/24 dev c0"))?;
+            ip(&format!("-n {cli} link set c0 up"))?;
+            ip(&format!("-n {cli} route add default via 10.0.3.1"))?;
+            "c0"
+        } else {
+            ip(&format!(
+                "link add c0 netns {cli} type veth peer name l0 netns {lb}"
+            ))?;
+            ip(&format!("-n {cli} addr add {CLIENT}/24 dev c0"))?;
+            ip(&format!("-n {cli} addr add {CLIENT_B}/24 dev c0"))?;
+            ip(&format!("-n {cli} addr add {CLIENT6}/64 dev c0 nodad"))?;
+            ip(&format!("-n {cli} link set c0 up"))?;
+            ip(&format!(
+                "-n {cli} route add default via 10.0.1.1 src {CLIENT}"
+            ))?;
+            ip(&format!("-n {cli} -6 route add default via fd00:1::1"))?;
+            ip(&format!("-n {lb} addr add 10.0.1.1/24 dev l0"))?;
+            ip(&format!("-n {lb} addr add fd00:1::1/64 dev l0 nodad"))?;
+            ip(&format!("-n {lb} link set l0 up"))?;
+            self.exec("cli", "ethtool -K c0 gro on")?;
+            "c0"
+        };
+        // tx off: the client's checksums are complete before XDP forwards its frames.
+        if !o.client_tx_offload {
+            self.exec("cli", &format!("ethtool -K {client_if} tx off"))?;
+        }
+        self.exec(
+            "lb",
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        )?;
         std::fs::create_dir_all(&self.bpffs)?;
         run(Command::new("mount")
             .args(["-t", "bpf", "bpf"])
@@ -161,27 +235,48 @@ impl Topology {
         Ok(self.children.len() - 1)
     }
 
-    /// Starts an HTTP server on backend `i` (port 8080) whose index page is its own name.
-    pub fn http_backend(&mut self, i: usize) -> Result<usize> {
-        let root = self.dir.join(format!("www{i}"));
-        std::fs::create_dir_all(&root)?;
-        std::fs::write(root.join("index.html"), format!("b{i}\n"))?;
-        let addr = backend_addr(i);
-        let root = root.to_string_lossy().into_owned();
-        self.spawn(
-            &format!("b{i}"),
-            &format!("http-b{i}"),
+    /// Starts `backend.py` on backend `i`: HTTP on 8080 and UDP echo on 5300, IPv4 and IPv6,
+    /// answering with its name and the client address it saw; log `backend-bI`.
+    pub fn backend(&mut self, i: usize) -> Result<usize> {
+        let script = self.dir.join("backend.py");
+        if !script.exists() {
+            std::fs::write(&script, include_str!("backend.py"))?;
+        }
+        let dir = self.dir.join(format!("b{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let (name, d, a4, a6) = (
+            format!("b{i}"),
+            dir.to_string_lossy().into_owned(),
+            backend_addr(i),
+            backend_addr6(i),
+        );
+        let script = script.to_string_lossy().into_owned();
+        let handle = self.spawn(
+            &name,
+            &format!("backend-{name}"),
             Path::new("python3"),
-            &[
-                "-m",
-                "http.server",
-                "8080",
-                "--bind",
-                &addr,
-                "--directory",
-                &root,
-            ],
-        )
+            &["-u", &script, &name, &d, &a4, &a6],
+        )?;
+        let log = format!("backend-{name}");
+        let start = std::time::Instant::now();
+        while !self.log(&log).contains("listening") {
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("backend {name} did not start: {}", self.log(&log));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(handle)
+    }
+
+    /// Makes backend `i`'s `/health` answer 500 (`sick`) or 200.
+    pub fn set_sick(&self, i: usize, sick: bool) -> Result<()> {
+        let flag = self.dir.join(format!("b{i}/sick"));
+        if sick {
+            std::fs::write(flag, b"")?;
+        } else if flag.exists() {
+            std::fs::remove_file(flag)?;
+        }
+        Ok(())
     }
 
     /// Sends `signal` to a started process and waits for it; its exit status.

@@ -23,9 +23,7 @@ fn main() -> Result<()> {
         Some("build") => cargo(&["build", "--release"], &[]),
         Some("test") => test(rest),
         Some("bench") => bench(rest),
-        Some("demo") => bail!(
-            "the demo is not built yet (issue 4); run `cargo xtask test` to see the data plane's fixtures"
-        ),
+        Some("demo") => demo(),
         _ => {
             eprintln!("usage: cargo xtask <setup|build-ebpf|build|test|demo|bench> [args]");
             std::process::exit(2);
@@ -189,6 +187,30 @@ fn test(args: &[String]) -> Result<()> {
     let mut a = vec!["test"];
     a.extend(args.iter().map(String::as_str));
     cargo(&a, &[("LB_AGENT_BIN", bin.to_str().context("path")?)])
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo makes network namespaces and attaches XDP: run as root");
+    }
+    cargo(
+        &["build", "-q", "-p", "lb-userspace", "--bin", "lb-agent"],
+        &[],
+    )?;
+    let bin = root().join("target/debug/lb-agent");
+    cargo(
+        &[
+            "run",
+            "-q",
+            "-p",
+            "lb-tests",
+            "--bin",
+            "lb-demo",
+            "--",
+            bin.to_str().context("path")?,
+        ],
+        &[],
+    )
 }
 
 fn bench(args: &[String]) -> Result<()> {
