@@ -66,6 +66,8 @@ impl Default for Options {
 }
 
 pub struct Topology {
+    /// XDP programs the topology attached itself (see `attach_xdp_pass`).
+    xdp_pass: Vec<aya::Ebpf>,
     prefix: String,
     hosts: Vec<String>,
     dir: PathBuf,
@@ -107,6 +109,7 @@ impl Topology {
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let mut t = Self {
+            xdp_pass: Vec::new(),
             bpffs: dir.join("bpf"),
             prefix,
             hosts: Vec::new(),
@@ -164,6 +167,9 @@ impl Topology {
             ip(&format!("-n {cli} addr add {ONE_ARM_CLIENT}/24 dev c0"))?;
             ip(&format!("-n {cli} link set c0 up"))?;
             ip(&format!("-n {cli} route add default via 10.0.3.1"))?;
+            // XDP_TX on a veth hands the frame to its peer's ring, but only wakes the peer's
+            // NAPI when the peer runs an XDP program of its own (GRO alone is not enough).
+            self.attach_xdp_pass("sw", "s0")?;
             "c0"
         } else {
             ip(&format!(
@@ -195,6 +201,33 @@ impl Topology {
         run(Command::new("mount")
             .args(["-t", "bpf", "bpf"])
             .arg(&self.bpffs))?;
+        Ok(())
+    }
+
+    /// Attaches the object's `lb_xdp_pass` (XDP_PASS) to `ifname` on host `name`, natively.
+    pub fn attach_xdp_pass(&mut self, name: &str, ifname: &str) -> Result<()> {
+        let ns = format!("/var/run/netns/{}", self.ns(name));
+        let ifname = ifname.to_string();
+        let ebpf = std::thread::spawn(move || -> Result<aya::Ebpf> {
+            let f = std::fs::File::open(&ns).with_context(|| format!("opening {ns}"))?;
+            // SAFETY: moves only this short-lived thread into the namespace.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0
+            {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            let mut ebpf = lb_userspace::dataplane::load(lb_userspace::dataplane::MapSizes {
+                flow_table: 1024,
+                table_slots: 1024,
+            })?;
+            let prog =
+                lb_userspace::dataplane::program_mut(&mut ebpf, lb_common::maps::PROGRAM_XDP_PASS)?;
+            prog.attach(&ifname, aya::programs::XdpMode::Driver)
+                .with_context(|| format!("attaching XDP_PASS to {ifname}"))?;
+            Ok(ebpf)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("attach thread panicked"))??;
+        self.xdp_pass.push(ebpf);
         Ok(())
     }
 
@@ -266,6 +299,24 @@ impl Topology {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(handle)
+    }
+
+    /// Takes backend `i`'s link down (the host goes silent: checks time out) or back up, with
+    /// its routes and IPv6 address (a link going down takes them with it).
+    pub fn set_backend_link(&self, i: usize, up: bool) -> Result<()> {
+        let host = format!("b{i}");
+        if up {
+            self.exec(
+                &host,
+                &format!(
+                    "ip link set e0 up && ip route replace default via 10.0.2.1 && ip addr replace {}/64 dev e0 nodad && ip -6 route replace default via fd00:2::1",
+                    backend_addr6(i)
+                ),
+            )?;
+        } else {
+            self.exec(&host, "ip link set e0 down")?;
+        }
+        Ok(())
     }
 
     /// Makes backend `i`'s `/health` answer 500 (`sick`) or 200.

@@ -205,7 +205,7 @@ fn scenario(h: &mut Harness) -> Result<()> {
 
     // Backend 2 dies silently (its link goes down: checks time out). Removal from the maps:
     // two failed checks (interval 1s, timeout 500ms).
-    h.topo.exec("b2", "ip link set e0 down")?;
+    h.topo.set_backend_link(2, false)?;
     let died = Instant::now();
     let b2 = format!("{}:8080", backend_addr(2));
     poll(
@@ -243,7 +243,7 @@ fn scenario(h: &mut Harness) -> Result<()> {
     }
 
     // It comes back: in the table again after two passing checks.
-    h.topo.exec("b2", "ip link set e0 up")?;
+    h.topo.set_backend_link(2, true)?;
     let back = Instant::now();
     poll(
         Duration::from_secs(10),

@@ -1,0 +1,232 @@
+//! The real `lb-agent` binary running on a topology's balancer, with what tests ask of it: the
+//! CLI, the status, the pinned maps, metrics, and clients on the client host.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_userspace::maps::KernelMaps;
+
+use crate::topology::Topology;
+
+/// The agent binary: `LB_AGENT_BIN` (set by `cargo xtask test`), else the debug build.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("LB_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb-agent"))
+}
+
+/// Polls `f` every 10 ms until it returns Some, for at most `limit`.
+pub fn poll<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("{what}: not within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub struct Balancer {
+    pub topo: Topology,
+    /// The running agent's handle in `topo`.
+    pub agent: Option<usize>,
+    pub config_path: PathBuf,
+    pub api: String,
+    runs: usize,
+}
+
+impl Balancer {
+    /// Writes `config` (every `DIR` replaced by the topology's scratch directory) and starts
+    /// `lb-agent run` on the balancer with `args`.
+    pub fn start(topo: Topology, config: &str, args: &[&str]) -> Result<Self> {
+        let bin = agent_bin();
+        anyhow::ensure!(
+            bin.exists(),
+            "{} missing: `cargo build -p lb-userspace` (cargo xtask test does)",
+            bin.display()
+        );
+        let dir = topo.dir().to_string_lossy().into_owned();
+        let config_path = topo.dir().join("lb.toml");
+        std::fs::write(&config_path, config.replace("DIR", &dir))?;
+        let mut b = Self {
+            topo,
+            agent: None,
+            config_path,
+            api: format!("unix:{dir}/api.sock"),
+            runs: 0,
+        };
+        b.run_agent(args)?;
+        Ok(b)
+    }
+
+    /// Starts (another) `lb-agent run`; its log is `agent` for the first, then `agent2`, ….
+    pub fn run_agent(&mut self, args: &[&str]) -> Result<()> {
+        self.runs += 1;
+        let log = self.log_name(self.runs);
+        let config = self.config_path.to_string_lossy().into_owned();
+        let mut all = vec!["run", "--config", &config];
+        all.extend_from_slice(args);
+        self.agent = Some(self.topo.spawn("lb", &log, &agent_bin(), &all)?);
+        Ok(())
+    }
+
+    fn log_name(&self, run: usize) -> String {
+        if run == 1 {
+            "agent".into()
+        } else {
+            format!("agent{run}")
+        }
+    }
+
+    /// The log of the current (or last) agent.
+    pub fn agent_log(&self) -> String {
+        self.topo.log(&self.log_name(self.runs))
+    }
+
+    /// Sends `signal` to the agent; its exit status.
+    pub fn stop_agent(&mut self, signal: i32) -> Result<std::process::ExitStatus> {
+        let handle = self.agent.take().context("no agent running")?;
+        self.topo.stop(handle, signal)
+    }
+
+    /// `lb-agent --api … ARGS`: (exit code, stdout and stderr).
+    pub fn cli(&self, args: &[&str]) -> Result<(i32, String)> {
+        let out = Command::new(agent_bin())
+            .arg("--api")
+            .arg(&self.api)
+            .args(args)
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((out.status.code().unwrap_or(-1), text))
+    }
+
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (code, text) = self.cli(&["status", "--json"])?;
+        if code != 0 {
+            bail!("status failed ({code}): {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// target → state, over every group.
+    pub fn states(&self) -> Result<BTreeMap<String, String>> {
+        let s = self.status()?;
+        let mut out = BTreeMap::new();
+        for g in s["target_groups"].as_array().into_iter().flatten() {
+            for t in g["targets"].as_array().into_iter().flatten() {
+                out.insert(
+                    format!(
+                        "{}/{}",
+                        g["name"].as_str().unwrap_or_default(),
+                        t["target"].as_str().unwrap_or_default()
+                    ),
+                    t["state"].as_str().unwrap_or_default().to_string(),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until `n` targets (over every group) are healthy.
+    pub fn wait_healthy(&self, n: usize) -> Result<()> {
+        poll(
+            Duration::from_secs(20),
+            &format!("{n} healthy targets"),
+            || {
+                Ok(self
+                    .states()
+                    .ok()
+                    .filter(|s| s.values().filter(|v| *v == "healthy").count() == n)
+                    .map(|_| ()))
+            },
+        )
+    }
+
+    pub fn maps(&self) -> Result<KernelMaps> {
+        KernelMaps::from_pins(&self.topo.bpffs().join("lb/maps"))
+    }
+
+    /// Endpoints (`addr:port`) in group `gid`'s live table.
+    pub fn table_targets(&self, gid: u32) -> Result<BTreeSet<String>> {
+        let maps = self.maps()?;
+        let mut out = BTreeSet::new();
+        for id in maps
+            .active_table(gid)?
+            .into_iter()
+            .collect::<BTreeSet<u32>>()
+        {
+            let t = maps.target(id)?;
+            let ip = lb_common::addr::from_words(&t.addr, t.family).context("target address")?;
+            out.insert(lb_userspace::config::endpoint(ip, u16::from_be(t.port_be)));
+        }
+        Ok(out)
+    }
+
+    /// The value of one metric line (`name{labels}`), from the agent's metrics endpoint at
+    /// 127.0.0.1:9900 on the balancer.
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        let page = self
+            .topo
+            .exec("lb", "curl -s -m 3 http://127.0.0.1:9900/metrics")?;
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .with_context(|| format!("no {series} in\n{page}"))
+    }
+
+    /// Runs `client.py ARGS` on the client host; its output lines.
+    pub fn client(&self, args: &str) -> Result<Vec<String>> {
+        let script = self.topo.dir().join("client.py");
+        if !script.exists() {
+            std::fs::write(&script, include_str!("client.py"))?;
+        }
+        let out = self
+            .topo
+            .exec("cli", &format!("python3 {} {args}", script.display()))?;
+        Ok(out.lines().map(String::from).collect())
+    }
+
+    /// `n` requests to `url` from the client: answers per backend name (errors under "ERR"),
+    /// and the set of client addresses the backends saw.
+    pub fn spread(
+        &self,
+        url: &str,
+        n: usize,
+    ) -> Result<(BTreeMap<String, usize>, BTreeSet<String>)> {
+        let mut counts = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for line in self.client(&format!("count {url} {n}"))? {
+            let mut w = line.split_whitespace();
+            let name = w.next().unwrap_or("ERR").to_string();
+            if name != "ERR" {
+                seen.insert(w.next().unwrap_or_default().to_string());
+            }
+            *counts.entry(name).or_default() += 1;
+        }
+        Ok((counts, seen))
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        // Captured by the test harness: shown only when the test fails.
+        eprintln!("--- agent log ---\n{}", self.agent_log());
+        if let Some(h) = self.agent.take() {
+            let _ = self.topo.stop(h, libc::SIGTERM);
+        }
+        let _ = std::fs::remove_file(lb_userspace::datapath::state_file(
+            &self.topo.bpffs().join("lb"),
+        ));
+    }
+}

@@ -1,0 +1,437 @@
+//! End to end: the real `lb-agent` and XDP program between real clients and servers, each test
+//! on its own topology of network namespaces (see `lb_tests::topology`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use lb_tests::{
+    harness::{poll, Balancer},
+    topology::{
+        backend_addr, backend_addr6, Options, Topology, CLIENT, CLIENT6, CLIENT_B, ONE_ARM_CLIENT,
+        VIP, VIP6,
+    },
+};
+
+const URL: &str = "http://10.0.100.10/";
+
+/// A config for `backends` backends behind VIP:80 (tcp), with the given extra listener keys,
+/// group keys and health-check keys; `DIR` is the topology's scratch directory.
+fn config(backends: usize, listener: &str, group: &str, check: &str, agent: &str) -> String {
+    let mut c = format!(
+        r#"[agent]
+interfaces = ["l0", "l1"]
+api = "unix:DIR/api.sock"
+metrics = "127.0.0.1:9900"
+pin_path = "DIR/bpf/lb"
+flow_table_size = 65536
+{agent}
+
+[[listener]]
+name = "web"
+address = "10.0.100.10"
+port = 80
+target_group = "web"
+{listener}
+
+[[target_group]]
+name = "web"
+hash_table_size = 4099
+{group}
+
+[target_group.health_check]
+protocol = "http"
+path = "/health"
+interval = "1s"
+timeout = "500ms"
+healthy_threshold = 2
+unhealthy_threshold = 2
+{check}
+"#
+    );
+    for i in 1..=backends {
+        c.push_str(&format!(
+            "\n[[target_group.target]]\naddress = \"{}\"\nport = 8080\n",
+            backend_addr(i)
+        ));
+    }
+    c
+}
+
+fn start(backends: usize, options: Options, config: &str) -> Result<Balancer> {
+    let mut topo = Topology::new(Options {
+        backends,
+        ..options
+    })?;
+    for i in 1..=backends {
+        topo.backend(i)?;
+    }
+    Balancer::start(topo, config, &[])
+}
+
+#[test]
+fn new_connections_spread_evenly_and_keep_the_client_address() -> Result<()> {
+    let b = start(3, Options::default(), &config(3, "", "", "", ""))?;
+    b.wait_healthy(3)?;
+    // 1,200 connections: each target within ±15% of a third is 3.7 standard deviations of a
+    // fair split, so a fair balancer fails this about once in 1,500 runs.
+    let n = 1200;
+    let (counts, seen) = b.spread(URL, n)?;
+    println!("spread of {n} connections: {counts:?}");
+    assert_eq!(counts.get("ERR"), None, "{counts:?}");
+    for name in ["b1", "b2", "b3"] {
+        let c = counts.get(name).copied().unwrap_or(0) as f64;
+        assert!((c - 400.0).abs() <= 60.0, "{name}: {c} of {n}: {counts:?}");
+    }
+    assert_eq!(
+        seen,
+        [CLIENT.to_string()].into(),
+        "backends must see the client's own address"
+    );
+    // The backends' own logs say the same.
+    for i in 1..=3 {
+        let log = b.topo.log(&format!("backend-b{i}"));
+        assert!(
+            log.lines()
+                .filter(|l| l.ends_with(" /"))
+                .all(|l| l.contains(&format!(" {CLIENT} "))),
+            "{log}"
+        );
+    }
+    assert_eq!(b.metric("lb_new_flows_total{listener=\"web\"}")?, n as f64);
+    Ok(())
+}
+
+#[test]
+fn failover_and_recovery_as_the_clients_see_it() -> Result<()> {
+    let b = start(3, Options::default(), &config(3, "", "", "", ""))?;
+    b.wait_healthy(3)?;
+    // Clients request every 20 ms for 9 s; backend 2 goes silent at ~2 s and returns at ~6 s.
+    let script = b.topo.dir().join("client.py");
+    std::fs::write(&script, include_str!("../src/client.py"))?;
+    let mut topo_client = std::process::Command::new("ip");
+    topo_client
+        .args(["netns", "exec", &b.topo.ns("cli"), "python3"])
+        .arg(&script)
+        .args(["loop", URL, "12", "0.02"]);
+    let started = Instant::now();
+    let child = topo_client.stdout(std::process::Stdio::piped()).spawn()?;
+    std::thread::sleep(Duration::from_secs(2)); // let the clients run on a healthy group
+    let died = started.elapsed().as_secs_f64();
+    b.topo.set_backend_link(2, false)?;
+    poll(Duration::from_secs(10), "b2 out of the table", || {
+        Ok((!b.table_targets(0)?.contains("10.0.2.12:8080")).then_some(()))
+    })?;
+    let removed = started.elapsed().as_secs_f64();
+    poll(Duration::from_secs(10), "3.5 s after the death", || {
+        Ok((started.elapsed().as_secs_f64() > died + 3.6).then_some(()))
+    })?;
+    let revived = started.elapsed().as_secs_f64();
+    b.topo.set_backend_link(2, true)?;
+    let out = child.wait_with_output()?;
+    let lines: Vec<(f64, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (t, r) = l.split_once(' ')?;
+            Some((t.parse().ok()?, r.to_string()))
+        })
+        .collect();
+    // interval × unhealthy_threshold + timeout, + 1 s of slack.
+    let bound = died + 1.0 * 2.0 + 0.5 + 1.0;
+    let errors_after: Vec<_> = lines
+        .iter()
+        .filter(|(t, r)| *t > bound && *t < revived && r == "ERR")
+        .collect();
+    assert!(
+        errors_after.is_empty(),
+        "errors after {bound:.1} s: {errors_after:?}"
+    );
+    let b2_after: Vec<_> = lines
+        .iter()
+        .filter(|(t, r)| *t > bound && *t < revived && r == "b2")
+        .collect();
+    assert!(b2_after.is_empty(), "b2 answered while dead: {b2_after:?}");
+    // Recovery: two passing checks (≤ 2 intervals + the check's own jitter) and b2 answers again.
+    let back = lines
+        .iter()
+        .find(|(t, r)| *t > revived && r == "b2")
+        .map(|l| l.0);
+    let back = back.expect("b2 answered again before the clients stopped");
+    assert!(
+        back - revived <= 2.0 + 1.0,
+        "b2 back after {:.1} s",
+        back - revived
+    );
+    let first_error = lines
+        .iter()
+        .find(|(t, r)| *t > died && r == "ERR")
+        .map(|l| l.0);
+    println!(
+        "FIGURE failover: removed from the maps {:.2} s after death, last client error {:.2} s after death (first at {:?}); back {:.2} s after recovery",
+        removed - died,
+        lines.iter().filter(|(t, r)| *t > died && r == "ERR").map(|l| l.0).fold(died, f64::max) - died,
+        first_error.map(|t| format!("{:.2}", t - died)),
+        back - revived
+    );
+    Ok(())
+}
+
+#[test]
+fn fails_open_when_every_target_fails_its_checks() -> Result<()> {
+    let b = start(3, Options::default(), &config(3, "", "", "", ""))?;
+    b.wait_healthy(3)?;
+    for i in 1..=3 {
+        b.topo.set_sick(i, true)?; // /health answers 500; / still serves
+    }
+    poll(Duration::from_secs(10), "every target unhealthy", || {
+        Ok(b.states()?.values().all(|s| s == "unhealthy").then_some(()))
+    })?;
+    let s = b.status()?;
+    assert_eq!(s["target_groups"][0]["fail_open"], true);
+    assert_eq!(
+        s["target_groups"][0]["targets"][0]["reason"],
+        "Target.ResponseCodeMismatch"
+    );
+    let (counts, _) = b.spread(URL, 60)?;
+    assert_eq!(counts.get("ERR"), None, "{counts:?}");
+    assert_eq!(
+        counts.len(),
+        3,
+        "fail-open spreads over all targets: {counts:?}"
+    );
+    assert_eq!(b.metric("lb_healthy_targets{group=\"web\"}")?, 0.0);
+    Ok(())
+}
+
+#[test]
+fn ipv6_listener_with_ipv6_targets_and_udp_reverse_nat() -> Result<()> {
+    let mut c = config(0, "", "", "", "").replace(
+        "address = \"10.0.100.10\"",
+        &format!("address = \"{VIP6}\""),
+    );
+    for i in 1..=2 {
+        c.push_str(&format!(
+            "\n[[target_group.target]]\naddress = \"{}\"\nport = 8080\n",
+            backend_addr6(i)
+        ));
+    }
+    c.push_str(&format!(
+        "\n[[listener]]\nname = \"echo6\"\naddress = \"{VIP6}\"\nport = 5300\nprotocol = \"udp\"\ntarget_group = \"echo6\"\n\n[[target_group]]\nname = \"echo6\"\nhash_table_size = 251\n\n[target_group.health_check]\nport = 8080\ninterval = \"1s\"\ntimeout = \"500ms\"\nhealthy_threshold = 2\n\n[[target_group.target]]\naddress = \"{}\"\nport = 5300\n",
+        backend_addr6(1)
+    ));
+    let b = start(2, Options::default(), &c)?;
+    b.wait_healthy(3)?;
+    let (counts, seen) = b.spread(&format!("http://[{VIP6}]/"), 40)?;
+    assert_eq!(counts.get("ERR"), None, "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(seen, [CLIENT6.to_string()].into());
+    let udp = format!(
+        "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.sendto(b'ping',('{VIP6}',5300))\nd,a=s.recvfrom(2048)\nprint(a[0],a[1],d.decode())\n"
+    );
+    std::fs::write(b.topo.dir().join("udp6.py"), udp)?;
+    let reply = b.topo.exec(
+        "cli",
+        &format!("python3 {}/udp6.py", b.topo.dir().display()),
+    )?;
+    assert!(
+        reply.starts_with(&format!("{VIP6} 5300 b1 saw {CLIENT6} "))
+            && reply.trim_end().ends_with(": ping"),
+        "{reply}"
+    );
+    Ok(())
+}
+
+#[test]
+fn closed_ports_and_disallowed_sources_get_no_answer() -> Result<()> {
+    let b = start(
+        2,
+        Options::default(),
+        &config(
+            2,
+            &format!("allowed_sources = [\"{CLIENT}/32\"]"),
+            "",
+            "",
+            "",
+        ),
+    )?;
+    b.wait_healthy(2)?;
+    // A port of the VIP that no listener serves: dropped (no reset, no answer).
+    let closed = b.client("count http://10.0.100.10:81/ 3")?;
+    assert!(closed.iter().all(|l| l == "ERR TimeoutError"), "{closed:?}");
+    assert!(b.metric("lb_dropped_packets_total{reason=\"no_listener\"}")? >= 3.0);
+    // The listener from an address outside allowed_sources: dropped.
+    let other = b.client(&format!("count {URL} 3 {CLIENT_B}"))?;
+    assert!(other.iter().all(|l| l == "ERR TimeoutError"), "{other:?}");
+    assert!(b.metric("lb_dropped_packets_total{reason=\"source_not_allowed\"}")? >= 3.0);
+    // The allowed address is served.
+    let ok = b.client(&format!("count {URL} 3 {CLIENT}"))?;
+    assert!(ok.iter().all(|l| l.ends_with(CLIENT)), "{ok:?}");
+    Ok(())
+}
+
+/// Which backend a stream went to, from the backends' logs.
+fn stream_backend(b: &Balancer, n: usize) -> Option<usize> {
+    (1..=n).find(|i| b.topo.log(&format!("backend-b{i}")).contains(" /stream"))
+}
+
+#[test]
+fn deregistered_target_drains_then_goes() -> Result<()> {
+    let b = start(
+        3,
+        Options::default(),
+        &config(3, "", "deregistration_delay = \"4s\"", "", ""),
+    )?;
+    b.wait_healthy(3)?;
+    // An open connection: a 3-second stream.
+    let stream = b.topo.dir().join("stream.log");
+    let cmd = format!("curl -s -o /dev/null -w '%{{http_code}} %{{size_download}}' 'http://{VIP}/stream?seconds=3&rate=100000' > {} &", stream.display());
+    b.topo.exec("cli", &cmd)?;
+    let i = poll(Duration::from_secs(5), "the stream's backend", || {
+        Ok(stream_backend(&b, 3))
+    })?;
+    let target = format!("{}:8080", backend_addr(i));
+    let (code, text) = b.cli(&["targets", "deregister", "--group", "web", &target])?;
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(b.states()?[&format!("web/{target}")], "draining");
+    // No new flows to it…
+    let (counts, _) = b.spread(URL, 40)?;
+    assert_eq!(counts.get(&format!("b{i}")), None, "{counts:?}");
+    assert_eq!(counts.get("ERR"), None, "{counts:?}");
+    // …while its open connection completes.
+    poll(Duration::from_secs(10), "the stream's end", || {
+        Ok(std::fs::read_to_string(&stream)
+            .ok()
+            .filter(|s| !s.is_empty()))
+    })?;
+    assert_eq!(std::fs::read_to_string(&stream)?, "200 300000");
+    // Removed after deregistration_delay.
+    poll(Duration::from_secs(10), "removed after 4 s", || {
+        Ok((!b.states()?.contains_key(&format!("web/{target}"))).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_long_transfer_survives_targets_added_and_removed() -> Result<()> {
+    // b4 is up but not registered; the group starts with b1..b3.
+    let mut topo = Topology::new(Options {
+        backends: 4,
+        ..Options::default()
+    })?;
+    for i in 1..=4 {
+        topo.backend(i)?;
+    }
+    let b = Balancer::start(topo, &config(3, "", "", "", ""), &[])?;
+    b.wait_healthy(3)?;
+    let stream = b.topo.dir().join("stream.log");
+    let cmd = format!("curl -s -o /dev/null -w '%{{http_code}} %{{size_download}}' 'http://{VIP}/stream?seconds=5&rate=400000' > {} &", stream.display());
+    b.topo.exec("cli", &cmd)?;
+    let i = poll(Duration::from_secs(5), "the stream's backend", || {
+        Ok(stream_backend(&b, 3))
+    })?;
+    // Add a target, and take away another one (not the stream's).
+    let (code, text) = b.cli(&[
+        "targets",
+        "register",
+        "--group",
+        "web",
+        &format!("{}:8080", backend_addr(4)),
+    ])?;
+    assert_eq!(code, 0, "{text}");
+    b.wait_healthy(4)?;
+    let other = (1..=3).find(|&j| j != i).unwrap();
+    let (code, text) = b.cli(&[
+        "targets",
+        "deregister",
+        "--group",
+        "web",
+        &format!("{}:8080", backend_addr(other)),
+    ])?;
+    assert_eq!(code, 0, "{text}");
+    poll(Duration::from_secs(15), "the stream's end", || {
+        Ok(std::fs::read_to_string(&stream)
+            .ok()
+            .filter(|s| !s.is_empty()))
+    })?;
+    assert_eq!(
+        std::fs::read_to_string(&stream)?,
+        "200 2000000",
+        "the transfer was cut"
+    );
+    Ok(())
+}
+
+#[test]
+fn one_arm_balancer_answers_with_xdp_tx() -> Result<()> {
+    let c =
+        config(2, "", "", "", "").replace("interfaces = [\"l0\", \"l1\"]", "interfaces = [\"l1\"]");
+    let b = start(
+        2,
+        Options {
+            one_arm: true,
+            ..Options::default()
+        },
+        &c,
+    )?;
+    b.wait_healthy(2)?;
+    let (counts, seen) = b.spread(URL, 40)?;
+    assert_eq!(counts.get("ERR"), None, "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert_eq!(seen, [ONE_ARM_CLIENT.to_string()].into());
+    // Both directions went back out of the one interface by XDP_TX, not through the stack.
+    let stats = b.topo.exec("lb", "ethtool -S l1")?;
+    let xdp_tx: u64 = stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rx_queue_0_xdp_tx: ")?.parse().ok())
+        .unwrap_or(0);
+    assert!(xdp_tx >= 80, "XDP_TX frames: {xdp_tx}\n{stats}");
+    Ok(())
+}
+
+#[test]
+fn generic_mode_works_too() -> Result<()> {
+    let b = start(
+        2,
+        Options::default(),
+        &config(2, "", "", "", "xdp_mode = \"generic\""),
+    )?;
+    b.wait_healthy(2)?;
+    assert!(b
+        .topo
+        .exec("lb", "ip -d link show l0")?
+        .contains(" xdpgeneric"));
+    let s = b.status()?;
+    assert_eq!(s["datapath"]["interfaces"][0]["mode"], "generic");
+    let (counts, seen) = b.spread(URL, 30)?;
+    assert_eq!(counts.get("ERR"), None, "{counts:?}");
+    assert_eq!(seen, [CLIENT.to_string()].into());
+    Ok(())
+}
+
+/// With tx checksum offload on, a local socket's frames leave the client over veth with a
+/// partial checksum (pseudo-header only; the "hardware" would finish it). XDP sees raw frames
+/// with no checksum state and updates that partial value incrementally as if it were final, so
+/// the target receives a bad TCP checksum and drops the segment: connections through the
+/// balancer fail. Real NICs finish the checksum before the wire, so this concerns veth
+/// topologies only (and is why every other test turns tx offload off on sending hosts).
+#[test]
+fn client_tx_checksum_offload_on_veth_breaks_forwarded_flows() -> Result<()> {
+    let b = start(
+        2,
+        Options {
+            client_tx_offload: true,
+            ..Options::default()
+        },
+        &config(2, "", "", "", ""),
+    )?;
+    b.wait_healthy(2)?;
+    let out = b.client(&format!("count {URL} 5"))?;
+    println!("with client tx offload on: {out:?}");
+    assert!(out.iter().all(|l| l.starts_with("ERR")), "{out:?}");
+    // The balancer did forward them: the SYNs were scheduled to targets.
+    assert!(b.metric("lb_new_flows_total{listener=\"web\"}")? >= 5.0);
+    // Turning offload off on the client is the whole fix.
+    b.topo.exec("cli", "ethtool -K c0 tx off")?;
+    let out = b.client(&format!("count {URL} 5"))?;
+    assert!(out.iter().all(|l| l.ends_with(CLIENT)), "{out:?}");
+    Ok(())
+}
