@@ -11,7 +11,52 @@ use std::{
 use anyhow::{bail, Context, Result};
 use lb_userspace::maps::KernelMaps;
 
-use crate::topology::Topology;
+use crate::topology::{backend_addr, Topology};
+
+pub const URL: &str = "http://10.0.100.10/";
+
+/// A config for `backends` backends behind VIP:80 (tcp), with the given extra listener keys,
+/// group keys and health-check keys; `DIR` is the topology's scratch directory.
+pub fn config(backends: usize, listener: &str, group: &str, check: &str, agent: &str) -> String {
+    let mut c = format!(
+        r#"[agent]
+interfaces = ["l0", "l1"]
+api = "unix:DIR/api.sock"
+metrics = "127.0.0.1:9900"
+pin_path = "DIR/bpf/lb"
+flow_table_size = 65536
+{agent}
+
+[[listener]]
+name = "web"
+address = "10.0.100.10"
+port = 80
+target_group = "web"
+{listener}
+
+[[target_group]]
+name = "web"
+hash_table_size = 4099
+{group}
+
+[target_group.health_check]
+protocol = "http"
+path = "/health"
+interval = "1s"
+timeout = "500ms"
+healthy_threshold = 2
+unhealthy_threshold = 2
+{check}
+"#
+    );
+    for i in 1..=backends {
+        c.push_str(&format!(
+            "\n[[target_group.target]]\naddress = \"{}\"\nport = 8080\n",
+            backend_addr(i)
+        ));
+    }
+    c
+}
 
 /// The agent binary: `LB_AGENT_BIN` (set by `cargo xtask test`), else the debug build.
 pub fn agent_bin() -> PathBuf {

@@ -5,57 +5,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use lb_tests::{
-    harness::{poll, Balancer},
+    harness::{config, poll, Balancer, URL},
     topology::{
         backend_addr, backend_addr6, Options, Topology, CLIENT, CLIENT6, CLIENT_B, ONE_ARM_CLIENT,
         VIP, VIP6,
     },
 };
-
-const URL: &str = "http://10.0.100.10/";
-
-/// A config for `backends` backends behind VIP:80 (tcp), with the given extra listener keys,
-/// group keys and health-check keys; `DIR` is the topology's scratch directory.
-fn config(backends: usize, listener: &str, group: &str, check: &str, agent: &str) -> String {
-    let mut c = format!(
-        r#"[agent]
-interfaces = ["l0", "l1"]
-api = "unix:DIR/api.sock"
-metrics = "127.0.0.1:9900"
-pin_path = "DIR/bpf/lb"
-flow_table_size = 65536
-{agent}
-
-[[listener]]
-name = "web"
-address = "10.0.100.10"
-port = 80
-target_group = "web"
-{listener}
-
-[[target_group]]
-name = "web"
-hash_table_size = 4099
-{group}
-
-[target_group.health_check]
-protocol = "http"
-path = "/health"
-interval = "1s"
-timeout = "500ms"
-healthy_threshold = 2
-unhealthy_threshold = 2
-{check}
-"#
-    );
-    for i in 1..=backends {
-        c.push_str(&format!(
-            "\n[[target_group.target]]\naddress = \"{}\"\nport = 8080\n",
-            backend_addr(i)
-        ));
-    }
-    c
-}
 
 fn start(backends: usize, options: Options, config: &str) -> Result<Balancer> {
     let mut topo = Topology::new(Options {
