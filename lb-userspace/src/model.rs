@@ -116,6 +116,28 @@ impl<K: Ord + Clone> Ids<K> {
         self.freed.insert(id);
         Some(id)
     }
+
+    /// Releases the ids of keys not in `keys`, then assigns one to every key in it; None when
+    /// ids ran out.
+    pub fn sync<'a>(&mut self, keys: impl Iterator<Item = &'a K> + Clone, limit: u32) -> Option<()>
+    where
+        K: 'a,
+    {
+        let wanted: BTreeSet<&K> = keys.clone().collect();
+        let stale: Vec<K> = self
+            .assigned
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .cloned()
+            .collect();
+        for k in &stale {
+            self.release(k);
+        }
+        for k in keys {
+            self.assign(k, limit)?;
+        }
+        Some(())
+    }
 }
 
 /// A map as a list of pairs (JSON keys must be strings; target keys are not).
@@ -311,11 +333,20 @@ impl Model {
     /// updated, config targets no longer listed start draining (API registrations stay), and
     /// targets of groups that no longer exist are removed at once.
     pub fn sync_config(&mut self, config: &Config, now: Instant) -> Result<(), String> {
+        self.group_ids
+            .sync(
+                config.target_groups.iter().map(|g| &g.name),
+                lb_common::maps::MAX_GROUPS,
+            )
+            .ok_or("no free group id")?;
+        self.listener_ids
+            .sync(
+                config.listeners.iter().map(|l| &l.name),
+                lb_common::maps::MAX_LISTENERS,
+            )
+            .ok_or("no free listener id")?;
         let mut listed = BTreeSet::new();
         for g in &config.target_groups {
-            self.group_ids
-                .assign(&g.name, lb_common::maps::MAX_GROUPS)
-                .ok_or("no free group id")?;
             for t in &g.targets {
                 let key = TargetKey {
                     group: g.name.clone(),
@@ -342,33 +373,6 @@ impl Model {
                 }
                 None => self.remove(&key, true),
             }
-        }
-        let names: BTreeSet<&String> = config.target_groups.iter().map(|g| &g.name).collect();
-        let stale: Vec<String> = self
-            .group_ids
-            .assigned
-            .keys()
-            .filter(|n| !names.contains(n))
-            .cloned()
-            .collect();
-        for name in stale {
-            self.group_ids.release(&name);
-        }
-        for l in &config.listeners {
-            self.listener_ids
-                .assign(&l.name, lb_common::maps::MAX_LISTENERS)
-                .ok_or("no free listener id")?;
-        }
-        let names: BTreeSet<&String> = config.listeners.iter().map(|l| &l.name).collect();
-        let stale: Vec<String> = self
-            .listener_ids
-            .assigned
-            .keys()
-            .filter(|n| !names.contains(n))
-            .cloned()
-            .collect();
-        for name in stale {
-            self.listener_ids.release(&name);
         }
         Ok(())
     }
