@@ -405,6 +405,11 @@ impl Agent {
         self.ctl.record(&key, &event);
         if event.transition.is_some() {
             self.apply(event.at.into_std(), "health");
+            info!(
+                target = %key,
+                after_check_us = event.at.elapsed().as_micros() as u64,
+                "maps follow the health transition"
+            );
         }
     }
 

@@ -1,12 +1,16 @@
 """A test client: short HTTP/1.0 requests, one new connection each.
 
   client.py count URL N [SOURCE]      N requests; prints "NAME SEEN_ADDR" or "ERR reason" per request
-  client.py loop URL SECONDS GAP      requests every GAP s for SECONDS; prints "T NAME|ERR" (T: s since start)
+  client.py loop URL SECONDS GAP [THREADS [ORIGIN]]
+                                      THREADS workers (default 1), each requesting every GAP s for
+                                      SECONDS; prints "T NAME|ERR" per request, T in seconds since
+                                      ORIGIN (a CLOCK_MONOTONIC time; default: the client's start)
 
 The backend answers "NAME saw ADDR PORT".
 """
 import socket
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -47,8 +51,21 @@ if mode == "count":
         print(get(url, source), flush=True)
 elif mode == "loop":
     seconds, gap = float(sys.argv[3]), float(sys.argv[4])
+    threads = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        t = time.monotonic() - start
-        print(f"{t:.3f} {get(url).split()[0]}", flush=True)
-        time.sleep(gap)
+    origin = float(sys.argv[6]) if len(sys.argv) > 6 else start
+    lock = threading.Lock()
+
+    def worker():
+        while time.monotonic() - start < seconds:
+            t = time.monotonic() - origin
+            answer = get(url).split()[0]
+            with lock:
+                print(f"{t:.3f} {answer}", flush=True)
+            time.sleep(gap)
+
+    workers = [threading.Thread(target=worker) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()

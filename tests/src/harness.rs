@@ -266,8 +266,17 @@ impl Balancer {
     }
 }
 
-impl Drop for Balancer {
-    fn drop(&mut self) {
+impl Balancer {
+    /// Stops the agent (if running) and hands the topology back, for more runs on it.
+    pub fn into_topology(mut self) -> Topology {
+        self.shut_down();
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never dropped or used again, so `topo` is moved out exactly once;
+        // the other fields (paths and strings) are leaked.
+        unsafe { std::ptr::read(&this.topo) }
+    }
+
+    fn shut_down(&mut self) {
         // Captured by the test harness: shown only when the test fails.
         if self.log_on_drop {
             eprintln!("--- agent log ---\n{}", self.agent_log());
@@ -278,5 +287,11 @@ impl Drop for Balancer {
         let _ = std::fs::remove_file(lb_userspace::datapath::state_file(
             &self.topo.bpffs().join("lb"),
         ));
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }

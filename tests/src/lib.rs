@@ -2,6 +2,7 @@
 //! network namespace per test, and a data plane loaded and provisioned through the agent's
 //! own map writer.
 
+pub mod bench;
 pub mod harness;
 pub mod lab;
 pub mod packet;

@@ -10,7 +10,19 @@ use anyhow::{bail, Context, Result};
 
 /// Debian packages the build, the tests, the demo and the benchmarks use.
 const PACKAGES: &[&str] = &[
-    "iproute2", "ethtool", "curl", "bpftool", "tcpdump", "iperf3", "haproxy", "socat", "wrk",
+    "iproute2",
+    "ethtool",
+    "curl",
+    "bpftool",
+    "tcpdump",
+    "iperf3",
+    "haproxy",
+    "socat",
+    "wrk",
+    "nftables",
+    "fonts-dejavu-core",
+    "python3",
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 
@@ -228,5 +240,19 @@ fn bench(args: &[String]) -> Result<()> {
         "--",
     ];
     a.extend(args.iter().map(String::as_str));
-    cargo(&a, &[])
+    // The agent the end-to-end and control-plane figures run: a release build.
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "lb-agent",
+        ],
+        &[],
+    )?;
+    let bin = root().join("target/release/lb-agent");
+    cargo(&a, &[("LB_AGENT_BIN", bin.to_str().context("path")?)])
 }

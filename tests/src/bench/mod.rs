@@ -1,0 +1,7 @@
+//! The pieces of `cargo xtask bench` (the `lb-bench` binary): end to end against nftables DNAT
+//! and HAProxy, control-plane figures, and the failover picture.
+
+pub mod control;
+pub mod e2e;
+pub mod packet;
+pub mod plot;

@@ -1,0 +1,145 @@
+//! Per-packet cost of the XDP program through BPF_PROG_TEST_RUN.
+//!
+//! One packet per call (`repeat = 1`: with more, the kernel would feed the rewritten packet
+//! back in), each call of a case alternated with one of the empty `lb_xdp_pass` program, the
+//! thread pinned to one CPU. Per round: mean kernel-measured duration of the case minus that of
+//! the floor. Reported: median of the rounds, with min–max.
+
+use anyhow::{Context, Result};
+use lb_common::maps::{DEFAULT_FLOW_TABLE_SIZE, PROGRAM_XDP, PROGRAM_XDP_PASS};
+use lb_userspace::dataplane;
+
+use crate::{
+    lab::{Lab, CLIENT4},
+    packet::{Packet, TCP_ACK, TCP_SYN},
+    world::{run_prog_timed, World, VIP4},
+};
+
+struct Case {
+    name: &'static str,
+    /// The frame of call `n` (new flows patch a distinct 5-tuple into it).
+    frame: Box<dyn Fn(u64) -> Vec<u8>>,
+    ingress_backend: bool,
+    expect: u32,
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+        }
+    }
+    Ok(())
+}
+
+/// One row: path, median net ns, min, max, median floor ns.
+pub type Row = (&'static str, f64, f64, f64, f64);
+
+/// Measures every path, `calls` per round, `rounds` rounds, on the calling thread (pinned to
+/// CPU 0 and moved to a private network namespace: run it on a thread of its own).
+pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
+    pin_to_cpu(0)?;
+    let lab = Lab::new()?;
+    let mut world = World::with_flow_table(DEFAULT_FLOW_TABLE_SIZE)?;
+
+    let syn = Packet::tcp(CLIENT4, 40000, VIP4, 80, TCP_SYN).bytes();
+    let established = Packet::tcp(CLIENT4, 39999, VIP4, 80, TCP_ACK).bytes();
+    world.run(
+        lab.cli,
+        &Packet::tcp(CLIENT4, 39999, VIP4, 80, TCP_SYN).bytes(),
+    )?;
+    let cases = vec![
+        Case {
+            name: "new TCP flow (flow-table miss + insert)",
+            frame: Box::new(move |n| {
+                // A distinct (source address, source port) per call; checksums are not
+                // the program's concern on this path.
+                let mut f = syn.clone();
+                let src = u32::from_be_bytes([10, 1, 0, 0]) + 16 + (n / 50_000) as u32;
+                f[26..30].copy_from_slice(&src.to_be_bytes());
+                f[34..36].copy_from_slice(&(10_000 + (n % 50_000) as u16).to_be_bytes());
+                f
+            }),
+            ingress_backend: false,
+            expect: 4,
+        },
+        Case {
+            name: "established flow (hit)",
+            frame: Box::new(move |_| established.clone()),
+            ingress_backend: false,
+            expect: 4,
+        },
+        Case {
+            name: "reply (reverse NAT)",
+            frame: Box::new(|_| Packet::tcp("10.2.0.11", 8080, CLIENT4, 39999, TCP_ACK).bytes()),
+            ingress_backend: true,
+            expect: 4,
+        },
+        Case {
+            name: "non-VIP pass",
+            frame: Box::new(|_| Packet::tcp(CLIENT4, 40000, "10.2.0.11", 22, TCP_ACK).bytes()),
+            ingress_backend: false,
+            expect: 2,
+        },
+        Case {
+            name: "dropped (VIP, no listener)",
+            frame: Box::new(|_| Packet::tcp(CLIENT4, 40000, VIP4, 22, TCP_SYN).bytes()),
+            ingress_backend: false,
+            expect: 1,
+        },
+    ];
+
+    let floor_frame = Packet::tcp(CLIENT4, 40000, VIP4, 80, TCP_SYN).bytes();
+    let mut rows = Vec::new();
+    let mut new_flow_counter = 0u64;
+    for case in &cases {
+        let ingress = if case.ingress_backend {
+            lab.bk
+        } else {
+            lab.cli
+        };
+        let mut nets = Vec::new();
+        let mut floors = Vec::new();
+        for _ in 0..rounds {
+            let (mut case_ns, mut floor_ns) = (0u128, 0u128);
+            for i in 0..calls {
+                let n = if case.name.starts_with("new") {
+                    new_flow_counter += 1;
+                    new_flow_counter
+                } else {
+                    i
+                };
+                let frame = (case.frame)(n);
+                let prog = dataplane::program_mut(&mut world.ebpf, PROGRAM_XDP)?;
+                let (action, duration) = timed(prog, ingress, &frame)?;
+                anyhow::ensure!(action == case.expect, "{}: action {action}", case.name);
+                case_ns += duration;
+                let floor = dataplane::program_mut(&mut world.ebpf, PROGRAM_XDP_PASS)?;
+                floor_ns += timed(floor, ingress, &floor_frame)?.1;
+            }
+            let (c, f) = (
+                case_ns as f64 / calls as f64,
+                floor_ns as f64 / calls as f64,
+            );
+            nets.push(c - f);
+            floors.push(f);
+        }
+        nets.sort_by(f64::total_cmp);
+        floors.sort_by(f64::total_cmp);
+        rows.push((
+            case.name,
+            nets[rounds / 2],
+            nets[0],
+            nets[rounds - 1],
+            floors[rounds / 2],
+        ));
+    }
+    Ok(rows)
+}
+
+fn timed(prog: &aya::programs::Xdp, ingress: u32, frame: &[u8]) -> Result<(u32, u128)> {
+    run_prog_timed(prog, ingress, frame).map(|(action, _, d)| (action, d.as_nanos()))
+}
