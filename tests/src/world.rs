@@ -17,6 +17,7 @@ use lb_common::{
 use lb_userspace::{
     dataplane::{self, MapSizes},
     maps::{table_of_ids, KernelMaps, SourcePrefix},
+    state,
 };
 
 pub const HASH_KEY: [u32; 2] = [0x1234_5678, 0x9abc_def0];
@@ -59,22 +60,14 @@ pub const LISTENERS: [ListenerRow; 12] = [
 pub const STICKY_GROUP: u32 = 3;
 pub const GROUPS: u32 = 9;
 
+/// The listener/reverse key of a fixture endpoint (the agent's own `state::endpoint_key`).
 pub fn endpoint(ip: &str, port: u16, protocol: u8) -> EndpointKey {
-    let (addr, family) = addr::to_words(ip.parse().expect("address"));
-    EndpointKey {
-        addr,
-        port_be: port.to_be(),
-        protocol,
-        family,
-    }
+    state::endpoint_key(ip.parse().expect("address"), port, protocol)
 }
 
+/// A fixture target's consistent-hash identity (the agent's own `state::identity`).
 pub fn identity(addr: &str, port: u16) -> Vec<u8> {
-    let (w, family) = addr::to_words(addr.parse().expect("address"));
-    let mut id: Vec<u8> = w.iter().flat_map(|x| x.to_ne_bytes()).collect();
-    id.extend_from_slice(&port.to_be_bytes());
-    id.push(family);
-    id
+    state::identity(addr.parse().expect("address"), port)
 }
 
 pub struct World {
