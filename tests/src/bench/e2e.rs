@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{
     harness::Balancer,
-    topology::{backend_addr, Topology, VIP},
+    topology::{backend_addr, Topology, CLIENT_B, VIP},
 };
 
 #[derive(Clone, Debug, Default)]
@@ -249,7 +249,18 @@ pub fn run(seconds: u64) -> Result<Vec<Row>> {
     topo.stop(proxy, libc::SIGTERM)?;
     topo.exec("lb", &format!("ip addr del {VIP}/32 dev lo"))?;
 
-    // (d) no balancer: routed straight to backend 1.
+    // (d) no balancer: routed straight to backend 1, from the client's second address. The
+    // runs above left backend 1 with TIME_WAIT sockets for (client address, port) tuples whose
+    // TCP timestamps follow the (client, VIP) pair; a direct connection from the same address
+    // reusing such a port carries timestamps of the (client, backend) pair, fails PAWS, and
+    // waits for a SYN retransmission. The same happens the other way round.
+    topo.exec(
+        "cli",
+        &format!(
+            "ip route add {}/32 via 10.0.1.1 src {CLIENT_B}",
+            backend_addr(1)
+        ),
+    )?;
     let direct_row = measure(
         &topo,
         "direct (no balancer)",

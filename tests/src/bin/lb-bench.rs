@@ -175,7 +175,9 @@ fn main() -> Result<()> {
          the balancer namespace (`numgen random` over the three backends, client address kept, \
          replies un-NATed by conntrack on their way back). **haproxy**: HAProxy 2.6 in TCP \
          mode (a full proxy). **direct**: no balancer, plain kernel routing through the \
-         balancer namespace to backend 1. Backends answer HTTP with HAProxy's \
+         balancer namespace to backend 1 (from the client's second address, so that its connections \
+         never reuse a tuple the NAT runs left in TIME_WAIT on backend 1 with other TCP \
+         timestamps). Backends answer HTTP with HAProxy's \
          `http-request return` (a C server); iperf3 runs on backend 1 (the throughput and UDP \
          listeners have that one target). UDP: iperf3 `-u -l 64 -b 0` (64-byte payloads, \
          unlimited rate), packets received by the server per second; HAProxy has no UDP. On \
