@@ -189,7 +189,8 @@ fn main() -> Result<()> {
          Reading these on veth: native XDP on a veth receives frames that local sockets built as \
          skbs; the kernel copies each such frame into a page of its own before the program \
          runs (an skb lacks the headroom XDP needs), and the peer of the redirect target builds \
-         a new skb around it. That is work plain routing (direct, nftables) does not do, so on \
+         a new skb around it (this is what the kernel's veth driver does; it was not measured \
+         separately). That is work plain routing (direct, nftables) does not do, so on \
          this topology XDP cannot beat the kernel path per connection; on a NIC, XDP runs on \
          the driver's buffers before any skb exists. The per-packet figures above are the \
          program's own cost.\n"
