@@ -153,9 +153,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     datapath::check_privileges()?;
     // The API socket first: it is how a second agent on the same config finds the first.
     let api = bind_api(&api_path(&config)).await?;
-    let now = Instant::now();
-    let dp = datapath::open(&config, table_slots(&config))?;
-    let interfaces: BTreeSet<u32> = dp.attached.values().map(|(i, _)| *i).collect();
     let metrics_listener = match config.agent.metrics.as_str() {
         "" => None,
         a => Some(
@@ -164,17 +161,33 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 .with_context(|| format!("binding agent.metrics {a}"))?,
         ),
     };
-
-    let mut dp = dp;
-    let ctl = match dp.adopted.take() {
-        None => {
-            let key = hash_key(&config.agent.hash_seed)?;
-            Controller::new(config, key, interfaces, now)?
+    let now = Instant::now();
+    let mut dp = datapath::open(&config, table_slots(&config))?;
+    let interfaces: BTreeSet<u32> = dp.attached.values().map(|(i, _)| *i).collect();
+    let adopted = dp.adopted.take();
+    let fresh = adopted.is_none();
+    let setup = (|| -> Result<(Controller, FlowTable)> {
+        let ctl = match adopted {
+            None => {
+                let key = hash_key(&config.agent.hash_seed)?;
+                Controller::new(config, key, interfaces, now)?
+            }
+            Some(state) => adopt(&mut dp, state, config, interfaces, now)?,
+        };
+        Ok((ctl, dp.maps.flow_table()?))
+    })();
+    let (ctl, flow_table) = match setup {
+        Ok(v) => v,
+        Err(e) if fresh => {
+            // Nothing was serving before this run: leave nothing attached.
+            if let Err(t) = dp.tear_down() {
+                warn!(error = %format!("{t:#}"), "tearing the data plane down after a failed start");
+            }
+            return Err(e);
         }
-        Some(state) => adopt(&mut dp, state, config, interfaces, now)?,
+        Err(e) => return Err(e),
     };
     let (events, mut health_rx) = mpsc::channel(1024);
-    let flow_table = dp.maps.flow_table()?;
     let mut agent = Agent {
         config_path: opts.config_path.clone(),
         ctl,

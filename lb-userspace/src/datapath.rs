@@ -258,9 +258,22 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
             attached.insert(name.clone(), (index, mode));
             continue;
         }
-        let (link, mode) = attach(&mut prog, name, config.agent.xdp_mode)?;
-        link.pin(&link_path)
-            .with_context(|| format!("pinning the link of {name}"))?;
+        let attached_now =
+            attach(&mut prog, name, config.agent.xdp_mode).and_then(|(link, mode)| {
+                link.pin(&link_path)
+                    .with_context(|| format!("pinning the link of {name}"))?;
+                Ok(mode)
+            });
+        let mode = match attached_now {
+            Ok(mode) => mode,
+            Err(e) => {
+                if earlier.is_none() {
+                    // A fresh start that cannot attach everywhere leaves nothing behind.
+                    remove_pins(&pin_dir);
+                }
+                return Err(e);
+            }
+        };
         info!(interface = %name, mode, "XDP attached");
         attached.insert(name.clone(), (index, mode));
     }
@@ -279,6 +292,16 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
         attached,
         adopted: earlier,
     })
+}
+
+/// Detaches every pinned link under `pin_dir` and removes the pins (best effort).
+fn remove_pins(pin_dir: &Path) {
+    if let Ok(entries) = fs::read_dir(pin_dir.join("links")) {
+        for entry in entries.flatten() {
+            let _ = detach_link(&entry.path());
+        }
+    }
+    let _ = fs::remove_dir_all(pin_dir);
 }
 
 fn detach_link(path: &Path) -> Result<()> {

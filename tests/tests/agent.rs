@@ -335,6 +335,16 @@ fn run_refuses_bad_setups_with_clear_errors() -> Result<()> {
     let (code, err) = run(&good.replace("\"l1\"", "\"nosuch0\""), &[])?;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("interface nosuch0 not found"), "{err}");
+    // An interface without native XDP (a bridge), after one with it: nothing stays attached.
+    topo.exec("lb", "ip link add d0 type bridge && ip link set d0 up")?;
+    let (code, err) = run(&good.replace("\"l1\"", "\"d0\""), &[])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("attaching XDP to d0 in native mode"), "{err}");
+    assert!(
+        !topo.exec("lb", "ip -d link show l0")?.contains(" xdp"),
+        "l0 left attached"
+    );
+    assert!(!topo.bpffs().join("lb").exists(), "pins left behind");
     // Not root.
     let (code, err) = run(
         &good,
