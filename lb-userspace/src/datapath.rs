@@ -197,9 +197,13 @@ fn earlier_state(pin_dir: &Path) -> Result<Option<serde_json::Value>> {
 pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
     let pin_dir = PathBuf::from(&config.agent.pin_path);
     ensure_bpffs(&pin_dir)?;
-    for name in &config.agent.interfaces {
-        ifindex(name)?;
-    }
+    // Every interface must exist before anything is touched.
+    let indexes: BTreeMap<&String, u32> = config
+        .agent
+        .interfaces
+        .iter()
+        .map(|name| Ok((name, ifindex(name)?)))
+        .collect::<Result<_>>()?;
     let earlier = earlier_state(&pin_dir)?;
     fs::DirBuilder::new()
         .recursive(true)
@@ -245,7 +249,7 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
     let wanted: BTreeSet<&String> = config.agent.interfaces.iter().collect();
     for name in &config.agent.interfaces {
         let link_path = pin_dir.join("links").join(name);
-        let index = ifindex(name)?;
+        let index = indexes[name];
         if link_path.exists() {
             PinnedLink::from_pin(&link_path)
                 .with_context(|| format!("opening the pinned link of {name}"))?;

@@ -208,6 +208,13 @@ pub fn desired(
         );
     }
 
+    // Target endpoints (address, port_be) that serve more than one listener: their flows also
+    // record reply-flow entries.
+    let shared: BTreeSet<([u32; 4], u16)> = served
+        .iter()
+        .filter(|(_, l)| l.len() > 1)
+        .map(|(k, _)| (k.addr, k.port_be))
+        .collect();
     for g in &config.target_groups {
         let Some(gid) = model.group_ids.get(&g.name) else {
             continue;
@@ -225,10 +232,12 @@ pub fn desired(
             .any(|(_, t)| t.draining_until.is_none() && t.health == TargetState::Healthy);
         let mut table = Vec::new();
         for (key, t) in &members {
-            let shared = served.iter().any(|(k, l)| {
-                l.len() > 1 && k.addr == addr::to_words(key.addr).0 && k.port_be == key.port.to_be()
-            });
-            let flags = if shared { TARGET_F_SHARED_ENDPOINT } else { 0 };
+            let endpoint = (addr::to_words(key.addr).0, key.port.to_be());
+            let flags = if shared.contains(&endpoint) {
+                TARGET_F_SHARED_ENDPOINT
+            } else {
+                0
+            };
             let draining = t.draining_until.is_some();
             let eligible = !draining && (t.health == TargetState::Healthy || !any_healthy);
             let state = if draining || eligible {

@@ -376,3 +376,28 @@ fn reload_drains_removed_targets_and_keeps_ids() {
         .iter()
         .all(|c| c.to == TargetState::Unused || c.to == TargetState::Draining));
 }
+
+#[test]
+fn endpoints_serving_two_listeners_are_marked_shared() {
+    use lb_common::{REVERSE_F_AMBIGUOUS, TARGET_F_SHARED_ENDPOINT};
+    let w = World::new(|c| {
+        let mut second = c.listeners[0].clone();
+        second.name = "web-b".into();
+        second.address = "10.9.0.11".parse().unwrap();
+        c.listeners.push(second);
+    });
+    let d = w.c.desired(w.t0);
+    for last in [11, 12, 13] {
+        assert_eq!(
+            d.targets[&w.id(last)].flags,
+            TARGET_F_SHARED_ENDPOINT,
+            "target {last}"
+        );
+    }
+    assert!(d.reverse.values().all(|r| r.flags == REVERSE_F_AMBIGUOUS));
+    // One listener alone: nothing shared.
+    let w = World::new(|_| {});
+    let d = w.c.desired(w.t0);
+    assert!(d.targets.values().all(|t| t.flags == 0));
+    assert!(d.reverse.values().all(|r| r.flags == 0));
+}
