@@ -18,9 +18,12 @@ pub const MAP_REPLY_FLOWS: &str = "LB_REPLY_FLOWS";
 pub const MAP_DEVMAP: &str = "LB_DEVMAP";
 pub const MAP_STATS: &str = "LB_STATS";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS";
+pub const MAP_FLOOD: &str = "LB_FLOOD";
+pub const MAP_REPLY_FRAGS: &str = "LB_REPLY_FRAGS";
+pub const MAP_IFACES: &str = "LB_IFACES";
 
 /// Every map the object defines (a test checks that each resolves in the loaded object).
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_CONFIG,
     MAP_VIPS,
     MAP_LISTENERS,
@@ -35,6 +38,9 @@ pub const ALL_MAPS: [&str; 14] = [
     MAP_DEVMAP,
     MAP_STATS,
     MAP_COUNTERS,
+    MAP_FLOOD,
+    MAP_REPLY_FRAGS,
+    MAP_IFACES,
 ];
 
 /// Listeners (and so VIP:port:protocol entries) the data plane holds.
@@ -53,5 +59,9 @@ pub const DEFAULT_HASH_TABLE_SIZE: u32 = 65_537;
 /// Slots of `LB_TABLES` by default: both halves of the double buffer for 16 groups at the
 /// default table size. The agent sizes it from the config at load time.
 pub const DEFAULT_TABLE_SLOTS: u32 = 2 * 16 * DEFAULT_HASH_TABLE_SIZE;
+/// Fragmented replies tracked at once (first fragment seen, later ones expected).
+pub const MAX_REPLY_FRAGS: u32 = 8192;
+/// Default `agent.flow_insert_limit`: new flow-table entries per CPU per second.
+pub const DEFAULT_FLOW_INSERT_LIMIT: u32 = 125_000;
 /// Interfaces in the redirect devmap.
 pub const MAX_INTERFACES: u32 = 64;

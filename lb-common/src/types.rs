@@ -16,7 +16,9 @@ pub struct DataplaneConfig {
     pub hash_key: [u32; 2],
     /// `CONFIG_F_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// New flow-table entries a CPU may create per second (`agent.flow_insert_limit`); past
+    /// it, new flows are forwarded by the consistent hash without an entry. 0: no limit.
+    pub flow_insert_limit: u32,
 }
 const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 16);
 
@@ -223,6 +225,62 @@ pub const FLOW_F_CLOSING: u32 = 1;
 /// `ns >> FLOW_TICK_SHIFT` is the tick count stored in `FlowValue::last_seen_ticks`.
 pub const FLOW_TICK_SHIFT: u32 = 30;
 
+/// Value of `LB_FLOOD[0]` (per CPU): flow-table entries this CPU created in the current
+/// second, for `DataplaneConfig::flow_insert_limit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InsertBudget {
+    /// CLOCK_MONOTONIC seconds of the window.
+    pub second: u64,
+    /// Entries created in it.
+    pub inserts: u64,
+}
+const _: () = assert!(core::mem::size_of::<InsertBudget>() == 16);
+
+/// Key of `LB_REPLY_FRAGS`: one fragmented datagram from a target (RFC 791 / RFC 8200
+/// reassembly key: source, destination, identification, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src_addr: [u32; 4],
+    pub dst_addr: [u32; 4],
+    /// IPv4 identification (16 bits, zero-extended) or IPv6 fragment identification, as read
+    /// from the packet (network order).
+    pub id: u32,
+    pub protocol: u8,
+    pub family: u8,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// Value of `LB_REPLY_FRAGS`: how every fragment of the datagram leaves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    /// The VIP the datagram's fragments leave with (its first fragment's reverse NAT).
+    pub vip_addr: [u32; 4],
+    pub listener_id: u32,
+    /// `FRAG_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragValue>() == 24);
+
+/// The first fragment was a reply that could not be translated (dropped): drop the rest.
+pub const FRAG_F_DROP: u32 = 1;
+
+/// Value of `LB_IFACES[ifindex]`: what an interface XDP is attached to faces.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceValue {
+    /// `IFACE_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<IfaceValue>() == 4);
+
+/// Replies from targets arrive here: reverse NAT (and ICMP from targets) applies only to
+/// packets received on such an interface.
+pub const IFACE_F_TARGETS: u32 = 1;
+
 /// Value of `LB_STATS[listener_id]` (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,7 +305,7 @@ pub mod counter {
     pub const DROP_FRAGMENT: u32 = 1;
     /// An IPv6 packet toward a VIP with an extension header.
     pub const DROP_IPV6_EXTENSION: u32 = 2;
-    /// To a VIP but no listener for that port and protocol (or not TCP/UDP).
+    /// To a VIP but no listener for that port and protocol (or not TCP/UDP/ICMP error).
     pub const DROP_NO_LISTENER: u32 = 3;
     /// The source is outside the listener's `allowed_sources`.
     pub const DROP_SOURCE_NOT_ALLOWED: u32 = 4;
@@ -262,18 +320,38 @@ pub mod counter {
     /// Passed to the stack after rewrite: next-hop neighbour unknown, the kernel resolves it.
     pub const PASS_NO_NEIGHBOUR: u32 = 9;
     /// Passed to the stack after rewrite: the FIB lookup failed otherwise (no route,
-    /// forwarding disabled, needs fragmentation…).
+    /// forwarding disabled, egress not in the devmap…).
     pub const PASS_FIB_OTHER: u32 = 10;
     /// Flows whose target was removed or terminated and that were scheduled again.
     pub const FLOWS_RESCHEDULED: u32 = 11;
     /// The flow table refused an insert (the packet is still forwarded).
     pub const FLOW_INSERT_FAILED: u32 = 12;
-    /// A reply for a target endpoint that serves several listeners, with no reply-flow entry.
-    pub const PASS_REPLY_UNKNOWN: u32 = 13;
-    pub const COUNT: u32 = 14;
+    /// A reply from a target endpoint that serves several listeners, with no reply-flow entry:
+    /// its VIP is unknown, so it is dropped rather than leaked with the target's address.
+    pub const DROP_REPLY_UNKNOWN: u32 = 13;
+    /// An ICMP error to a VIP that quotes no balanced flow, or any other ICMP to a VIP but
+    /// echo and neighbour discovery.
+    pub const DROP_ICMP_UNMATCHED: u32 = 14;
+    /// A later fragment of a reply whose first fragment could not be translated.
+    pub const DROP_REPLY_FRAGMENT: u32 = 15;
+    /// Passed untouched: from a target endpoint, but received on an interface that does not
+    /// face targets (a forged or misrouted packet is not reverse-NATed).
+    pub const PASS_NOT_TARGET_SIDE: u32 = 16;
+    /// New flows past `flow_insert_limit`: forwarded by the consistent hash without an entry.
+    pub const FLOW_INSERT_SKIPPED: u32 = 17;
+    /// Too big for the egress MTU: passed so that the kernel answers the sender with
+    /// "fragmentation needed" / "packet too big" (DF set, IPv6), or fragments it (DF clear).
+    pub const PASS_FRAG_NEEDED: u32 = 18;
+    /// ICMP errors about a balanced flow forwarded to the flow's target.
+    pub const ICMP_TO_TARGET: u32 = 19;
+    /// ICMP errors from a target about a flow's packet, sent on to the client from the VIP.
+    pub const ICMP_FROM_TARGET: u32 = 20;
+    /// Fragments of replies reverse-NATed (the first included).
+    pub const REPLY_FRAGMENTS: u32 = 21;
+    pub const COUNT: u32 = 22;
 
     /// Prometheus `reason` label of each drop counter, by index.
-    pub const DROP_REASONS: [(u32, &str); 8] = [
+    pub const DROP_REASONS: [(u32, &str); 11] = [
         (DROP_MALFORMED, "malformed"),
         (DROP_FRAGMENT, "fragment"),
         (DROP_IPV6_EXTENSION, "ipv6_extension_header"),
@@ -282,7 +360,39 @@ pub mod counter {
         (DROP_NO_TARGET, "no_target"),
         (DROP_TARGET_TERMINATED, "target_terminated"),
         (DROP_NOT_READY, "not_ready"),
+        (DROP_REPLY_UNKNOWN, "reply_unknown"),
+        (DROP_ICMP_UNMATCHED, "icmp_unmatched"),
+        (DROP_REPLY_FRAGMENT, "reply_fragment"),
     ];
+
+    /// Prometheus `event` label of every other counter, by index.
+    pub const EVENTS: [(u32, &str); 11] = [
+        (PASS_TTL_EXPIRED, "pass_ttl_expired"),
+        (PASS_NO_NEIGHBOUR, "pass_no_neighbour"),
+        (PASS_FIB_OTHER, "pass_fib_other"),
+        (PASS_NOT_TARGET_SIDE, "pass_not_target_side"),
+        (PASS_FRAG_NEEDED, "pass_frag_needed"),
+        (FLOWS_RESCHEDULED, "flow_rescheduled"),
+        (FLOW_INSERT_FAILED, "flow_insert_failed"),
+        (FLOW_INSERT_SKIPPED, "flow_insert_skipped"),
+        (ICMP_TO_TARGET, "icmp_to_target"),
+        (ICMP_FROM_TARGET, "icmp_from_target"),
+        (REPLY_FRAGMENTS, "reply_fragment_translated"),
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counter::*;
+
+    #[test]
+    fn every_counter_has_exactly_one_label() {
+        let mut seen = [0u32; COUNT as usize];
+        for (i, _) in DROP_REASONS.iter().chain(EVENTS.iter()) {
+            seen[*i as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+    }
 }
 
 #[cfg(feature = "user")]
@@ -303,4 +413,8 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for ListenerStats {}
+    unsafe impl aya::Pod for InsertBudget {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for IfaceValue {}
 }

@@ -177,7 +177,7 @@ fn from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         let reply_key = flow_key(pkt, &ports);
         // SAFETY: as above.
         reverse = *unsafe { LB_REPLY_FLOWS.get(&reply_key) }
-            .ok_or(Exit::PassCounted(counter::PASS_REPLY_UNKNOWN))?;
+            .ok_or(Exit::Drop(counter::DROP_REPLY_UNKNOWN))?;
     }
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
-    GroupValue, ListenerStats, ListenerValue, ReverseValue, TargetValue, VipKey, VipValue,
+    FragKey, FragValue, GroupValue, IfaceValue, InsertBudget, ListenerStats, ListenerValue,
+    ReverseValue, TargetValue, VipKey, VipValue,
 };
 
 #[map]
@@ -43,3 +44,10 @@ pub static LB_DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 
 pub static LB_STATS: PerCpuArray<ListenerStats> = PerCpuArray::with_max_entries(MAX_LISTENERS, 0);
 #[map]
 pub static LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+#[map]
+pub static LB_FLOOD: PerCpuArray<InsertBudget> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static LB_REPLY_FRAGS: LruHashMap<FragKey, FragValue> =
+    LruHashMap::with_max_entries(MAX_REPLY_FRAGS, 0);
+#[map]
+pub static LB_IFACES: HashMap<u32, IfaceValue> = HashMap::with_max_entries(MAX_INTERFACES, 0);

@@ -17,8 +17,8 @@ use aya::{
 };
 use lb_common::{
     addr, counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
-    GroupValue, ListenerStats, ListenerValue, ReverseValue, TargetValue, VipKey, VipValue,
-    FAMILY_V4, FAMILY_V6, NO_TARGET,
+    FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue, ReverseValue,
+    TargetValue, VipKey, VipValue, FAMILY_V4, FAMILY_V6, NO_TARGET,
 };
 
 /// An `allowed_sources` prefix of one listener.
@@ -42,6 +42,8 @@ pub struct KernelMaps {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     reply_flows_id: u32,
     devmap: DevMapHash<MapData>,
+    ifaces: HashMap<MapData, u32, IfaceValue>,
+    reply_frags: HashMap<MapData, FragKey, FragValue>,
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
     /// Where each group's two halves live in `LB_TABLES`: (base of half 0, capacity of a half).
@@ -138,6 +140,8 @@ impl KernelMaps {
                 map.map().info().context("LB_REPLY_FLOWS id")?.id()
             },
             devmap: typed!(MAP_DEVMAP),
+            ifaces: typed!(MAP_IFACES),
+            reply_frags: typed!(MAP_REPLY_FRAGS),
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
             regions: StdHashMap::new(),
@@ -281,17 +285,38 @@ impl KernelMaps {
         self.reverse.remove(key).context("removing from LB_REVERSE")
     }
 
-    /// Lets the program redirect frames out of `ifindex`.
-    pub fn add_interface(&mut self, ifindex: u32) -> Result<()> {
+    /// Lets the program redirect frames out of `ifindex`, and says what the interface faces
+    /// (`IFACE_F_TARGETS`: replies from targets are reverse-NATed only when received there).
+    /// Writing it again changes only what it faces.
+    pub fn add_interface(&mut self, ifindex: u32, value: IfaceValue) -> Result<()> {
         self.devmap
             .insert(ifindex, ifindex, None, 0)
-            .with_context(|| format!("adding interface {ifindex} to LB_DEVMAP"))
+            .with_context(|| format!("adding interface {ifindex} to LB_DEVMAP"))?;
+        self.ifaces
+            .insert(ifindex, value, 0)
+            .with_context(|| format!("writing interface {ifindex} to LB_IFACES"))
     }
 
     pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
+        match self.ifaces.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("removing interface {ifindex} from LB_IFACES"))
+            }
+        }
         self.devmap
             .remove(ifindex)
             .with_context(|| format!("removing interface {ifindex} from LB_DEVMAP"))
+    }
+
+    /// How the fragments of a datagram from a target are being translated, if tracked.
+    pub fn reply_fragment(&self, key: &FragKey) -> Result<Option<FragValue>> {
+        match self.reply_frags.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading LB_REPLY_FRAGS"),
+        }
     }
 
     pub fn group(&self, group_id: u32) -> Result<GroupValue> {

@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context, Result};
 use lb_common::{
-    maglev, DataplaneConfig, EndpointKey, ListenerValue, ReverseValue, TargetValue, VipValue,
+    maglev, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue, VipValue,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +29,7 @@ pub trait MapWriter {
     fn put_target(&mut self, target_id: u32, value: &TargetValue) -> Result<()>;
     fn put_reverse(&mut self, key: EndpointKey, value: ReverseValue) -> Result<()>;
     fn remove_reverse(&mut self, key: &EndpointKey) -> Result<()>;
-    fn add_interface(&mut self, ifindex: u32) -> Result<()>;
+    fn add_interface(&mut self, ifindex: u32, value: IfaceValue) -> Result<()>;
     fn remove_interface(&mut self, ifindex: u32) -> Result<()>;
     fn publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]) -> Result<()>;
 }
@@ -55,7 +55,7 @@ delegate! {
     put_target(&mut self, target_id: u32, value: &TargetValue);
     put_reverse(&mut self, key: EndpointKey, value: ReverseValue);
     remove_reverse(&mut self, key: &EndpointKey);
-    add_interface(&mut self, ifindex: u32);
+    add_interface(&mut self, ifindex: u32, value: IfaceValue);
     remove_interface(&mut self, ifindex: u32);
     publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]);
 }
@@ -115,10 +115,12 @@ impl Reconciler {
             s.config = desired.config;
             n.writes += 1;
         }
-        for &ifindex in desired.interfaces.difference(&s.interfaces.clone()) {
-            w.add_interface(ifindex)?;
-            s.interfaces.insert(ifindex);
-            n.writes += 1;
+        for (&ifindex, &value) in &desired.interfaces {
+            if s.interfaces.get(&ifindex) != Some(&value) {
+                w.add_interface(ifindex, value)?;
+                s.interfaces.insert(ifindex, value);
+                n.writes += 1;
+            }
         }
         for (&id, v) in &desired.targets {
             if s.targets.get(&id) != Some(v) {
@@ -193,9 +195,9 @@ impl Reconciler {
             s.targets.remove(&id);
             n.writes += 1;
         }
-        for ifindex in s.interfaces.clone().difference(&desired.interfaces) {
-            w.remove_interface(*ifindex)?;
-            s.interfaces.remove(ifindex);
+        for ifindex in gone(&s.interfaces, &desired.interfaces) {
+            w.remove_interface(ifindex)?;
+            s.interfaces.remove(&ifindex);
             n.writes += 1;
         }
         Ok(n)
@@ -265,8 +267,8 @@ impl MapWriter for FakeMaps {
         self.ops.push("remove_reverse".into());
         Ok(())
     }
-    fn add_interface(&mut self, i: u32) -> Result<()> {
-        self.ops.push(format!("add_interface {i}"));
+    fn add_interface(&mut self, i: u32, v: IfaceValue) -> Result<()> {
+        self.ops.push(format!("add_interface {i} {:#x}", v.flags));
         Ok(())
     }
     fn remove_interface(&mut self, i: u32) -> Result<()> {

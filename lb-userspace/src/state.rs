@@ -19,8 +19,8 @@ use std::{
 };
 
 use lb_common::{
-    addr, DataplaneConfig, EndpointKey, ListenerValue, ReverseValue, TargetValue, VipValue,
-    CONFIG_F_READY, GROUP_F_STICKY_SOURCE, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6,
+    addr, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue, VipValue,
+    CONFIG_F_READY, GROUP_F_STICKY_SOURCE, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6,
     REVERSE_F_AMBIGUOUS, TARGET_DROP, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
 };
 
@@ -59,7 +59,8 @@ pub struct Desired {
     pub reverse: BTreeMap<EndpointKey, ReverseValue>,
     pub targets: BTreeMap<u32, TargetValue>,
     pub tables: BTreeMap<u32, TableSpec>,
-    pub interfaces: BTreeSet<u32>,
+    /// Interfaces XDP is attached to (ifindex) and what each faces.
+    pub interfaces: BTreeMap<u32, IfaceValue>,
 }
 
 pub fn endpoint_key(ip: IpAddr, port: u16, protocol: u8) -> EndpointKey {
@@ -118,9 +119,19 @@ pub fn desired(
         config: DataplaneConfig {
             hash_key,
             flags: CONFIG_F_READY,
-            _pad: 0,
+            flow_insert_limit: lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT,
         },
-        interfaces: interfaces.clone(),
+        interfaces: interfaces
+            .iter()
+            .map(|&i| {
+                (
+                    i,
+                    IfaceValue {
+                        flags: IFACE_F_TARGETS,
+                    },
+                )
+            })
+            .collect(),
         ..Default::default()
     };
     let seed = (hash_key[0] as u64) << 32 | hash_key[1] as u64;

@@ -9,7 +9,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    addr, hash, maglev, maps::PROGRAM_XDP, DataplaneConfig, EndpointKey, FlowKey, ListenerValue,
+    addr, hash, maglev, maps::PROGRAM_XDP, DataplaneConfig, EndpointKey, FlowKey, IfaceValue,
+    ListenerValue, IFACE_F_TARGETS,
     ReverseValue, TargetValue, VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE,
     LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_AMBIGUOUS,
     TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT,
@@ -103,7 +104,7 @@ impl World {
         self.maps.set_config(&DataplaneConfig {
             hash_key: HASH_KEY,
             flags: CONFIG_F_READY,
-            _pad: 0,
+            flow_insert_limit: 0,
         })?;
         for vip in [VIP4, VIP4B, VIP6] {
             self.maps
@@ -179,9 +180,15 @@ impl World {
                 .collect();
             self.publish(group, &members)?;
         }
-        for ifname in ["cli0", "bk0"] {
-            self.maps.add_interface(crate::lab::ifindex(ifname)?)?;
-        }
+        // The client side faces clients only; replies from targets arrive on bk0.
+        self.maps
+            .add_interface(crate::lab::ifindex("cli0")?, IfaceValue { flags: 0 })?;
+        self.maps.add_interface(
+            crate::lab::ifindex("bk0")?,
+            IfaceValue {
+                flags: IFACE_F_TARGETS,
+            },
+        )?;
         Ok(())
     }
 

@@ -503,11 +503,12 @@ fn fixtures() -> Vec<Fx> {
     }
     v.push(
         fx(
-            "shared_endpoint_reply_without_flow_passes",
+            "shared_endpoint_reply_without_flow_drops",
             &Packet::tcp("10.2.0.13", 8080, CLIENT4, 43001, TCP_ACK),
         )
         .arriving_from_backend()
-        .counter(counter::PASS_REPLY_UNKNOWN, 1),
+        .expect(XDP_DROP, None)
+        .counter(counter::DROP_REPLY_UNKNOWN, 1),
     );
 
     // --- Forwarding choices ---
