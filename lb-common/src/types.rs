@@ -164,6 +164,11 @@ const _: () = assert!(core::mem::size_of::<ReverseValue>() == 28);
 /// The target endpoint serves more than one listener: the reply's VIP comes from the
 /// per-flow `LB_REPLY_FLOWS` entry, not from this value.
 pub const REVERSE_F_AMBIGUOUS: u32 = 1;
+/// The endpoint's one listener allows every source of the family (its `LISTENER_F_ALLOW_ALL_*`):
+/// a reply to any address is plausible. Without it, a reply's destination must be one of the
+/// listener's `allowed_sources`, or the packet is not a reply of balanced traffic.
+pub const REVERSE_F_ALLOW_ALL_V4: u32 = 2;
+pub const REVERSE_F_ALLOW_ALL_V6: u32 = 4;
 
 /// A flow's 5-tuple: key of `LB_FLOWS` (client → VIP) and of `LB_REPLY_FLOWS`
 /// (target → client).
@@ -334,9 +339,10 @@ pub mod counter {
     pub const DROP_ICMP_UNMATCHED: u32 = 14;
     /// A later fragment of a reply whose first fragment could not be translated.
     pub const DROP_REPLY_FRAGMENT: u32 = 15;
-    /// Passed untouched: from a target endpoint, but received on an interface that does not
-    /// face targets (a forged or misrouted packet is not reverse-NATed).
-    pub const PASS_NOT_TARGET_SIDE: u32 = 16;
+    /// Passed untouched: from a target endpoint but not a reply of balanced traffic: received
+    /// on an interface that does not face targets (a forged or misrouted packet), or addressed
+    /// outside the listener's `allowed_sources`.
+    pub const PASS_NOT_A_REPLY: u32 = 16;
     /// New flows past `flow_insert_limit`: forwarded by the consistent hash without an entry.
     pub const FLOW_INSERT_SKIPPED: u32 = 17;
     /// Too big for the egress MTU: passed so that the kernel answers the sender with
@@ -370,7 +376,7 @@ pub mod counter {
         (PASS_TTL_EXPIRED, "pass_ttl_expired"),
         (PASS_NO_NEIGHBOUR, "pass_no_neighbour"),
         (PASS_FIB_OTHER, "pass_fib_other"),
-        (PASS_NOT_TARGET_SIDE, "pass_not_target_side"),
+        (PASS_NOT_A_REPLY, "pass_not_a_reply"),
         (PASS_FRAG_NEEDED, "pass_frag_needed"),
         (FLOWS_RESCHEDULED, "flow_rescheduled"),
         (FLOW_INSERT_FAILED, "flow_insert_failed"),

@@ -2,18 +2,22 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::generated::bpf_fib_lookup,
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::FAMILY_V4;
 
-use crate::{maps::LB_DEVMAP, parse::write};
+use crate::{
+    maps::LB_DEVMAP,
+    parse::{write, ETH_HLEN},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// What the kernel's FIB says about a destination, seen from the ingress interface.
 pub enum Route {
@@ -27,6 +31,8 @@ pub enum Route {
     NoNeighbour,
     /// Local delivery (the destination is this host) or not a unicast route.
     Local,
+    /// Routable, but larger than the egress MTU.
+    FragNeeded,
     /// Anything else: no route, forwarding disabled on the interface, fragmentation needed…
     Other,
 }
@@ -40,13 +46,13 @@ pub fn route(
     src: &[u32; 4],
     dst: &[u32; 4],
     tos: u8,
-    ip_len: u16,
+    ip_len: u32,
 ) -> Route {
     // SAFETY: a plain-data struct of integers and unions of integers; all-zero is valid.
     let mut p: FibParams = unsafe { core::mem::zeroed() };
     // SAFETY: reading the context field the kernel provides for XDP.
     p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    p.__bindgen_anon_1.tot_len = ip_len;
+    p.__bindgen_anon_1.tot_len = ip_len.min(u16::MAX as u32) as u16;
     if family == FAMILY_V4 {
         p.family = AF_INET;
         p.__bindgen_anon_2.tos = tos;
@@ -74,6 +80,7 @@ pub fn route(
         },
         BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour,
         BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::FragNeeded,
         _ => Route::Other,
     }
 }
@@ -86,10 +93,18 @@ pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
 }
 
 /// Sets the MAC addresses and sends the frame out of `ifindex`: back out of the ingress
-/// interface with XDP_TX (one-arm), otherwise through the devmap.
+/// interface with XDP_TX (one-arm), otherwise through the devmap. The FIB's egress is a
+/// device XDP can send on, so an untagged one: a frame that came in with a VLAN tag
+/// (`l3_off` past the Ethernet header) leaves without it.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
-    if write(ctx, 0, dmac).is_none() || write(ctx, 6, smac).is_none() {
+pub fn send(ctx: &XdpContext, l3_off: usize, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
+    let tag = if l3_off > ETH_HLEN { 4 } else { 0 };
+    if write(ctx, tag, dmac).is_none() || write(ctx, tag + 6, smac).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: the context is the program's; moving the start forward past the old MACs and
+    // tag leaves the new MACs followed by the inner ethertype.
+    if tag != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, tag as i32) } != 0 {
         return xdp_action::XDP_ABORTED;
     }
     // SAFETY: as in `route`.

@@ -1,29 +1,38 @@
 //! The balancer's XDP program: listener traffic is forwarded to a target with the client's
-//! address kept (NAT), target replies leave with the VIP as their source, everything else is
-//! passed to the stack untouched. See README "Data path" and "Drop policy".
+//! address kept (NAT), target replies leave with the VIP as their source, ICMP errors about
+//! balanced flows are translated both ways, everything else is passed to the stack
+//! untouched. See README "Data path" and "Drop policy".
 #![no_std]
 #![no_main]
 
 mod flow;
 mod fwd;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{xdp_action, xdp_md},
+    macros::xdp,
+    programs::XdpContext,
+};
 use lb_common::{
-    counter, AllowV4, AllowV6, EndpointKey, FlowKey, VipKey, CONFIG_F_READY, FAMILY_V4,
-    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_AMBIGUOUS,
+    counter, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue,
+    ReverseValue, VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS,
+    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4,
+    REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use fwd::Route;
 use maps::{
-    LB_ALLOW_V4, LB_ALLOW_V6, LB_CONFIG, LB_LISTENERS, LB_REPLY_FLOWS, LB_REVERSE, LB_VIPS,
+    LB_ALLOW_V4, LB_ALLOW_V6, LB_CONFIG, LB_IFACES, LB_LISTENERS, LB_REPLY_FLOWS, LB_REPLY_FRAGS,
+    LB_REVERSE, LB_VIPS,
 };
 use nat::End;
-use parse::{Packet, Ports, L3};
+use parse::{Packet, Ports, L3, L4_MASK};
 use stats::{count, traffic, Direction};
 
 /// A verdict that ends processing early, with the counter to bump (if any).
@@ -35,7 +44,13 @@ enum Exit {
 
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    match try_lb(&ctx) {
+    verdict(try_lb(&ctx))
+}
+
+/// The XDP action of a path's result, with its counter bumped.
+#[inline(always)]
+fn verdict(result: Result<u32, Exit>) -> u32 {
+    match result {
         Ok(action) => action,
         Err(Exit::Pass) => xdp_action::XDP_PASS,
         Err(Exit::PassCounted(c)) => {
@@ -48,6 +63,81 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         }
     }
 }
+
+// Each path runs as a BPF function of its own: its locals get a stack frame of their own
+// instead of adding up in one (the verifier allows 512 bytes over a call chain). They take the
+// raw context pointer: given `&XdpContext`, LLVM passes `data` and `data_end` as values, and
+// the verifier cannot bound packet accesses against an `data_end` that arithmetic touched.
+
+#[inline(never)]
+fn to_vip_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    verdict(to_vip(ctx, pkt))
+}
+
+/// A fragment of a reply, as the dispatcher read it: `FRAG_*` bits and the identification,
+/// one word so that it travels in one argument.
+#[derive(Clone, Copy)]
+struct Fragment(u64);
+
+impl Fragment {
+    const NONE: Fragment = Fragment(0);
+    /// A fragment (else a whole packet).
+    const IS: u64 = 1 << 32;
+    /// After an IPv6 fragment header: the L4 header is 8 bytes further, its protocol in bits
+    /// 40..48.
+    const IPV6_HEADER: u64 = 1 << 33;
+
+    fn ipv4(pkt: &Packet) -> Fragment {
+        Fragment(if pkt.fragment { Self::IS | pkt.id as u64 } else { 0 })
+    }
+
+    fn ipv6(next: u8, id: u32) -> Fragment {
+        Fragment(Self::IS | Self::IPV6_HEADER | (next as u64) << 40 | id as u64)
+    }
+
+    fn id(self) -> Option<u32> {
+        (self.0 & Self::IS != 0).then_some(self.0 as u32)
+    }
+
+    /// The packet as its L4 header sees it.
+    fn packet(self, pkt: &Packet) -> Packet {
+        if self.0 & Self::IPV6_HEADER == 0 {
+            return *pkt;
+        }
+        Packet {
+            protocol: (self.0 >> 40) as u8,
+            l4_off: ((pkt.l4_off & L4_MASK) + 8) & L4_MASK,
+            ..*pkt
+        }
+    }
+}
+
+#[inline(never)]
+fn reply_action(raw: *mut xdp_md, pkt: &Packet, frag: Fragment) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    verdict(reply(ctx, &frag.packet(pkt), frag.id()))
+}
+
+#[inline(never)]
+fn later_fragment_action(raw: *mut xdp_md, pkt: &Packet, frag: Fragment) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    let pkt = frag.packet(pkt);
+    verdict(later_fragment(ctx, &pkt, frag.id().unwrap_or(0)))
+}
+
+#[inline(never)]
+fn icmp_to_vip_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    verdict(icmp_to_vip(ctx, pkt))
+}
+
+#[inline(never)]
+fn icmp_from_target_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
+    let ctx = &XdpContext::new(raw);
+    verdict(icmp_from_target(ctx, pkt))
+}
+
 
 /// The floor for per-packet cost figures: the same object, doing nothing.
 #[xdp]
@@ -67,26 +157,77 @@ fn is_vip(addr: &[u32; 4], family: u8) -> bool {
 }
 
 #[inline(always)]
-fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
-    let pkt = match parse::ip(ctx) {
-        L3::Ip(pkt) => pkt,
-        L3::Other => return Err(Exit::Pass),
+fn is_icmp(pkt: &Packet) -> bool {
+    if pkt.family == FAMILY_V4 {
+        pkt.protocol == parse::IPPROTO_ICMP
+    } else {
+        pkt.protocol == parse::IPPROTO_ICMPV6
+    }
+}
+
+/// What `parse_packet` found.
+const PARSED_IP: u32 = 0;
+const PARSED_OTHER: u32 = 1;
+/// The header is inconsistent; `pkt.dst` and `pkt.family` hold where it was going.
+const PARSED_MALFORMED: u32 = 2;
+
+/// Parses into `pkt`, in a frame of its own (the parser's temporaries are gone by the time a
+/// path runs).
+#[inline(never)]
+fn parse_packet(raw: *mut xdp_md, pkt: &mut Packet) -> u32 {
+    match parse::ip(&XdpContext::new(raw)) {
+        L3::Ip(p) => {
+            *pkt = p;
+            PARSED_IP
+        }
+        L3::Other => PARSED_OTHER,
         L3::Malformed(dst, family) => {
-            return Err(if is_vip(&dst, family) {
+            pkt.dst = dst;
+            pkt.family = family;
+            PARSED_MALFORMED
+        }
+    }
+}
+
+#[inline(always)]
+fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
+    let mut pkt = Packet::EMPTY;
+    match parse_packet(ctx.ctx, &mut pkt) {
+        PARSED_IP => {}
+        PARSED_MALFORMED => {
+            return Err(if is_vip(&pkt.dst, pkt.family) {
                 Exit::Drop(counter::DROP_MALFORMED)
             } else {
                 Exit::Pass
             })
         }
-    };
+        _ => return Err(Exit::Pass),
+    }
     if is_vip(&pkt.dst, pkt.family) {
-        to_vip(ctx, &pkt)
+        // Each path one call deep (fragments of ICMP are `to_vip`'s to drop).
+        if is_icmp(&pkt) && !pkt.fragment {
+            Ok(icmp_to_vip_action(ctx.ctx, &pkt))
+        } else {
+            Ok(to_vip_action(ctx.ctx, &pkt))
+        }
     } else {
         from_target(ctx, &pkt)
     }
 }
 
-/// A packet for a VIP: a listener's traffic is forwarded; everything else is dropped.
+#[inline(always)]
+fn ready_config() -> Result<&'static DataplaneConfig, Exit> {
+    let config = LB_CONFIG
+        .get(0)
+        .ok_or(Exit::Drop(counter::DROP_NOT_READY))?;
+    if config.flags & CONFIG_F_READY == 0 {
+        return Err(Exit::Drop(counter::DROP_NOT_READY));
+    }
+    Ok(config)
+}
+
+/// A packet for a VIP but ICMP: a listener's traffic is forwarded; everything else is
+/// dropped.
 #[inline(always)]
 fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if pkt.fragment {
@@ -95,18 +236,10 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if pkt.family != FAMILY_V4 && parse::is_ipv6_extension(pkt.protocol) {
         return Err(Exit::Drop(counter::DROP_IPV6_EXTENSION));
     }
-    if pkt.protocol == parse::IPPROTO_ICMPV6 {
-        // Neighbour discovery for the VIP (types 133..=137) is the stack's business.
-        let icmp_type =
-            parse::read::<[u8; 2]>(ctx, pkt.l4_off & parse::L4_MASK).map_or(0, |b| b[0]);
-        if (133..=137).contains(&icmp_type) {
-            return Err(Exit::Pass);
-        }
-    }
     if pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP {
         return Err(Exit::Drop(counter::DROP_NO_LISTENER));
     }
-    if !parse::ip_len_fits(ctx, pkt) {
+    if !parse::l4_valid(ctx, pkt) {
         return Err(Exit::Drop(counter::DROP_MALFORMED));
     }
     let ports = parse::ports(ctx, pkt).ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
@@ -119,48 +252,202 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     // SAFETY: read-only lookup; the value is copied out.
     let listener =
         *unsafe { LB_LISTENERS.get(&lkey) }.ok_or(Exit::Drop(counter::DROP_NO_LISTENER))?;
-    if !source_allowed(pkt, listener.listener_id, listener.flags) {
+    if !source_allowed(&pkt.src, pkt.family, listener.listener_id, listener.flags) {
         return Err(Exit::Drop(counter::DROP_SOURCE_NOT_ALLOWED));
     }
-    let config = LB_CONFIG
-        .get(0)
-        .ok_or(Exit::Drop(counter::DROP_NOT_READY))?;
-    if config.flags & CONFIG_F_READY == 0 {
-        return Err(Exit::Drop(counter::DROP_NOT_READY));
-    }
+    let config = ready_config()?;
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
     let key = flow_key(pkt, &ports);
-    let decision =
-        flow::decide(&key, &listener, ports.tcp_flags, config.hash_key).map_err(Exit::Drop)?;
+    let decision = flow::decide(&key, &listener, ports.tcp_flags, config).map_err(Exit::Drop)?;
     let target = decision.target;
-    if decision.new_flow {
-        flow::record_reply(&key, &target, &listener);
-    }
     traffic(
         listener.listener_id,
         Direction::In,
         frame_len(ctx),
         decision.new_flow,
     );
-    deliver(
+    let route = fwd::route(ctx, pkt.family, &pkt.src, &target.addr, pkt.tos, pkt.ip_len);
+    finish(
         ctx,
         pkt,
-        End::Destination,
-        &target.addr,
-        target.port_be,
-        &pkt.src,
-        &target.addr,
+        route,
+        false,
+        Rewrite::Ports {
+            end: End::Destination,
+            addr: &target.addr,
+            port_be: target.port_be,
+        },
     )
 }
 
-/// A packet not for a VIP: a target's reply is reverse-NATed; anything else is passed.
+/// An ICMP message for a VIP: an error about a reply of a balanced flow goes to the flow's
+/// target (found like the flow's packets: flow table, else the group's table); echo is dropped
+/// as `no_listener`, anything else as `icmp_unmatched`.
+#[inline(always)]
+fn icmp_to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
+    let head = parse::read::<[u8; 4]>(ctx, pkt.l4_off & L4_MASK)
+        .ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
+    match icmp::kind(pkt.family, head[0]) {
+        icmp::Kind::Error => {}
+        icmp::Kind::NeighbourDiscovery => return Err(Exit::Pass),
+        icmp::Kind::Echo => return Err(Exit::Drop(counter::DROP_NO_LISTENER)),
+        icmp::Kind::Other => return Err(Exit::Drop(counter::DROP_ICMP_UNMATCHED)),
+    }
+    if !parse::ip_len_fits(ctx, pkt) {
+        return Err(Exit::Drop(counter::DROP_MALFORMED));
+    }
+    let q = icmp::quote(ctx, pkt).map_err(Exit::Drop)?;
+    // A reply of a balanced flow: from this VIP, to a client.
+    if q.src != pkt.dst {
+        return Err(Exit::Drop(counter::DROP_ICMP_UNMATCHED));
+    }
+    let lkey = EndpointKey {
+        addr: q.src,
+        port_be: q.src_port_be,
+        protocol: q.protocol,
+        family: pkt.family,
+    };
+    // SAFETY: read-only lookup; the value is copied out.
+    let listener =
+        *unsafe { LB_LISTENERS.get(&lkey) }.ok_or(Exit::Drop(counter::DROP_ICMP_UNMATCHED))?;
+    if !source_allowed(&q.dst, pkt.family, listener.listener_id, listener.flags) {
+        return Err(Exit::Drop(counter::DROP_ICMP_UNMATCHED));
+    }
+    let config = ready_config()?;
+    if pkt.ttl <= 1 {
+        return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
+    }
+    let key = FlowKey {
+        src_addr: q.dst,
+        dst_addr: q.src,
+        src_port_be: q.dst_port_be,
+        dst_port_be: q.src_port_be,
+        protocol: q.protocol,
+        family: pkt.family,
+        _pad: 0,
+    };
+    let target =
+        flow::lookup(&key, &listener, config).ok_or(Exit::Drop(counter::DROP_ICMP_UNMATCHED))?;
+    count(counter::ICMP_TO_TARGET);
+    traffic(listener.listener_id, Direction::In, frame_len(ctx), false);
+    let route = fwd::route(ctx, pkt.family, &pkt.src, &target.addr, pkt.tos, pkt.ip_len);
+    finish(
+        ctx,
+        pkt,
+        route,
+        false,
+        Rewrite::Icmp {
+            quote: &q,
+            outer: End::Destination,
+            inner: End::Source,
+            addr: &target.addr,
+            port_be: target.port_be,
+        },
+    )
+}
+
+/// Rewrites an ICMP error: the outer `outer` end becomes `addr`, the quote's `inner` end
+/// becomes `addr`:`port_be`, every checksum follows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn translate_icmp(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    q: &icmp::Quote,
+    outer: End,
+    inner: End,
+    addr: &[u32; 4],
+    port_be: u16,
+    forwarding: bool,
+) -> Option<()> {
+    let quote_delta = icmp::rewrite_quote(ctx, pkt, q, inner, addr, port_be)?;
+    let pseudo_delta = nat::rewrite_ip(ctx, pkt, outer, addr, forwarding)?;
+    // ICMPv6's checksum covers a pseudo-header with the outer addresses; ICMPv4's does not.
+    let delta = if pkt.family == FAMILY_V4 {
+        quote_delta
+    } else {
+        quote_delta + pseudo_delta
+    };
+    icmp::update_checksum(ctx, pkt, delta)
+}
+
+/// Is the packet received on an interface that faces targets?
+#[inline(always)]
+fn from_target_side(ctx: &XdpContext) -> bool {
+    // SAFETY: reading the context field the kernel provides for XDP.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: read-only lookup.
+    unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|v| v.flags & IFACE_F_TARGETS != 0)
+}
+
+/// May a reply of the listener in `reverse` go to `dst`? Replies go to clients, and clients
+/// are the listener's allowed sources.
+#[inline(always)]
+fn reply_allowed(reverse: &ReverseValue, dst: &[u32; 4], family: u8) -> bool {
+    let all = if family == FAMILY_V4 {
+        REVERSE_F_ALLOW_ALL_V4
+    } else {
+        REVERSE_F_ALLOW_ALL_V6
+    };
+    reverse.flags & all != 0 || source_allowed(dst, family, reverse.listener_id, 0)
+}
+
+/// A packet not for a VIP: a target's reply (every fragment of it) or ICMP error about a
+/// balanced flow is reverse-NATed; anything else is passed.
 #[inline(always)]
 fn from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
-    if pkt.later_fragment || (pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP) {
+    if is_icmp(pkt) {
+        return if pkt.fragment {
+            Err(Exit::Pass)
+        } else {
+            Ok(icmp_from_target_action(ctx.ctx, pkt))
+        };
+    }
+    if pkt.family == FAMILY_V4 {
+        if pkt.later_fragment {
+            return Ok(later_fragment_action(ctx.ctx, pkt, Fragment::ipv4(pkt)));
+        }
+    } else if pkt.protocol == parse::IPPROTO_FRAGMENT {
+        // Next header, reserved, offset and flags, identification.
+        let fh = parse::read::<[u8; 8]>(ctx, pkt.l4_off & L4_MASK).ok_or(Exit::Pass)?;
+        let frag = Fragment::ipv6(fh[0], u32::from_ne_bytes([fh[4], fh[5], fh[6], fh[7]]));
+        if u16::from_be_bytes([fh[2], fh[3]]) >> 3 != 0 {
+            return Ok(later_fragment_action(ctx.ctx, pkt, frag));
+        }
+        if fh[0] != PROTO_TCP && fh[0] != PROTO_UDP {
+            return Err(Exit::Pass);
+        }
+        return Ok(reply_action(ctx.ctx, pkt, frag));
+    }
+    if pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP {
         return Err(Exit::Pass);
     }
+    let frag = if pkt.family == FAMILY_V4 {
+        Fragment::ipv4(pkt)
+    } else {
+        Fragment::NONE
+    };
+    Ok(reply_action(ctx.ctx, pkt, frag))
+}
+
+#[inline(always)]
+fn frag_key(pkt: &Packet, id: u32) -> FragKey {
+    FragKey {
+        src_addr: pkt.src,
+        dst_addr: pkt.dst,
+        id,
+        protocol: pkt.protocol,
+        family: pkt.family,
+        _pad: 0,
+    }
+}
+
+/// A TCP/UDP packet (or first fragment, `frag` its identification) that may be a target's
+/// reply.
+#[inline(always)]
+fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit> {
     let ports = parse::ports(ctx, pkt).ok_or(Exit::Pass)?;
     let key = EndpointKey {
         addr: pkt.src,
@@ -170,14 +457,32 @@ fn from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     };
     // SAFETY: read-only lookup; the value is copied out.
     let mut reverse = *unsafe { LB_REVERSE.get(&key) }.ok_or(Exit::Pass)?;
-    if pkt.fragment || !parse::ip_len_fits(ctx, pkt) {
-        return Err(Exit::Pass);
+    if !from_target_side(ctx) {
+        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
+    }
+    // A first fragment's L4 lengths are the whole datagram's.
+    let valid = if frag.is_some() {
+        parse::ip_len_fits(ctx, pkt)
+    } else {
+        parse::l4_valid(ctx, pkt)
+    };
+    if !valid {
+        return Err(Exit::Drop(counter::DROP_MALFORMED));
     }
     if reverse.flags & REVERSE_F_AMBIGUOUS != 0 {
         let reply_key = flow_key(pkt, &ports);
         // SAFETY: as above.
-        reverse = *unsafe { LB_REPLY_FLOWS.get(&reply_key) }
-            .ok_or(Exit::Drop(counter::DROP_REPLY_UNKNOWN))?;
+        match unsafe { LB_REPLY_FLOWS.get(&reply_key) } {
+            Some(r) => reverse = *r,
+            None => {
+                if let Some(id) = frag {
+                    remember_fragments(pkt, id, &reverse, FRAG_F_DROP);
+                }
+                return Err(Exit::Drop(counter::DROP_REPLY_UNKNOWN));
+            }
+        }
+    } else if !reply_allowed(&reverse, &pkt.dst, pkt.family) {
+        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
     }
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
@@ -195,67 +500,215 @@ fn from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if matches!(route, Route::Local | Route::Other) {
         return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
     }
+    if let Some(id) = frag {
+        remember_fragments(pkt, id, &reverse, 0);
+        count(counter::REPLY_FRAGMENTS);
+    }
     traffic(reverse.listener_id, Direction::Out, frame_len(ctx), false);
     finish(
         ctx,
         pkt,
-        End::Source,
-        &reverse.vip_addr,
-        reverse.vip_port_be,
         route,
+        pkt.dont_fragment,
+        Rewrite::Ports {
+            end: End::Source,
+            addr: &reverse.vip_addr,
+            port_be: reverse.vip_port_be,
+        },
     )
 }
 
-/// Routes toward `route_dst` (from `route_src`), then rewrites and sends.
+/// Records how the rest of a fragmented reply leaves (or that it is dropped).
 #[inline(always)]
-fn deliver(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    end: End,
-    addr: &[u32; 4],
-    port_be: u16,
-    route_src: &[u32; 4],
-    route_dst: &[u32; 4],
-) -> Result<u32, Exit> {
-    let route = fwd::route(ctx, pkt.family, route_src, route_dst, pkt.tos, pkt.ip_len);
-    finish(ctx, pkt, end, addr, port_be, route)
+fn remember_fragments(pkt: &Packet, id: u32, reverse: &ReverseValue, flags: u32) {
+    let value = FragValue {
+        vip_addr: reverse.vip_addr,
+        listener_id: reverse.listener_id,
+        flags,
+    };
+    if LB_REPLY_FRAGS
+        .insert(&frag_key(pkt, id), &value, 0)
+        .is_err()
+    {
+        count(counter::FLOW_INSERT_FAILED);
+    }
 }
 
+/// A fragment after the first (no L4 header): reverse-NATed like its first fragment was.
+#[inline(always)]
+fn later_fragment(ctx: &XdpContext, pkt: &Packet, id: u32) -> Result<u32, Exit> {
+    // SAFETY: read-only lookup; the value is copied out.
+    let v = *unsafe { LB_REPLY_FRAGS.get(&frag_key(pkt, id)) }.ok_or(Exit::Pass)?;
+    if !from_target_side(ctx) {
+        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
+    }
+    if v.flags & FRAG_F_DROP != 0 {
+        return Err(Exit::Drop(counter::DROP_REPLY_FRAGMENT));
+    }
+    if !parse::ip_len_fits(ctx, pkt) {
+        return Err(Exit::Drop(counter::DROP_MALFORMED));
+    }
+    if pkt.ttl <= 1 {
+        return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
+    }
+    let route = fwd::route(ctx, pkt.family, &v.vip_addr, &pkt.dst, pkt.tos, pkt.ip_len);
+    if matches!(route, Route::Local | Route::Other) {
+        return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
+    }
+    count(counter::REPLY_FRAGMENTS);
+    traffic(v.listener_id, Direction::Out, frame_len(ctx), false);
+    finish(
+        ctx,
+        pkt,
+        route,
+        pkt.dont_fragment,
+        Rewrite::Source { addr: &v.vip_addr },
+    )
+}
+
+/// An ICMP error sent by a target (or a router on its side) about a packet this balancer
+/// forwarded (quote C:cp → T:tp): it leaves from the VIP, quoting C:cp → VIP:vp.
+#[inline(always)]
+fn icmp_from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
+    let head = parse::read::<[u8; 4]>(ctx, pkt.l4_off & L4_MASK).ok_or(Exit::Pass)?;
+    if icmp::kind(pkt.family, head[0]) != icmp::Kind::Error || !parse::ip_len_fits(ctx, pkt) {
+        return Err(Exit::Pass);
+    }
+    let q = icmp::quote(ctx, pkt).map_err(|_| Exit::Pass)?;
+    let key = EndpointKey {
+        addr: q.dst,
+        port_be: q.dst_port_be,
+        protocol: q.protocol,
+        family: pkt.family,
+    };
+    // SAFETY: read-only lookup; the value is copied out.
+    let mut reverse = *unsafe { LB_REVERSE.get(&key) }.ok_or(Exit::Pass)?;
+    // About a packet to the target from the client this error goes to.
+    if q.src != pkt.dst {
+        return Err(Exit::Pass);
+    }
+    if !from_target_side(ctx) {
+        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
+    }
+    if reverse.flags & REVERSE_F_AMBIGUOUS != 0 {
+        let reply_key = FlowKey {
+            src_addr: q.dst,
+            dst_addr: q.src,
+            src_port_be: q.dst_port_be,
+            dst_port_be: q.src_port_be,
+            protocol: q.protocol,
+            family: pkt.family,
+            _pad: 0,
+        };
+        // SAFETY: as above.
+        reverse = *unsafe { LB_REPLY_FLOWS.get(&reply_key) }
+            .ok_or(Exit::Drop(counter::DROP_REPLY_UNKNOWN))?;
+    } else if !reply_allowed(&reverse, &pkt.dst, pkt.family) {
+        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
+    }
+    if pkt.ttl <= 1 {
+        return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
+    }
+    let route = fwd::route(
+        ctx,
+        pkt.family,
+        &reverse.vip_addr,
+        &pkt.dst,
+        pkt.tos,
+        pkt.ip_len,
+    );
+    if matches!(route, Route::Local | Route::Other) {
+        return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
+    }
+    count(counter::ICMP_FROM_TARGET);
+    traffic(reverse.listener_id, Direction::Out, frame_len(ctx), false);
+    finish(
+        ctx,
+        pkt,
+        route,
+        true,
+        Rewrite::Icmp {
+            quote: &q,
+            outer: End::Source,
+            inner: End::Destination,
+            addr: &reverse.vip_addr,
+            port_be: reverse.vip_port_be,
+        },
+    )
+}
+
+/// How a packet is rewritten on its way out.
+enum Rewrite<'a> {
+    /// TCP/UDP (or a first fragment): one end's address and port.
+    Ports {
+        end: End,
+        addr: &'a [u32; 4],
+        port_be: u16,
+    },
+    /// A later fragment: the source address only.
+    Source { addr: &'a [u32; 4] },
+    /// An ICMP error: the outer `outer` end and the quote's `inner` end.
+    Icmp {
+        quote: &'a icmp::Quote,
+        outer: End,
+        inner: End,
+        addr: &'a [u32; 4],
+        port_be: u16,
+    },
+}
+
+/// Rewrites (with `forwarding` when XDP sends the frame itself) and sends, or hands the
+/// rewritten packet to the stack: it resolves the neighbour, routes, fragments or sends ICMP
+/// errors, and decrements the TTL itself. `untouched_if_too_big`: a packet too big for the
+/// egress goes to the stack as it came, so that the kernel's "fragmentation needed" / "packet
+/// too big" quotes the packet its sender sent (a reply with DF set, or IPv6).
 #[inline(always)]
 fn finish(
     ctx: &XdpContext,
     pkt: &Packet,
-    end: End,
-    addr: &[u32; 4],
-    port_be: u16,
     route: Route,
+    untouched_if_too_big: bool,
+    rewrite: Rewrite,
 ) -> Result<u32, Exit> {
-    match route {
+    let (send, pass_counter) = match route {
         Route::Forward {
             ifindex,
             smac,
             dmac,
-        } if fwd::can_send(ctx, ifindex) => {
-            nat::rewrite(ctx, pkt, end, addr, port_be, true)
-                .ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
-            Ok(fwd::send(ctx, ifindex, smac, dmac))
+        } if fwd::can_send(ctx, ifindex) => (Some((ifindex, smac, dmac)), 0),
+        Route::FragNeeded if untouched_if_too_big => {
+            return Err(Exit::PassCounted(counter::PASS_FRAG_NEEDED))
         }
-        other => {
-            // The stack finishes the job (resolves the neighbour, routes, delivers locally,
-            // sends ICMP) with the rewritten packet, and decrements the TTL itself.
-            nat::rewrite(ctx, pkt, end, addr, port_be, false)
-                .ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
-            Err(Exit::PassCounted(match other {
-                Route::NoNeighbour => counter::PASS_NO_NEIGHBOUR,
-                _ => counter::PASS_FIB_OTHER,
-            }))
+        Route::FragNeeded => (None, counter::PASS_FRAG_NEEDED),
+        Route::NoNeighbour => (None, counter::PASS_NO_NEIGHBOUR),
+        _ => (None, counter::PASS_FIB_OTHER),
+    };
+    let forwarding = send.is_some();
+    match rewrite {
+        Rewrite::Ports { end, addr, port_be } => {
+            nat::rewrite(ctx, pkt, end, addr, port_be, forwarding)
         }
+        Rewrite::Source { addr } => {
+            nat::rewrite_ip(ctx, pkt, End::Source, addr, forwarding).map(|_| ())
+        }
+        Rewrite::Icmp {
+            quote,
+            outer,
+            inner,
+            addr,
+            port_be,
+        } => translate_icmp(ctx, pkt, quote, outer, inner, addr, port_be, forwarding),
+    }
+    .ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
+    match send {
+        Some((ifindex, smac, dmac)) => Ok(fwd::send(ctx, pkt.l3_off, ifindex, smac, dmac)),
+        None => Err(Exit::PassCounted(pass_counter)),
     }
 }
 
 #[inline(always)]
-fn source_allowed(pkt: &Packet, listener_id: u32, flags: u32) -> bool {
-    if pkt.family == FAMILY_V4 {
+fn source_allowed(src: &[u32; 4], family: u8, listener_id: u32, flags: u32) -> bool {
+    if family == FAMILY_V4 {
         if flags & LISTENER_F_ALLOW_ALL_V4 != 0 {
             return true;
         }
@@ -263,7 +716,7 @@ fn source_allowed(pkt: &Packet, listener_id: u32, flags: u32) -> bool {
             64,
             AllowV4 {
                 listener_id_be: listener_id.to_be(),
-                addr: pkt.src[0],
+                addr: src[0],
             },
         );
         LB_ALLOW_V4.get(&key).is_some()
@@ -275,7 +728,7 @@ fn source_allowed(pkt: &Packet, listener_id: u32, flags: u32) -> bool {
             160,
             AllowV6 {
                 listener_id_be: listener_id.to_be(),
-                addr: pkt.src,
+                addr: *src,
             },
         );
         LB_ALLOW_V6.get(&key).is_some()
@@ -297,7 +750,8 @@ fn flow_key(pkt: &Packet, ports: &Ports) -> FlowKey {
 
 #[inline(always)]
 fn frame_len(ctx: &XdpContext) -> u64 {
-    (ctx.data_end() - ctx.data()) as u64
+    let (start, end) = parse::bounds(ctx);
+    (end - start) as u64
 }
 
 #[cfg(not(test))]

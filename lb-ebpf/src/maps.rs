@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
-    FragKey, FragValue, GroupValue, IfaceValue, InsertBudget, ListenerStats, ListenerValue,
-    ReverseValue, TargetValue, VipKey, VipValue,
+    counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue, FragKey,
+    FragValue, GroupValue, IfaceValue, InsertBudget, ListenerStats, ListenerValue, ReverseValue,
+    TargetValue, VipKey, VipValue,
 };
 
 #[map]

@@ -3,6 +3,7 @@
 //! The L4 checksum covers the pseudo-header, so an address change updates it too. An IPv4 UDP
 //! checksum of 0 means "none" and stays 0; a computed UDP checksum of 0 is sent as 0xffff.
 
+use aya_ebpf::programs::XdpContext;
 use lb_common::{csum, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
 use crate::parse::{read, write, Packet, L3_MASK, L4_MASK};
@@ -16,36 +17,28 @@ pub enum End {
     Source,
 }
 
-/// Rewrites one end's address and port; decrements the TTL / hop limit when `forwarding`
-/// (a packet handed back to the stack keeps its TTL: the kernel decrements it).
+/// Rewrites one end's address in the IP header (IPv4 header checksum fixed) and decrements
+/// the TTL / hop limit when `forwarding` (a packet handed back to the stack keeps its TTL:
+/// the kernel decrements it). Returns the checksum delta of the address change, for the
+/// checksums that cover a pseudo-header (TCP, UDP, ICMPv6).
 #[inline(always)]
-pub fn rewrite(
-    ctx: &aya_ebpf::programs::XdpContext,
+pub fn rewrite_ip(
+    ctx: &XdpContext,
     pkt: &Packet,
     end: End,
     addr: &[u32; 4],
-    port_be: u16,
     forwarding: bool,
-) -> Option<()> {
+) -> Option<u32> {
     let l3 = pkt.l3_off & L3_MASK;
-    let l4 = pkt.l4_off & L4_MASK;
     let old_addr = if end == End::Destination {
         &pkt.dst
     } else {
         &pkt.src
     };
-    let port_off = l4 + if end == End::Destination { 2 } else { 0 };
-    let old_port = read::<u16>(ctx, port_off)?;
-    let check_off = match pkt.protocol {
-        PROTO_TCP => l4 + 16,
-        PROTO_UDP => l4 + 6,
-        _ => return None,
-    };
-    let old_check = read::<u16>(ctx, check_off)?;
-
     if pkt.family == FAMILY_V4 {
         let addr_off = l3 + if end == End::Destination { 16 } else { 12 };
-        let mut ip_acc = csum::acc32(0, old_addr[0], addr[0]);
+        let delta = csum::acc32(0, old_addr[0], addr[0]);
+        let mut ip_acc = delta;
         if forwarding {
             // TTL and protocol share a 16-bit word of the header checksum.
             let old_word = read::<[u8; 2]>(ctx, l3 + 8)?;
@@ -60,14 +53,7 @@ pub fn rewrite(
         let ip_check = read::<u16>(ctx, l3 + 10)?;
         write(ctx, l3 + 10, csum::apply(ip_check, ip_acc))?;
         write(ctx, addr_off, addr[0])?;
-        if !(pkt.protocol == PROTO_UDP && old_check == 0) {
-            let acc = csum::acc16(csum::acc32(0, old_addr[0], addr[0]), old_port, port_be);
-            write(
-                ctx,
-                check_off,
-                l4_check(pkt.protocol, csum::apply(old_check, acc)),
-            )?;
-        }
+        Some(delta)
     } else {
         let addr_off = l3 + if end == End::Destination { 24 } else { 8 };
         if forwarding {
@@ -76,7 +62,33 @@ pub fn rewrite(
             write(ctx, l3 + 6, [word[0], word[1].wrapping_sub(1)])?;
         }
         write(ctx, addr_off, *addr)?;
-        let acc = csum::acc16(csum::acc_addr(0, old_addr, addr), old_port, port_be);
+        Some(csum::acc_addr(0, old_addr, addr))
+    }
+}
+
+/// Rewrites one end's address and port of a TCP/UDP packet (or first fragment), with every
+/// checksum.
+#[inline(always)]
+pub fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    end: End,
+    addr: &[u32; 4],
+    port_be: u16,
+    forwarding: bool,
+) -> Option<()> {
+    let l4 = pkt.l4_off & L4_MASK;
+    let port_off = l4 + if end == End::Destination { 2 } else { 0 };
+    let old_port = read::<u16>(ctx, port_off)?;
+    let check_off = match pkt.protocol {
+        PROTO_TCP => l4 + 16,
+        PROTO_UDP => l4 + 6,
+        _ => return None,
+    };
+    let old_check = read::<u16>(ctx, check_off)?;
+    let delta = rewrite_ip(ctx, pkt, end, addr, forwarding)?;
+    if !(pkt.protocol == PROTO_UDP && old_check == 0) {
+        let acc = csum::acc16(delta, old_port, port_be);
         write(
             ctx,
             check_off,
@@ -87,7 +99,7 @@ pub fn rewrite(
 }
 
 #[inline(always)]
-fn l4_check(protocol: u8, check: u16) -> u16 {
+pub fn l4_check(protocol: u8, check: u16) -> u16 {
     if protocol == PROTO_UDP && check == 0 {
         0xffff
     } else {

@@ -23,11 +23,24 @@ pub const TCP_ACK: u8 = 0x10;
 pub const L3_MASK: usize = 0x1f;
 pub const L4_MASK: usize = 0x7f;
 
+/// The packet's start and end. Volatile loads: LLVM would otherwise hoist them out of a BPF
+/// function into its callers and pass the values as arguments, and the verifier does not
+/// accept a packet end that arrived that way.
+#[inline(always)]
+pub fn bounds(ctx: &XdpContext) -> (usize, usize) {
+    // SAFETY: `ctx.ctx` is the context the kernel passed to the program.
+    unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    }
+}
+
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet holds all of it.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    let (start, end) = bounds(ctx);
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -62,12 +75,35 @@ pub struct Packet {
     pub ttl: u8,
     /// IPv4 type of service (for the FIB lookup); 0 for IPv6.
     pub tos: u8,
-    /// IP packet length as the header states it.
-    pub ip_len: u16,
+    /// IP packet length as the header states it (IPv6: payload length + 40, never wrapped).
+    pub ip_len: u32,
     /// Fragment: MF set or offset ≠ 0 (IPv4), or a fragment header (IPv6).
     pub fragment: bool,
     /// IPv4: offset ≠ 0, so no L4 header in this fragment.
     pub later_fragment: bool,
+    /// IPv4: DF set. IPv6 packets are never fragmented on the way: always true.
+    pub dont_fragment: bool,
+    /// IPv4 identification (network order, zero-extended); 0 for IPv6.
+    pub id: u32,
+}
+
+impl Packet {
+    /// A packet with nothing in it yet.
+    pub const EMPTY: Packet = Packet {
+        l3_off: 0,
+        l4_off: 0,
+        family: 0,
+        protocol: 0,
+        src: [0; 4],
+        dst: [0; 4],
+        ttl: 0,
+        tos: 0,
+        ip_len: 0,
+        fragment: false,
+        later_fragment: false,
+        dont_fragment: false,
+        id: 0,
+    };
 }
 
 /// L4 ports and TCP flags.
@@ -132,7 +168,7 @@ fn ipv4(ctx: &XdpContext, l3_off: usize) -> L3 {
         0,
     ];
     let ihl = (hdr[0] & 0x0f) as usize * 4;
-    let ip_len = u16::from_be_bytes([hdr[2], hdr[3]]);
+    let ip_len = u16::from_be_bytes([hdr[2], hdr[3]]) as u32;
     if hdr[0] >> 4 != 4 || ihl < 20 || (ip_len as usize) < ihl {
         return L3::Malformed(dst, FAMILY_V4);
     }
@@ -149,6 +185,8 @@ fn ipv4(ctx: &XdpContext, l3_off: usize) -> L3 {
         ip_len,
         fragment: frag & 0x3fff != 0,
         later_fragment: frag & 0x1fff != 0,
+        dont_fragment: frag & 0x4000 != 0,
+        id: u16::from_ne_bytes([hdr[4], hdr[5]]) as u32,
     })
 }
 
@@ -168,12 +206,15 @@ fn ipv6(ctx: &XdpContext, l3_off: usize) -> L3 {
         dst: [hdr[6], hdr[7], hdr[8], hdr[9]],
         ttl: b[3],
         tos: 0,
-        ip_len: u16::from_be_bytes([b[0], b[1]]).wrapping_add(IPV6_HLEN as u16),
+        ip_len: u16::from_be_bytes([b[0], b[1]]) as u32 + IPV6_HLEN as u32,
         fragment: next == IPPROTO_FRAGMENT,
         later_fragment: next == IPPROTO_FRAGMENT,
+        dont_fragment: true,
+        id: 0,
     })
 }
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
@@ -186,7 +227,8 @@ pub fn is_ipv6_extension(next: u8) -> bool {
     )
 }
 
-/// The L4 ports (and TCP flags) of a TCP or UDP packet whose L4 header is whole.
+/// The L4 ports (and TCP flags) of a TCP or UDP packet whose L4 header is in the frame.
+/// Whether the header is consistent with the IP length is `l4_valid`'s question.
 #[inline(always)]
 pub fn ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
     let off = pkt.l4_off & L4_MASK;
@@ -211,8 +253,43 @@ pub fn ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
     }
 }
 
+/// Is the TCP/UDP header of a whole (not fragmented) packet consistent: the frame holds the
+/// IP length, the IP length holds the L4 header (a short packet in a padded frame does not),
+/// TCP's data offset is at least 5 and within the packet, UDP's length is at least 8 and
+/// within the packet, and an IPv6 UDP checksum is not 0 (RFC 8200 §8.1: such a datagram is
+/// invalid)?
+#[inline(always)]
+pub fn l4_valid(ctx: &XdpContext, pkt: &Packet) -> bool {
+    if !ip_len_fits(ctx, pkt) {
+        return false;
+    }
+    let l3 = pkt.l3_off & L3_MASK;
+    let l4 = pkt.l4_off & L4_MASK;
+    // Bytes of IP payload the header announces.
+    let payload = pkt.ip_len as usize + l3 - l4.min(pkt.ip_len as usize + l3);
+    match pkt.protocol {
+        PROTO_TCP => {
+            let Some(h) = read::<[u8; TCP_HLEN]>(ctx, l4) else {
+                return false;
+            };
+            let doff = (h[12] >> 4) as usize * 4;
+            payload >= TCP_HLEN && doff >= TCP_HLEN && doff <= payload
+        }
+        PROTO_UDP => {
+            let Some(h) = read::<[u8; UDP_HLEN]>(ctx, l4) else {
+                return false;
+            };
+            let len = u16::from_be_bytes([h[4], h[5]]) as usize;
+            let zero_v6 = pkt.family != FAMILY_V4 && h[6] == 0 && h[7] == 0;
+            payload >= UDP_HLEN && len >= UDP_HLEN && len <= payload && !zero_v6
+        }
+        _ => false,
+    }
+}
+
 /// Does the packet hold the whole IP packet its header announces?
 #[inline(always)]
 pub fn ip_len_fits(ctx: &XdpContext, pkt: &Packet) -> bool {
-    ctx.data() + (pkt.l3_off & L3_MASK) + pkt.ip_len as usize <= ctx.data_end()
+    let (start, end) = bounds(ctx);
+    start + (pkt.l3_off & L3_MASK) + pkt.ip_len as usize <= end
 }

@@ -19,9 +19,10 @@ use std::{
 };
 
 use lb_common::{
-    addr, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue, VipValue,
-    CONFIG_F_READY, GROUP_F_STICKY_SOURCE, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6,
-    REVERSE_F_AMBIGUOUS, TARGET_DROP, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
+    addr, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue,
+    VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4,
+    LISTENER_F_ALLOW_ALL_V6, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
+    TARGET_DROP, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
 };
 
 use crate::{
@@ -80,6 +81,18 @@ pub fn identity(ip: IpAddr, port: u16) -> Vec<u8> {
     id.extend_from_slice(&port.to_be_bytes());
     id.push(family);
     id
+}
+
+/// The `REVERSE_F_ALLOW_ALL_*` bits of a reply endpoint's one listener, from its flags.
+pub fn reverse_allow_flags(listener_flags: u32) -> u32 {
+    let mut f = 0;
+    if listener_flags & LISTENER_F_ALLOW_ALL_V4 != 0 {
+        f |= REVERSE_F_ALLOW_ALL_V4;
+    }
+    if listener_flags & LISTENER_F_ALLOW_ALL_V6 != 0 {
+        f |= REVERSE_F_ALLOW_ALL_V6;
+    }
+    f
 }
 
 fn target_value(key: &TargetKey, cookie: u32, state: u8, flags: u32) -> TargetValue {
@@ -154,7 +167,7 @@ pub fn desired(
     }
 
     // Which listeners each target endpoint serves decides how replies find their VIP.
-    let mut served: BTreeMap<EndpointKey, Vec<(u32, IpAddr, u16)>> = BTreeMap::new();
+    let mut served: BTreeMap<EndpointKey, Vec<(u32, IpAddr, u16, u32)>> = BTreeMap::new();
     for l in &config.listeners {
         let (Some(lid), Some(gid)) = (
             model.listener_ids.get(&l.name),
@@ -197,12 +210,12 @@ pub fn desired(
                 served
                     .entry(endpoint_key(key.addr, key.port, proto))
                     .or_default()
-                    .push((lid, l.address, l.port.0));
+                    .push((lid, l.address, l.port.0, flags));
             }
         }
     }
     for (key, listeners) in &served {
-        let (lid, vip, port) = listeners[0];
+        let (lid, vip, port, listener_flags) = listeners[0];
         d.reverse.insert(
             *key,
             ReverseValue {
@@ -213,7 +226,7 @@ pub fn desired(
                 flags: if listeners.len() > 1 {
                     REVERSE_F_AMBIGUOUS
                 } else {
-                    0
+                    reverse_allow_flags(listener_flags)
                 },
             },
         );

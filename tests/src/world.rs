@@ -10,10 +10,9 @@ use aya::{
 };
 use lb_common::{
     addr, hash, maglev, maps::PROGRAM_XDP, DataplaneConfig, EndpointKey, FlowKey, IfaceValue,
-    ListenerValue, IFACE_F_TARGETS,
-    ReverseValue, TargetValue, VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE,
-    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_AMBIGUOUS,
-    TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT,
+    ListenerValue, ReverseValue, TargetValue, VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE,
+    IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP,
+    REVERSE_F_AMBIGUOUS, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT,
 };
 use lb_userspace::{
     dataplane::{self, MapSizes},
@@ -111,7 +110,7 @@ impl World {
                 .put_vip(vip.parse()?, VipValue { listener_count: 1 })?;
         }
         // Which listeners each target endpoint serves decides how replies find their VIP.
-        let mut served: BTreeMap<EndpointKey, Vec<(u32, &str, u16)>> = BTreeMap::new();
+        let mut served: BTreeMap<EndpointKey, Vec<(u32, &str, u16, u32)>> = BTreeMap::new();
         for &(lid, vip, port, proto, group, allowed) in &LISTENERS {
             let family_flag = if vip.contains(':') {
                 LISTENER_F_ALLOW_ALL_V6
@@ -142,12 +141,12 @@ impl World {
                     served
                         .entry(endpoint(taddr, tport, proto))
                         .or_default()
-                        .push((lid, vip, port));
+                        .push((lid, vip, port, flags));
                 }
             }
         }
         for (key, listeners) in &served {
-            let (lid, vip, port) = listeners[0];
+            let (lid, vip, port, listener_flags) = listeners[0];
             let (vip_addr, _) = addr::to_words(vip.parse()?);
             let ambiguous = listeners.len() > 1;
             self.maps.put_reverse(
@@ -157,7 +156,11 @@ impl World {
                     vip_port_be: port.to_be(),
                     _pad: 0,
                     listener_id: lid,
-                    flags: if ambiguous { REVERSE_F_AMBIGUOUS } else { 0 },
+                    flags: if ambiguous {
+                        REVERSE_F_AMBIGUOUS
+                    } else {
+                        state::reverse_allow_flags(listener_flags)
+                    },
                 },
             )?;
         }
