@@ -89,7 +89,11 @@ impl Fragment {
     const IPV6_HEADER: u64 = 1 << 33;
 
     fn ipv4(pkt: &Packet) -> Fragment {
-        Fragment(if pkt.fragment { Self::IS | pkt.id as u64 } else { 0 })
+        Fragment(if pkt.fragment {
+            Self::IS | pkt.id as u64
+        } else {
+            0
+        })
     }
 
     fn ipv6(next: u8, id: u32) -> Fragment {
@@ -137,7 +141,6 @@ fn icmp_from_target_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
     let ctx = &XdpContext::new(raw);
     verdict(icmp_from_target(ctx, pkt))
 }
-
 
 /// The floor for per-packet cost figures: the same object, doing nothing.
 #[xdp]

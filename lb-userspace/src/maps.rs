@@ -40,7 +40,7 @@ pub struct KernelMaps {
     targets: Array<MapData, TargetValue>,
     reverse: HashMap<MapData, EndpointKey, ReverseValue>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
-    reply_flows_id: u32,
+    reply_flows: HashMap<MapData, FlowKey, ReverseValue>,
     devmap: DevMapHash<MapData>,
     ifaces: HashMap<MapData, u32, IfaceValue>,
     reply_frags: HashMap<MapData, FragKey, FragValue>,
@@ -135,10 +135,7 @@ impl KernelMaps {
             targets: typed!(MAP_TARGETS),
             reverse: typed!(MAP_REVERSE),
             flows: typed!(MAP_FLOWS),
-            reply_flows_id: {
-                let map: HashMap<MapData, FlowKey, ReverseValue> = typed!(MAP_REPLY_FLOWS);
-                map.map().info().context("LB_REPLY_FLOWS id")?.id()
-            },
+            reply_flows: typed!(MAP_REPLY_FLOWS),
             devmap: typed!(MAP_DEVMAP),
             ifaces: typed!(MAP_IFACES),
             reply_frags: typed!(MAP_REPLY_FRAGS),
@@ -404,6 +401,21 @@ impl KernelMaps {
         }
     }
 
+    /// The reply-flow entry of a target → client 5-tuple, if any.
+    pub fn reply_flow(&self, key: &FlowKey) -> Result<Option<ReverseValue>> {
+        match self.reply_flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading LB_REPLY_FLOWS"),
+        }
+    }
+
+    pub fn remove_reply_flow(&mut self, key: &FlowKey) -> Result<()> {
+        self.reply_flows
+            .remove(key)
+            .context("removing from LB_REPLY_FLOWS")
+    }
+
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
         self.flows.remove(key).context("removing from LB_FLOWS")
     }
@@ -411,7 +423,13 @@ impl KernelMaps {
     /// Handles of its own on the flow tables, for the expiry sweep.
     pub fn flow_table(&self) -> Result<crate::expiry::FlowTable> {
         let flows_id = self.flows.map().info().context("LB_FLOWS id")?.id();
-        crate::expiry::FlowTable::open(flows_id, self.reply_flows_id)
+        let reply_flows_id = self
+            .reply_flows
+            .map()
+            .info()
+            .context("LB_REPLY_FLOWS id")?
+            .id();
+        crate::expiry::FlowTable::open(flows_id, reply_flows_id)
     }
 
     pub fn flow_keys(&self) -> impl Iterator<Item = Result<FlowKey>> + '_ {

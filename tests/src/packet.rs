@@ -24,6 +24,14 @@ pub enum L4 {
         dport: u16,
         zero_checksum: bool,
     },
+    /// ICMP (IPv4) or ICMPv6 (IPv6, by the packet's family): type, code, the 4 bytes after the
+    /// checksum (MTU, pointer, unused), then `quote` (the packet's payload is not used).
+    Icmp {
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quote: Vec<u8>,
+    },
     /// Any other protocol: raw header and payload bytes.
     Raw { protocol: u8, bytes: Vec<u8> },
 }
@@ -88,12 +96,87 @@ impl Packet {
         }
     }
 
+    /// An ICMP error from `src` to `dst` quoting `quote` (an IP packet's bytes, as cut).
+    pub fn icmp(
+        src: &str,
+        dst: &str,
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quote: Vec<u8>,
+    ) -> Self {
+        Self::new(
+            src,
+            dst,
+            L4::Icmp {
+                icmp_type,
+                code,
+                rest,
+                quote,
+            },
+        )
+    }
+
     pub fn protocol(&self) -> u8 {
         match self.l4 {
             L4::Tcp { .. } => 6,
             L4::Udp { .. } => 17,
+            L4::Icmp { .. } if self.src.is_ipv4() => 1,
+            L4::Icmp { .. } => 58,
             L4::Raw { protocol, .. } => protocol,
         }
+    }
+
+    /// The IP packet (the frame without its Ethernet header and tag), as an ICMP error quotes
+    /// it: cut to `len` bytes.
+    pub fn quoted(&self, len: usize) -> Vec<u8> {
+        let f = self.bytes();
+        let l3 = if self.vlan.is_some() { 18 } else { 14 };
+        f[l3..(l3 + len).min(f.len())].to_vec()
+    }
+
+    /// The frame's fragments: the L4 bytes (header and payload, checksum over all of them)
+    /// cut into pieces of `first` bytes, then of `rest` (multiples of 8), each its own frame
+    /// (IPv4 fragment fields, or an IPv6 fragment header with `id`).
+    pub fn fragments(&self, first: usize, rest: usize, id: u32) -> Vec<Vec<u8>> {
+        assert!(first % 8 == 0 && rest % 8 == 0);
+        let whole = self.bytes();
+        let l3 = if self.vlan.is_some() { 18 } else { 14 };
+        let (hlen, v4) = if self.src.is_ipv4() {
+            ((whole[l3] & 0x0f) as usize * 4, true)
+        } else {
+            (40, false)
+        };
+        let l4 = &whole[l3 + hlen..];
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < l4.len() {
+            let size = if off == 0 { first } else { rest };
+            let end = (off + size).min(l4.len());
+            let more = end < l4.len();
+            let mut f = whole[..l3 + hlen].to_vec();
+            if v4 {
+                let total = (hlen + end - off) as u16;
+                f[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+                let field = (self.frag & 0x4000) | if more { 0x2000 } else { 0 } | (off / 8) as u16;
+                f[l3 + 6..l3 + 8].copy_from_slice(&field.to_be_bytes());
+                f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+                let c = internet_checksum(&[&f[l3..l3 + hlen]]);
+                f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+            } else {
+                let plen = (8 + end - off) as u16;
+                f[l3 + 4..l3 + 6].copy_from_slice(&plen.to_be_bytes());
+                f[l3 + 6] = 44;
+                let field = ((off / 8) as u16) << 3 | more as u16;
+                f.extend_from_slice(&[self.protocol(), 0]);
+                f.extend_from_slice(&field.to_be_bytes());
+                f.extend_from_slice(&id.to_be_bytes());
+            }
+            f.extend_from_slice(&l4[off..end]);
+            out.push(f);
+            off = end;
+        }
+        out
     }
 
     /// The same packet with the destination (address, port) replaced.
@@ -101,7 +184,7 @@ impl Packet {
         self.dst = ip.parse().expect("address");
         match &mut self.l4 {
             L4::Tcp { dport, .. } | L4::Udp { dport, .. } => *dport = port,
-            L4::Raw { .. } => panic!("no port"),
+            L4::Icmp { .. } | L4::Raw { .. } => panic!("no port"),
         }
         self
     }
@@ -111,7 +194,7 @@ impl Packet {
         self.src = ip.parse().expect("address");
         match &mut self.l4 {
             L4::Tcp { sport, .. } | L4::Udp { sport, .. } => *sport = port,
-            L4::Raw { .. } => panic!("no port"),
+            L4::Icmp { .. } | L4::Raw { .. } => panic!("no port"),
         }
         self
     }
@@ -148,6 +231,23 @@ impl Packet {
                 let len = (8 + self.payload.len()) as u16;
                 h[4..6].copy_from_slice(&len.to_be_bytes());
                 h
+            }
+            L4::Icmp {
+                icmp_type,
+                code,
+                rest,
+                quote,
+            } => {
+                let mut h = vec![*icmp_type, *code, 0, 0];
+                h.extend_from_slice(rest);
+                h.extend_from_slice(quote);
+                let c = if self.src.is_ipv4() {
+                    internet_checksum(&[&h])
+                } else {
+                    internet_checksum(&[&pseudo_header(self.src, self.dst, 58, h.len()), &h])
+                };
+                h[2..4].copy_from_slice(&c.to_be_bytes());
+                return h;
             }
             L4::Raw { bytes, .. } => bytes.clone(),
         };
@@ -262,8 +362,10 @@ fn pseudo_header(src: IpAddr, dst: IpAddr, protocol: u8, len: usize) -> Vec<u8> 
     p
 }
 
-/// Checks every checksum of a frame (IPv4 header; TCP/UDP with pseudo-header) by summing it
-/// from scratch. Returns a description of the first bad one.
+/// Checks every checksum of a frame by summing it from scratch: the IPv4 header; TCP/UDP with
+/// the pseudo-header (not for a fragment, whose L4 checksum covers the whole datagram);
+/// ICMP (ICMPv6 with the pseudo-header) and the IPv4 header it quotes. Returns a description
+/// of the first bad one.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
     let mut off = 12;
     let mut ethertype = u16::from_be_bytes([frame[off], frame[off + 1]]);
@@ -272,7 +374,7 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
         ethertype = u16::from_be_bytes([frame[off], frame[off + 1]]);
     }
     let l3 = off + 2;
-    let (src, dst, proto, l4) = match ethertype {
+    let (src, dst, proto, l4, fragment) = match ethertype {
         0x0800 => {
             let hlen = (frame[l3] & 0x0f) as usize * 4;
             let total = u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) as usize;
@@ -281,11 +383,13 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
             }
             let s: [u8; 4] = frame[l3 + 12..l3 + 16].try_into().unwrap();
             let d: [u8; 4] = frame[l3 + 16..l3 + 20].try_into().unwrap();
+            let frag = u16::from_be_bytes([frame[l3 + 6], frame[l3 + 7]]) & 0x3fff != 0;
             (
                 IpAddr::from(s),
                 IpAddr::from(d),
                 frame[l3 + 9],
                 &frame[l3 + hlen..l3 + total],
+                frag,
             )
         }
         0x86dd => {
@@ -297,16 +401,40 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                 IpAddr::from(d),
                 frame[l3 + 6],
                 &frame[l3 + 40..l3 + 40 + plen],
+                frame[l3 + 6] == 44,
             )
         }
         _ => return Ok(()),
     };
-    let udp_unset = proto == 17 && l4[6] == 0 && l4[7] == 0 && src.is_ipv4();
-    if (proto == 6 || proto == 17)
-        && !udp_unset
-        && internet_checksum(&[&pseudo_header(src, dst, proto, l4.len()), l4]) != 0
-    {
-        return Err(format!("L4 (protocol {proto}) checksum"));
+    if fragment {
+        return Ok(());
+    }
+    match proto {
+        6 | 17 => {
+            let udp_unset = proto == 17 && l4[6] == 0 && l4[7] == 0 && src.is_ipv4();
+            if !udp_unset
+                && internet_checksum(&[&pseudo_header(src, dst, proto, l4.len()), l4]) != 0
+            {
+                return Err(format!("L4 (protocol {proto}) checksum"));
+            }
+        }
+        1 => {
+            if internet_checksum(&[l4]) != 0 {
+                return Err("ICMP checksum".into());
+            }
+            if l4.len() >= 28 && l4[8] >> 4 == 4 {
+                let hlen = (l4[8] & 0x0f) as usize * 4;
+                if l4.len() >= 8 + hlen && internet_checksum(&[&l4[8..8 + hlen]]) != 0 {
+                    return Err("quoted IPv4 header checksum".into());
+                }
+            }
+        }
+        58 => {
+            if internet_checksum(&[&pseudo_header(src, dst, 58, l4.len()), l4]) != 0 {
+                return Err("ICMPv6 checksum".into());
+            }
+        }
+        _ => {}
     }
     Ok(())
 }

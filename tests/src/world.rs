@@ -195,6 +195,13 @@ impl World {
         Ok(())
     }
 
+    /// Sets `flow_insert_limit` (new entries per CPU per second; 0: none).
+    pub fn set_insert_limit(&mut self, limit: u32) -> Result<()> {
+        let mut config = self.maps.config()?;
+        config.flow_insert_limit = limit;
+        self.maps.set_config(&config)
+    }
+
     /// Writes target `id` with `state`, `flags` and `cookie`.
     pub fn set_target(&mut self, id: u32, state: u8, flags: u32, cookie: u32) -> Result<()> {
         let &(_, taddr, tport, _) = TARGETS.iter().find(|t| t.0 == id).context("target id")?;
