@@ -7,7 +7,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context, Result};
 use lb_common::{
-    maglev, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue, VipValue,
+    maglev, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue,
+    VipValue,
 };
 use serde::{Deserialize, Serialize};
 
