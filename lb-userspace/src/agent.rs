@@ -5,13 +5,13 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use lb_common::PROTO_UDP;
+use lb_common::{IfaceValue, PROTO_UDP};
 use serde_json::json;
 use tokio::{
     net::{TcpListener, UnixListener},
@@ -23,13 +23,15 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, Config},
-    control::Controller,
+    control::{self, Controller},
     datapath::{self, Datapath},
     expiry::{self, ExpiryPlan, FlowTable, ListenerTimeouts, Sweep},
     health::{self, HealthEvent, Schedule, TargetState},
     http::{self, Request, Response},
     metrics::{self, HealthMetrics},
     model::{Model, SavedModel, TargetKey},
+    routes::{Answer, NetlinkRoutes, RouteNote},
+    state::RoleSource,
 };
 
 /// How often idle flows are looked for at most: a quarter of the shortest idle timeout, but
@@ -51,6 +53,9 @@ fn sweep_interval(config: &Config) -> Duration {
 }
 /// After a failed map write, the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How often the routes to every target are asked again (interface roles follow route
+/// changes), when roles are derived from them.
+const ROUTE_RECHECK: Duration = Duration::from_secs(30);
 
 pub struct RunOptions {
     pub config_path: PathBuf,
@@ -78,8 +83,13 @@ struct Agent {
     active_flows: BTreeMap<String, u64>,
     /// The sweep's own handles on the flow maps; None while a sweep runs.
     flow_table: Option<FlowTable>,
+    /// The route lookup; None while the periodic re-check has it on a blocking thread.
+    route_lookup: Option<NetlinkRoutes>,
     retry_at: Option<Instant>,
 }
+
+/// A periodic route re-check's lookup, handed back, and its answers.
+type RouteCheck = (NetlinkRoutes, Vec<(IpAddr, Answer)>);
 
 /// The flow-hash key: random for an empty seed (one node); otherwise derived from the seed, so
 /// every node given the same seed hashes flows alike.
@@ -163,7 +173,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let now = Instant::now();
     let mut dp = datapath::open(&config, table_slots(&config))?;
-    let interfaces: BTreeSet<u32> = dp.attached.values().map(|(i, _)| *i).collect();
+    let interfaces: BTreeMap<String, u32> = dp
+        .attached
+        .iter()
+        .map(|(name, (i, _))| (name.clone(), *i))
+        .collect();
     let adopted = dp.adopted.take();
     let fresh = adopted.is_none();
     let setup = (|| -> Result<(Controller, FlowTable)> {
@@ -197,8 +211,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         health_metrics: HealthMetrics::default(),
         active_flows: BTreeMap::new(),
         flow_table: Some(flow_table),
+        route_lookup: Some(NetlinkRoutes::default()),
         retry_at: None,
     };
+    agent.lookup_new_routes();
     agent.apply(now, "start");
     agent.sync_checkers();
     info!(
@@ -218,6 +234,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut sweep = tokio::time::interval(sweep_interval(&agent.ctl.config));
     let (swept_tx, mut swept) = mpsc::channel(1);
+    let mut route_recheck =
+        tokio::time::interval_at((Instant::now() + ROUTE_RECHECK).into(), ROUTE_RECHECK);
+    let (rechecked_tx, mut rechecked) = mpsc::channel(1);
 
     loop {
         let period = sweep_interval(&agent.ctl.config);
@@ -236,6 +255,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             _ = sweep.tick() => agent.start_sweep(&swept_tx),
             Some((table, result)) = swept.recv() => agent.sweep_done(table, result),
+            _ = route_recheck.tick() => agent.start_route_check(&rechecked_tx),
+            Some(check) = rechecked.recv() => agent.route_check_done(check),
             _ = sighup.recv() => {
                 let r = agent.reload();
                 if r.status != 200 {
@@ -262,7 +283,7 @@ fn adopt(
     dp: &mut Datapath,
     state: serde_json::Value,
     config: Config,
-    interfaces: BTreeSet<u32>,
+    interfaces: BTreeMap<String, u32>,
     now: Instant,
 ) -> Result<Controller> {
     let old_config: Config =
@@ -271,13 +292,14 @@ fn adopt(
         serde_json::from_value(state["model"].clone()).context("the state file's model")?;
     let layout =
         serde_json::from_value(state["tables"].clone()).context("the state file's table layout")?;
-    let old_interfaces: BTreeSet<u32> =
-        serde_json::from_value(state["interfaces"].clone()).unwrap_or_default();
+    let old_interfaces = saved_interfaces(&state["interfaces"]);
     dp.maps.restore_table_layout(&layout);
-    let hash_key = dp.maps.config()?.hash_key;
+    let pinned = dp.maps.config()?;
+    let hash_key = pinned.hash_key;
     let model = Model::restore(saved, now);
     // What the earlier run wrote: the shadow the diff starts from.
-    let shadow = crate::state::desired(&old_config, &model, hash_key, &old_interfaces, now);
+    let mut shadow = crate::state::desired(&old_config, &model, hash_key, &old_interfaces, now);
+    shadow.config = pinned;
     let mut ctl = Controller::adopted(old_config, model, hash_key, interfaces, shadow);
     ctl.reload(config, now)?;
     info!(
@@ -286,6 +308,79 @@ fn adopt(
         "adopted the pinned data plane (flows, tables and target states carry on)"
     );
     Ok(ctl)
+}
+
+/// The `LB_IFACES` values an earlier run wrote, from its state file's `interfaces`: ifindex →
+/// flags; or, from a build before interface roles, the attached ifindexes (each was written as
+/// facing targets).
+fn saved_interfaces(value: &serde_json::Value) -> BTreeMap<u32, IfaceValue> {
+    if let Ok(flags) = serde_json::from_value::<BTreeMap<u32, u32>>(value.clone()) {
+        return flags
+            .into_iter()
+            .map(|(i, flags)| (i, IfaceValue { flags }))
+            .collect();
+    }
+    let attached: BTreeSet<u32> = serde_json::from_value(value.clone()).unwrap_or_default();
+    let flags = lb_common::IFACE_F_TARGETS;
+    attached
+        .into_iter()
+        .map(|i| (i, IfaceValue { flags }))
+        .collect()
+}
+
+/// An interface's name for the log, from its ifindex.
+fn interface_name(interfaces: &BTreeMap<String, u32>, ifindex: u32) -> String {
+    interfaces
+        .iter()
+        .find(|(_, &i)| i == ifindex)
+        .map(|(n, _)| n.clone())
+        .unwrap_or_else(|| {
+            let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname requires.
+            let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+            if p.is_null() {
+                format!("ifindex {ifindex}")
+            } else {
+                // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+                let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+                name.to_string_lossy().into_owned()
+            }
+        })
+}
+
+fn log_route_notes(notes: &[RouteNote], interfaces: &BTreeMap<String, u32>) {
+    for n in notes {
+        match n {
+            RouteNote::Useless {
+                addr,
+                answer: Answer::NoRoute,
+            } => warn!(
+                address = %addr,
+                "no route to the target: it makes no interface face targets"
+            ),
+            RouteNote::Useless {
+                addr,
+                answer: Answer::Failed(e),
+            } => warn!(
+                address = %addr,
+                error = %e,
+                "route lookup failed: the target makes no interface face targets"
+            ),
+            RouteNote::Useless {
+                addr,
+                answer: Answer::Via(i),
+            } => warn!(
+                address = %addr,
+                interface = %interface_name(interfaces, *i),
+                "the target is routed out of an interface XDP is not attached to: it makes no interface face targets"
+            ),
+            RouteNote::Routed { addr, ifindex } => info!(
+                address = %addr,
+                interface = %interface_name(interfaces, *ifindex),
+                "the target is now routed out of an attached interface"
+            ),
+        }
+    }
 }
 
 impl Agent {
@@ -317,6 +412,21 @@ impl Agent {
                 for k in &step.removed {
                     info!(target = %k, "target removed after draining");
                 }
+                if let Some(roles) = &step.roles {
+                    let facing: Vec<String> = roles
+                        .targets
+                        .iter()
+                        .map(|&i| interface_name(&self.ctl.interfaces, i))
+                        .collect();
+                    info!(
+                        faces_targets = %facing.join(","),
+                        how = roles.source.describe(),
+                        "interface roles (reverse NAT only on interfaces that face targets)"
+                    );
+                    if roles.source == RoleSource::Fallback {
+                        warn!("no target is routed out of an attached interface: every interface is marked as facing targets, so reverse NAT is not restricted to the target side (set agent.target_interfaces)");
+                    }
+                }
                 if step.applied.writes + step.applied.tables > 0 {
                     debug!(
                         why,
@@ -347,7 +457,15 @@ impl Agent {
             "config": self.ctl.config,
             "model": self.ctl.model.save(now),
             "tables": self.dp.maps.table_layout(),
-            "interfaces": self.ctl.interfaces,
+            // ifindex → LB_IFACES flags, as written.
+            "interfaces": self
+                .ctl
+                .reconciler
+                .shadow()
+                .interfaces
+                .iter()
+                .map(|(&i, v)| (i, v.flags))
+                .collect::<BTreeMap<u32, u32>>(),
         });
         if let Err(e) = self.dp.save_state(state) {
             warn!(error = %format!("{e:#}"), "could not write the state file");
@@ -440,18 +558,14 @@ impl Agent {
                 );
             }
         };
-        let mut notes = Vec::new();
         let mut config = config;
-        if config.agent != self.ctl.config.agent {
-            notes.push(
-                "[agent] changes take effect at the next start (not applied by reload)".to_string(),
-            );
-            config.agent = self.ctl.config.agent.clone();
-        }
+        let (agent, notes) = control::reloaded_agent(&self.ctl.config.agent, &config.agent);
+        config.agent = agent;
         let now = Instant::now();
         if let Err(e) = self.ctl.reload(config, now) {
             return Response::json(400, &json!({"error": format!("{e:#}")}));
         }
+        self.lookup_new_routes();
         let took = self.apply(now, "reload");
         self.sync_checkers();
         for n in &notes {
@@ -524,6 +638,9 @@ impl Agent {
             return Response::json(400, &json!({"error": format!("{e:#}")}));
         }
         info!(target = %key, "{}", if register { "target registered" } else { "target deregistered (draining)" });
+        if register {
+            self.lookup_new_routes();
+        }
         let took = self.apply(now, if register { "register" } else { "deregister" });
         self.sync_checkers();
         match took {
@@ -595,12 +712,37 @@ impl Agent {
                 })
             })
             .collect();
+        let roles = self.ctl.interface_roles();
+        let routes = self.ctl.routes.egress();
+        let addresses = self.ctl.target_addresses();
+        let interfaces: Vec<_> = self
+            .dp
+            .attached
+            .iter()
+            .map(|(n, (i, m))| {
+                // How many target addresses the kernel routes out of it, when that decides.
+                let routed = matches!(roles.source, RoleSource::Routes | RoleSource::Fallback)
+                    .then(|| {
+                        addresses
+                            .iter()
+                            .filter(|a| routes.get(a) == Some(i))
+                            .count()
+                    });
+                json!({
+                    "name": n, "ifindex": i, "mode": m,
+                    "faces_targets": roles.targets.contains(i),
+                    "role_source": roles.source,
+                    "role": roles.source.describe(),
+                    "targets_routed": routed,
+                })
+            })
+            .collect();
         json!({
             "listeners": listeners,
             "target_groups": groups,
             "datapath": {
                 "pin_path": self.dp.pin_dir,
-                "interfaces": self.dp.attached.iter().map(|(n, (i, m))| json!({"name": n, "ifindex": i, "mode": m})).collect::<Vec<_>>(),
+                "interfaces": interfaces,
             },
         })
     }
@@ -665,6 +807,45 @@ impl Agent {
             let sweep = table.sweep(&plan, expiry::now_ticks());
             let _ = done.blocking_send((table, sweep));
         });
+    }
+
+    /// Looks up the routes of targets that have none yet (start, reload, register), unless the
+    /// periodic re-check has the lookup (it looks them up when it returns).
+    fn lookup_new_routes(&mut self) {
+        let Some(lookup) = self.route_lookup.as_mut() else {
+            return;
+        };
+        let notes = self.ctl.lookup_routes(lookup, false);
+        log_route_notes(&notes, &self.ctl.interfaces);
+    }
+
+    /// Asks for the route of every target again on a blocking thread (a route that changed
+    /// moves the interface roles); the answers come back through `done`.
+    fn start_route_check(&mut self, done: &mpsc::Sender<RouteCheck>) {
+        let queries = self.ctl.route_queries(true);
+        if queries.is_empty() {
+            return;
+        }
+        let Some(mut lookup) = self.route_lookup.take() else {
+            return; // the last check is still running
+        };
+        let done = done.clone();
+        tokio::task::spawn_blocking(move || {
+            use crate::routes::RouteLookup;
+            let answers = queries
+                .into_iter()
+                .map(|a| (a, lookup.egress(a).into()))
+                .collect();
+            let _ = done.blocking_send((lookup, answers));
+        });
+    }
+
+    fn route_check_done(&mut self, (lookup, answers): RouteCheck) {
+        self.route_lookup = Some(lookup);
+        let notes = self.ctl.routes_answered(answers);
+        log_route_notes(&notes, &self.ctl.interfaces);
+        self.lookup_new_routes(); // targets registered while the check ran
+        self.apply(Instant::now(), "routes");
     }
 
     fn sweep_done(&mut self, table: FlowTable, sweep: Sweep) {
@@ -744,4 +925,25 @@ async fn forward(calls: &mpsc::Sender<Call>, request: Request) -> Response {
     answer
         .await
         .unwrap_or_else(|_| Response::json(500, &json!({"error": "the agent dropped the call"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_interfaces_read_back_with_their_flags() {
+        let written: BTreeMap<u32, u32> = [(3, 0), (4, lb_common::IFACE_F_TARGETS)].into();
+        let state = json!({ "interfaces": written });
+        let flags = |m: BTreeMap<u32, IfaceValue>| -> Vec<(u32, u32)> {
+            m.into_iter().map(|(i, v)| (i, v.flags)).collect()
+        };
+        assert_eq!(
+            flags(saved_interfaces(&state["interfaces"])),
+            [(3, 0), (4, 1)]
+        );
+        // A state file from before interface roles: every attached interface faced targets.
+        assert_eq!(flags(saved_interfaces(&json!([3, 4]))), [(3, 1), (4, 1)]);
+        assert!(saved_interfaces(&serde_json::Value::Null).is_empty());
+    }
 }

@@ -144,17 +144,64 @@ pub fn status_table(status: &Value) -> String {
         }
     }
     let dp = &status["datapath"];
-    let ifaces: Vec<String> = dp["interfaces"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|i| format!("{} ({})", s(&i["name"]), s(&i["mode"])))
-        .collect();
     let _ = writeln!(
         o,
-        "\nXDP on {}; pinned at {}",
-        ifaces.join(", "),
-        s(&dp["pin_path"])
+        "\n{:<16} {:>7} {:<8} {:<13} ROLE DECIDED BY",
+        "INTERFACE", "IFINDEX", "XDP", "FACES TARGETS"
     );
+    for i in dp["interfaces"].as_array().unwrap_or(&empty) {
+        let routed = i["targets_routed"]
+            .as_u64()
+            .map(|n| format!(" ({n} target address(es) routed here)"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "{:<16} {:>7} {:<8} {:<13} {}{routed}",
+            s(&i["name"]),
+            s(&i["ifindex"]),
+            s(&i["mode"]),
+            match i["faces_targets"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            },
+            s(&i["role"]),
+        );
+    }
+    let _ = writeln!(o, "pinned at {}", s(&dp["pin_path"]));
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_each_interface_role() {
+        let status = serde_json::json!({
+            "listeners": [], "target_groups": [],
+            "datapath": {"pin_path": "/sys/fs/bpf/lb", "interfaces": [
+                {"name": "eth0", "ifindex": 3, "mode": "native", "faces_targets": false,
+                 "role_source": "routes", "role": "derived: routes to the targets", "targets_routed": 0},
+                {"name": "eth1", "ifindex": 4, "mode": "native", "faces_targets": true,
+                 "role_source": "routes", "role": "derived: routes to the targets", "targets_routed": 3},
+            ]},
+        });
+        let table = status_table(&status);
+        let line = |name: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} line in\n{table}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            line("eth0"),
+            "eth0 3 native no derived: routes to the targets (0 target address(es) routed here)"
+        );
+        assert!(line("eth1").starts_with("eth1 4 native yes derived"));
+        assert!(table.contains("pinned at /sys/fs/bpf/lb"));
+    }
 }

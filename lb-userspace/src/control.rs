@@ -2,16 +2,21 @@
 //! changes out. The runtime (`agent`) feeds it health events, API calls and the clock; tests feed
 //! it the same with a fake clock and an in-memory map writer.
 
-use std::{collections::BTreeSet, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Instant,
+};
 
 use anyhow::{bail, Result};
 
 use crate::{
-    config::Config,
+    config::{AgentConfig, Config},
     health::{HealthEvent, TargetState},
     model::{state_changes, Model, Origin, StateChange, TargetKey},
     reconcile::{Applied, MapWriter, Reconciler},
-    state::{self, Desired},
+    routes::{Answer, RouteAnswers, RouteLookup, RouteNote},
+    state::{self, Desired, InterfaceRoles},
 };
 
 pub struct Controller {
@@ -19,8 +24,13 @@ pub struct Controller {
     pub model: Model,
     pub reconciler: Reconciler,
     pub hash_key: [u32; 2],
-    pub interfaces: BTreeSet<u32>,
-    shown: std::collections::BTreeMap<TargetKey, (TargetState, Option<crate::health::Reason>)>,
+    /// The interfaces XDP is attached to: name → ifindex.
+    pub interfaces: BTreeMap<String, u32>,
+    /// The kernel's routes to the targets, when interface roles are derived from them.
+    pub routes: RouteAnswers,
+    shown: BTreeMap<TargetKey, (TargetState, Option<crate::health::Reason>)>,
+    /// The interface roles of the last reconciliation.
+    roles: Option<InterfaceRoles>,
 }
 
 /// The outcome of one reconciliation.
@@ -29,13 +39,50 @@ pub struct Step {
     pub applied: Applied,
     pub changes: Vec<StateChange>,
     pub removed: Vec<TargetKey>,
+    /// The interface roles, when they differ from the last reconciliation's (or it is the
+    /// first).
+    pub roles: Option<InterfaceRoles>,
+}
+
+/// `[agent]` keys a reload applies; the others need a restart.
+pub const RELOADABLE_AGENT_KEYS: [&str; 2] = ["target_interfaces", "flow_insert_limit"];
+
+/// The `[agent]` a reload runs with: the running one with the new file's reloadable keys, and
+/// notes on what it leaves for the next start. `target_interfaces` naming an interface XDP is
+/// not attached to now (the file also changed `interfaces`) waits for the restart too.
+pub fn reloaded_agent(running: &AgentConfig, new: &AgentConfig) -> (AgentConfig, Vec<String>) {
+    let mut agent = running.clone();
+    let mut notes = Vec::new();
+    agent.flow_insert_limit = new.flow_insert_limit;
+    let attached = new
+        .target_interfaces
+        .iter()
+        .flatten()
+        .all(|n| running.interfaces.contains(n));
+    if attached {
+        agent.target_interfaces = new.target_interfaces.clone();
+    } else {
+        notes.push(
+            "agent.target_interfaces names an interface XDP is not attached to yet; it takes effect at the next start".to_string(),
+        );
+    }
+    let mut rest = new.clone();
+    rest.flow_insert_limit = agent.flow_insert_limit;
+    rest.target_interfaces = agent.target_interfaces.clone();
+    if rest != agent {
+        notes.push(format!(
+            "[agent] changes other than {} take effect at the next start (not applied by reload)",
+            RELOADABLE_AGENT_KEYS.join(" and ")
+        ));
+    }
+    (agent, notes)
 }
 
 impl Controller {
     pub fn new(
         config: Config,
         hash_key: [u32; 2],
-        interfaces: BTreeSet<u32>,
+        interfaces: BTreeMap<String, u32>,
         now: Instant,
     ) -> Result<Self> {
         let mut model = Model::default();
@@ -48,7 +95,9 @@ impl Controller {
             reconciler: Reconciler::default(),
             hash_key,
             interfaces,
+            routes: RouteAnswers::default(),
             shown: Default::default(),
+            roles: None,
         })
     }
 
@@ -58,7 +107,7 @@ impl Controller {
         config: Config,
         model: Model,
         hash_key: [u32; 2],
-        interfaces: BTreeSet<u32>,
+        interfaces: BTreeMap<String, u32>,
         shadow: Desired,
     ) -> Self {
         let shown = model.shown_states(&config);
@@ -68,32 +117,96 @@ impl Controller {
             reconciler: Reconciler::with_shadow(shadow),
             hash_key,
             interfaces,
+            routes: RouteAnswers::default(),
             shown,
+            roles: None,
         }
     }
 
     pub fn desired(&self, now: Instant) -> Desired {
-        state::desired(
+        let flags = self.interface_roles().values(&self.interfaces);
+        state::desired(&self.config, &self.model, self.hash_key, &flags, now)
+    }
+
+    /// Which attached interfaces face targets, and how that was decided.
+    pub fn interface_roles(&self) -> InterfaceRoles {
+        state::interface_roles(
             &self.config,
             &self.model,
-            self.hash_key,
             &self.interfaces,
-            now,
+            &self.routes.egress(),
         )
+    }
+
+    /// Are interface roles derived from the routes to the targets (no `target_interfaces`,
+    /// more than one interface)?
+    pub fn derives_roles(&self) -> bool {
+        self.config.agent.target_interfaces.is_none() && self.interfaces.len() > 1
+    }
+
+    /// The addresses of every registered target, of any group and origin.
+    pub fn target_addresses(&self) -> BTreeSet<IpAddr> {
+        self.model.targets.keys().map(|k| k.addr).collect()
+    }
+
+    /// The addresses whose routes to look up: none unless roles are derived from routes; then
+    /// every target's (`all`, the periodic re-check) or those with no answer yet.
+    pub fn route_queries(&self, all: bool) -> Vec<IpAddr> {
+        if !self.derives_roles() {
+            return Vec::new();
+        }
+        let current = self.target_addresses();
+        if all {
+            current.into_iter().collect()
+        } else {
+            self.routes.missing(&current)
+        }
+    }
+
+    /// Takes the kernel's answers (the next reconcile follows them) and returns what is worth
+    /// a log line.
+    pub fn routes_answered(
+        &mut self,
+        answers: impl IntoIterator<Item = (IpAddr, Answer)>,
+    ) -> Vec<RouteNote> {
+        if !self.derives_roles() {
+            self.routes.clear();
+            return Vec::new();
+        }
+        let attached: BTreeSet<u32> = self.interfaces.values().copied().collect();
+        self.routes
+            .record(answers, &self.target_addresses(), &attached)
+    }
+
+    /// Looks up the routes `route_queries(all)` names and takes the answers.
+    pub fn lookup_routes(&mut self, lookup: &mut dyn RouteLookup, all: bool) -> Vec<RouteNote> {
+        let answers: Vec<(IpAddr, Answer)> = self
+            .route_queries(all)
+            .into_iter()
+            .map(|a| (a, lookup.egress(a).into()))
+            .collect();
+        self.routes_answered(answers)
     }
 
     /// Expires what is due, writes the difference to the maps, and reports what changed.
     pub fn reconcile(&mut self, w: &mut impl MapWriter, now: Instant) -> Result<Step> {
         let removed = self.model.expire_draining(&self.config, now);
-        let desired = self.desired(now);
+        let roles = self.interface_roles();
+        let flags = roles.values(&self.interfaces);
+        let desired = state::desired(&self.config, &self.model, self.hash_key, &flags, now);
         let applied = self.reconciler.apply(&desired, w)?;
         let shown = self.model.shown_states(&self.config);
         let changes = state_changes(&self.shown, &shown);
         self.shown = shown;
+        let roles = (self.roles.as_ref() != Some(&roles)).then(|| {
+            self.roles = Some(roles.clone());
+            roles
+        });
         Ok(Step {
             applied,
             changes,
             removed,
+            roles,
         })
     }
 
@@ -149,12 +262,16 @@ impl Controller {
     }
 
     /// Takes a new (validated) config: registrations follow it; the next reconcile writes the
-    /// difference.
+    /// difference. Its `[agent]` must fit the running data plane (`reloaded_agent`); the
+    /// addresses of new targets are then due a route lookup (`lookup_routes`).
     pub fn reload(&mut self, config: Config, now: Instant) -> Result<()> {
         self.model
             .sync_config(&config, now)
             .map_err(anyhow::Error::msg)?;
         self.config = config;
+        if !self.derives_roles() {
+            self.routes.clear();
+        }
         Ok(())
     }
 

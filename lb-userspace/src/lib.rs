@@ -14,4 +14,5 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod routes;
 pub mod state;

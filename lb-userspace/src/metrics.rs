@@ -1,5 +1,5 @@
 //! Prometheus text exposition of the spec's metrics: traffic per listener (from the per-CPU
-//! counters), drops by reason, flows, and health.
+//! counters), drops by reason, other data-plane events, flows, and health.
 
 use std::{collections::BTreeMap, fmt::Write};
 
@@ -141,6 +141,19 @@ pub fn render(i: &Inputs<'_>) -> String {
     }
     family(
         &mut o,
+        "lb_dataplane_events_total",
+        "counter",
+        "Other events of the XDP program: packets passed to the stack and why, flows rescheduled, flow-table inserts failed or skipped (flow_insert_limit), ICMP errors and reply fragments translated.",
+    );
+    for &(index, event) in counter::EVENTS.iter() {
+        let _ = writeln!(
+            o,
+            "lb_dataplane_events_total{{event=\"{event}\"}} {}",
+            i.counters[index as usize]
+        );
+    }
+    family(
+        &mut o,
         "lb_target_healthy",
         "gauge",
         "1 when the target is healthy, else 0.",
@@ -243,6 +256,8 @@ mod tests {
         health.observe(&key, "timeout", 6.0);
         let mut counters = [0u64; counter::COUNT as usize];
         counters[counter::DROP_NO_LISTENER as usize] = 7;
+        counters[counter::DROP_ICMP_UNMATCHED as usize] = 11;
+        counters[counter::FLOW_INSERT_SKIPPED as usize] = 13;
         let stats = ListenerStats {
             in_packets: 5,
             in_bytes: 300,
@@ -265,6 +280,10 @@ mod tests {
             "lb_new_flows_total{listener=\"web\"} 2",
             "lb_active_flows{listener=\"web\"} 3",
             "lb_dropped_packets_total{reason=\"no_listener\"} 7",
+            "lb_dropped_packets_total{reason=\"icmp_unmatched\"} 11",
+            "lb_dataplane_events_total{event=\"flow_insert_skipped\"} 13",
+            "lb_dataplane_events_total{event=\"pass_ttl_expired\"} 0",
+            "# TYPE lb_dataplane_events_total counter",
             "lb_target_healthy{group=\"web\",target=\"198.18.2.11:8080\"} 0",
             "lb_healthy_targets{group=\"web\"} 0",
             "lb_unhealthy_targets{group=\"web\"} 0",
@@ -275,6 +294,21 @@ mod tests {
             "# TYPE lb_health_check_duration_seconds histogram",
         ] {
             assert!(page.lines().any(|l| l == line), "missing {line:?} in\n{page}");
+        }
+        // One line per counter: every drop reason and every event, each once.
+        for (name, label, list) in [
+            (
+                "lb_dropped_packets_total",
+                "reason",
+                &counter::DROP_REASONS[..],
+            ),
+            ("lb_dataplane_events_total", "event", &counter::EVENTS[..]),
+        ] {
+            for (_, value) in list {
+                let prefix = format!("{name}{{{label}=\"{value}\"}} ");
+                let n = page.lines().filter(|l| l.starts_with(&prefix)).count();
+                assert_eq!(n, 1, "{prefix}");
+            }
         }
     }
 }

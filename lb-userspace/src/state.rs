@@ -11,6 +11,9 @@
 //!   when it is not zero);
 //! - a removed target's id keeps a tombstone: its flows are dropped, or rescheduled (TCP then
 //!   gets a reset from the new target) with `connection_termination_on_deregistration`.
+//!
+//! Interface roles (`interface_roles`, which attached interfaces face targets) are a pure
+//! function too: of the config, the registered targets and the kernel's route answers.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -24,6 +27,7 @@ use lb_common::{
     LISTENER_F_ALLOW_ALL_V6, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
     TARGET_DROP, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
 };
+use serde::Serialize;
 
 use crate::{
     config::{Cidr, Config, Stickiness},
@@ -120,31 +124,119 @@ fn slow_start_tenths(t: &Target, slow_start: std::time::Duration, now: Instant) 
     }
 }
 
-/// The desired state. `interfaces` are the ifindexes XDP is attached to.
+/// How the attached interfaces' roles were decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleSource {
+    /// `agent.target_interfaces`.
+    Configured,
+    /// Derived: the only attached interface (one-arm) faces clients and targets.
+    OneArm,
+    /// Derived: the interfaces the kernel routes at least one target's address out of.
+    Routes,
+    /// Derived: targets exist but no route leads out of an attached interface, so every
+    /// attached interface is marked (reverse NAT is then not restricted).
+    Fallback,
+}
+
+impl RoleSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Configured => "configured (agent.target_interfaces)",
+            Self::OneArm => "derived: one interface (one-arm)",
+            Self::Routes => "derived: routes to the targets",
+            Self::Fallback => "derived: no target routed out of an attached interface, so all",
+        }
+    }
+}
+
+/// Which attached interfaces face targets (replies from targets arrive there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceRoles {
+    pub source: RoleSource,
+    /// Ifindexes of the attached interfaces that face targets.
+    pub targets: BTreeSet<u32>,
+}
+
+impl InterfaceRoles {
+    /// `LB_IFACES` values for every attached interface.
+    pub fn values(&self, attached: &BTreeMap<String, u32>) -> BTreeMap<u32, IfaceValue> {
+        attached
+            .values()
+            .map(|&i| {
+                let flags = if self.targets.contains(&i) {
+                    IFACE_F_TARGETS
+                } else {
+                    0
+                };
+                (i, IfaceValue { flags })
+            })
+            .collect()
+    }
+}
+
+/// Which of the `attached` interfaces (name → ifindex) face targets: those of
+/// `agent.target_interfaces` when set; else the only one; else those that `routes` (target
+/// address → egress ifindex, as the kernel answered) send at least one registered target out
+/// of; and when that is none while targets exist, every attached interface.
+pub fn interface_roles(
+    config: &Config,
+    model: &Model,
+    attached: &BTreeMap<String, u32>,
+    routes: &BTreeMap<IpAddr, u32>,
+) -> InterfaceRoles {
+    if let Some(names) = &config.agent.target_interfaces {
+        return InterfaceRoles {
+            source: RoleSource::Configured,
+            targets: names
+                .iter()
+                .filter_map(|n| attached.get(n))
+                .copied()
+                .collect(),
+        };
+    }
+    let all: BTreeSet<u32> = attached.values().copied().collect();
+    if all.len() == 1 {
+        return InterfaceRoles {
+            source: RoleSource::OneArm,
+            targets: all,
+        };
+    }
+    let targets: BTreeSet<u32> = model
+        .targets
+        .keys()
+        .filter_map(|k| routes.get(&k.addr))
+        .filter(|i| all.contains(i))
+        .copied()
+        .collect();
+    if targets.is_empty() && !model.targets.is_empty() {
+        return InterfaceRoles {
+            source: RoleSource::Fallback,
+            targets: all,
+        };
+    }
+    InterfaceRoles {
+        source: RoleSource::Routes,
+        targets,
+    }
+}
+
+/// The desired state. `interfaces` are the interfaces XDP is attached to (ifindex) with what
+/// each faces (`interface_roles`).
 pub fn desired(
     config: &Config,
     model: &Model,
     hash_key: [u32; 2],
-    interfaces: &BTreeSet<u32>,
+    interfaces: &BTreeMap<u32, IfaceValue>,
     now: Instant,
 ) -> Desired {
     let mut d = Desired {
         config: DataplaneConfig {
             hash_key,
             flags: CONFIG_F_READY,
-            flow_insert_limit: lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT,
+            flow_insert_limit: config.agent.flow_insert_limit,
         },
-        interfaces: interfaces
-            .iter()
-            .map(|&i| {
-                (
-                    i,
-                    IfaceValue {
-                        flags: IFACE_F_TARGETS,
-                    },
-                )
-            })
-            .collect(),
+        interfaces: interfaces.clone(),
         ..Default::default()
     };
     let seed = (hash_key[0] as u64) << 32 | hash_key[1] as u64;

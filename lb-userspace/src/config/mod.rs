@@ -49,6 +49,13 @@ pub struct AgentConfig {
     pub pin_path: String,
     pub flow_table_size: u32,
     pub hash_seed: String,
+    /// The interfaces replies from targets arrive on (a subset of `interfaces`): reverse NAT
+    /// applies only to packets received there. None: derived (one interface: that one;
+    /// several: those the kernel routes targets out of).
+    pub target_interfaces: Option<Vec<String>>,
+    /// New flow-table entries per CPU per second; past it, new flows are forwarded by the
+    /// consistent hash without an entry. 0: no limit.
+    pub flow_insert_limit: u32,
 }
 
 impl Default for AgentConfig {
@@ -61,6 +68,8 @@ impl Default for AgentConfig {
             pin_path: "/sys/fs/bpf/lb".into(),
             flow_table_size: lb_common::maps::DEFAULT_FLOW_TABLE_SIZE,
             hash_seed: String::new(),
+            target_interfaces: None,
+            flow_insert_limit: lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT,
         }
     }
 }
@@ -541,6 +550,28 @@ impl AgentConfig {
                     format!("agent.interfaces[{i}]"),
                     format!("{name:?} is listed twice"),
                 );
+            }
+        }
+        if let Some(targets) = &self.target_interfaces {
+            if targets.is_empty() {
+                problem(
+                    "agent.target_interfaces".into(),
+                    "empty: reverse NAT would apply on no interface; list the interfaces replies from targets arrive on, or leave the key out to derive them".into(),
+                );
+            }
+            let mut seen = HashSet::new();
+            for (i, name) in targets.iter().enumerate() {
+                if !self.interfaces.contains(name) {
+                    problem(
+                        format!("agent.target_interfaces[{i}]"),
+                        format!("{name:?} is not one of agent.interfaces"),
+                    );
+                } else if !seen.insert(name) {
+                    problem(
+                        format!("agent.target_interfaces[{i}]"),
+                        format!("{name:?} is listed twice"),
+                    );
+                }
             }
         }
         if !self.api.starts_with("unix:/") {

@@ -58,6 +58,8 @@ fn example_sets_every_key() {
     assert_eq!(c.agent.pin_path, "/sys/fs/bpf/lb");
     assert_eq!(c.agent.flow_table_size, 1_048_576);
     assert_eq!(c.agent.hash_seed, "");
+    assert_eq!(c.agent.target_interfaces, Some(vec!["eth0".to_string()]));
+    assert_eq!(c.agent.flow_insert_limit, 125_000);
     let l = &c.listeners[0];
     assert_eq!(
         (l.name.as_str(), l.port.0, l.protocol),
@@ -112,6 +114,11 @@ fn defaults_follow_nlb() {
     let c = parse(BASE, "lb.toml").unwrap();
     assert_eq!(c.agent.xdp_mode, XdpMode::Native);
     assert_eq!(c.agent.api, DEFAULT_API);
+    assert_eq!(c.agent.target_interfaces, None, "derived unless set");
+    assert_eq!(
+        c.agent.flow_insert_limit,
+        lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT
+    );
     let l = &c.listeners[0];
     assert_eq!(l.protocol, Protocol::Tcp);
     assert_eq!(l.idle_timeout_for(lb_common::PROTO_TCP).as_secs(), 350);
@@ -385,6 +392,59 @@ fn no_interfaces() {
     // No [agent] table at all: the problem is still reported, at line 1.
     let src = BASE.replace("[agent]\ninterfaces = [\"eth0\"]\n", "");
     rejects(&src, 1, "agent.interfaces", "no interfaces");
+}
+
+/// `[agent]` in BASE with two interfaces and `extra` lines after them.
+fn two_interfaces(extra: &str) -> String {
+    BASE.replace(
+        "interfaces = [\"eth0\"]\n",
+        &format!("interfaces = [\"eth0\", \"eth1\"]\n{extra}"),
+    )
+}
+
+#[test]
+fn target_interface_not_attached() {
+    rejects(
+        &two_interfaces("target_interfaces = [\"eth1\", \"eth2\"]\n"),
+        3,
+        "agent.target_interfaces[1]",
+        "\"eth2\" is not one of agent.interfaces",
+    );
+    assert!(problems(&two_interfaces("target_interfaces = [\"eth1\"]\n")).is_empty());
+}
+
+#[test]
+fn target_interface_listed_twice() {
+    rejects(
+        &two_interfaces("target_interfaces = [\"eth1\", \"eth1\"]\n"),
+        3,
+        "agent.target_interfaces[1]",
+        "\"eth1\" is listed twice",
+    );
+}
+
+#[test]
+fn target_interfaces_empty() {
+    rejects(
+        &two_interfaces("target_interfaces = []\n"),
+        3,
+        "agent.target_interfaces",
+        "empty: reverse NAT would apply on no interface",
+    );
+}
+
+#[test]
+fn flow_insert_limit_outside_u32() {
+    for bad in ["-1", "4294967296"] {
+        rejects(
+            &two_interfaces(&format!("flow_insert_limit = {bad}\n")),
+            3,
+            "agent.flow_insert_limit",
+            "invalid value",
+        );
+    }
+    let c = parse(&two_interfaces("flow_insert_limit = 0\n"), "lb.toml").unwrap();
+    assert_eq!(c.agent.flow_insert_limit, 0, "0: no limit");
 }
 
 #[test]

@@ -1,11 +1,12 @@
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
-use lb_common::{TARGET_DROP, TARGET_FORWARD, TARGET_RESCHEDULE};
+use lb_common::{IFACE_F_TARGETS, TARGET_DROP, TARGET_FORWARD, TARGET_RESCHEDULE};
 
 use super::*;
 use crate::{
     health::{Outcome, Reason, Transition},
     reconcile::FakeMaps,
+    state::RoleSource,
 };
 
 const CONFIG: &str = r#"[agent]
@@ -61,18 +62,26 @@ struct World {
 }
 
 impl World {
+    /// One interface (eth0, ifindex 3), first reconciliation done.
     fn new(patch: impl Fn(&mut Config)) -> Self {
+        let mut w = Self::on(&[("eth0", 3)], patch);
+        w.step(0);
+        w
+    }
+
+    /// XDP on `interfaces` (name, ifindex), which the config lists too; nothing written yet.
+    fn on(interfaces: &[(&str, u32)], patch: impl Fn(&mut Config)) -> Self {
         let mut config = crate::config::parse(CONFIG, "test.toml").unwrap();
+        config.agent.interfaces = interfaces.iter().map(|(n, _)| n.to_string()).collect();
         patch(&mut config);
         let t0 = Instant::now();
-        let c = Controller::new(config, [1, 2], [3].into(), t0).unwrap();
-        let mut w = Self {
+        let attached = interfaces.iter().map(|&(n, i)| (n.into(), i)).collect();
+        let c = Controller::new(config, [1, 2], attached, t0).unwrap();
+        Self {
             c,
             maps: FakeMaps::default(),
             t0,
-        };
-        w.step(0);
-        w
+        }
     }
 
     fn at(&self, ms: u64) -> Instant {
@@ -379,7 +388,7 @@ fn reload_drains_removed_targets_and_keeps_ids() {
 
 #[test]
 fn endpoints_serving_two_listeners_are_marked_shared() {
-    use lb_common::{REVERSE_F_AMBIGUOUS, TARGET_F_SHARED_ENDPOINT};
+    use lb_common::{REVERSE_F_ALLOW_ALL_V4, REVERSE_F_AMBIGUOUS, TARGET_F_SHARED_ENDPOINT};
     let w = World::new(|c| {
         let mut second = c.listeners[0].clone();
         second.name = "web-b".into();
@@ -395,9 +404,269 @@ fn endpoints_serving_two_listeners_are_marked_shared() {
         );
     }
     assert!(d.reverse.values().all(|r| r.flags == REVERSE_F_AMBIGUOUS));
-    // One listener alone: nothing shared.
+    // One listener alone: nothing shared, and replies may go to any IPv4 address (the
+    // listener allows every source by default).
     let w = World::new(|_| {});
     let d = w.c.desired(w.t0);
     assert!(d.targets.values().all(|t| t.flags == 0));
-    assert!(d.reverse.values().all(|r| r.flags == 0));
+    assert!(d.reverse.values().all(
+        |r| r.flags & (REVERSE_F_AMBIGUOUS | REVERSE_F_ALLOW_ALL_V4) == REVERSE_F_ALLOW_ALL_V4
+    ));
+}
+
+#[test]
+fn replies_of_a_listener_with_allowed_sources_are_checked() {
+    use lb_common::{REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6};
+    let w = World::new(|c| {
+        c.listeners[0].allowed_sources = vec!["10.1.0.0/24".parse().unwrap()];
+    });
+    let d = w.c.desired(w.t0);
+    assert!(!d.reverse.is_empty());
+    assert!(d
+        .reverse
+        .values()
+        .all(|r| r.flags & (REVERSE_F_ALLOW_ALL_V4 | REVERSE_F_ALLOW_ALL_V6) == 0));
+}
+
+/// Routes from a table: an address not in it has no route.
+#[derive(Default)]
+struct FakeRoutes {
+    routes: BTreeMap<IpAddr, Result<u32, &'static str>>,
+    asked: Vec<IpAddr>,
+}
+
+impl FakeRoutes {
+    fn with(routes: &[(&str, Result<u32, &'static str>)]) -> Self {
+        Self {
+            routes: routes
+                .iter()
+                .map(|(a, r)| (a.parse().unwrap(), *r))
+                .collect(),
+            asked: Vec::new(),
+        }
+    }
+}
+
+impl RouteLookup for FakeRoutes {
+    fn egress(&mut self, addr: IpAddr) -> Result<Option<u32>> {
+        self.asked.push(addr);
+        match self.routes.get(&addr) {
+            None => Ok(None),
+            Some(Ok(i)) => Ok(Some(*i)),
+            Some(Err(e)) => Err(anyhow::anyhow!("{e}")),
+        }
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// `LB_IFACES` as the desired state has it: (ifindex, flags).
+fn iface_flags(w: &World) -> Vec<(u32, u32)> {
+    w.c.desired(w.t0)
+        .interfaces
+        .iter()
+        .map(|(&i, v)| (i, v.flags))
+        .collect()
+}
+
+const TWO: [(&str, u32); 2] = [("eth0", 3), ("eth1", 4)];
+
+#[test]
+fn configured_target_interfaces_are_exactly_those() {
+    let mut w = World::on(&TWO, |c| {
+        c.agent.target_interfaces = Some(vec!["eth1".into()]);
+    });
+    assert!(!w.c.derives_roles());
+    let mut routes = FakeRoutes::default();
+    assert!(w.c.lookup_routes(&mut routes, true).is_empty());
+    assert!(routes.asked.is_empty(), "no lookups when configured");
+    let s = w.step(0);
+    assert_eq!(iface_flags(&w), [(3, 0), (4, IFACE_F_TARGETS)]);
+    let roles = s.roles.expect("the first reconcile reports the roles");
+    assert_eq!(roles.source, RoleSource::Configured);
+    assert!(w.maps.ops.iter().any(|o| o == "add_interface 3 0x0"));
+    assert!(w.maps.ops.iter().any(|o| o == "add_interface 4 0x1"));
+    assert!(w.step(10).roles.is_none(), "reported only when they change");
+}
+
+#[test]
+fn one_interface_faces_targets_one_arm() {
+    let w = World::new(|_| {});
+    assert!(!w.c.derives_roles());
+    assert_eq!(w.c.route_queries(true), Vec::<IpAddr>::new());
+    assert_eq!(iface_flags(&w), [(3, IFACE_F_TARGETS)]);
+    assert_eq!(w.c.interface_roles().source, RoleSource::OneArm);
+    assert_eq!(w.maps.ops[1], "add_interface 3 0x1");
+}
+
+#[test]
+fn roles_derived_from_the_routes_to_every_target() {
+    // The web targets are routed out of eth1; the unused group's target has no route.
+    let mut routes = FakeRoutes::with(&[
+        ("10.2.0.11", Ok(4)),
+        ("10.2.0.12", Ok(4)),
+        ("10.2.0.13", Ok(4)),
+    ]);
+    let mut w = World::on(&TWO, |_| {});
+    assert!(w.c.derives_roles());
+    let notes = w.c.lookup_routes(&mut routes, false);
+    assert_eq!(
+        routes.asked.len(),
+        4,
+        "every registered target, of any group"
+    );
+    assert_eq!(
+        notes,
+        [RouteNote::Useless {
+            addr: ip("10.2.0.21"),
+            answer: Answer::NoRoute
+        }],
+        "a target without a route is said once"
+    );
+    w.step(0);
+    assert_eq!(iface_flags(&w), [(3, 0), (4, IFACE_F_TARGETS)]);
+    assert_eq!(w.c.interface_roles().source, RoleSource::Routes);
+
+    // A target registered through the API, routed out of eth0: only it is looked up.
+    routes.routes.insert(ip("10.3.0.5"), Ok(3));
+    routes.asked.clear();
+    let api = TargetKey {
+        group: "spare".into(),
+        addr: ip("10.3.0.5"),
+        port: 80,
+    };
+    w.c.register(api.clone(), 100, None).unwrap();
+    assert!(w.c.lookup_routes(&mut routes, false).is_empty());
+    assert_eq!(routes.asked, [ip("10.3.0.5")]);
+    w.step(100);
+    assert_eq!(
+        iface_flags(&w),
+        [(3, IFACE_F_TARGETS), (4, IFACE_F_TARGETS)]
+    );
+
+    // The periodic re-check asks for every address; nothing new, nothing said.
+    routes.asked.clear();
+    assert!(w.c.lookup_routes(&mut routes, true).is_empty());
+    assert_eq!(routes.asked.len(), 5);
+
+    // Deregistered and removed: its interface no longer faces targets.
+    w.c.deregister(&api, w.at(200)).unwrap();
+    w.step(200);
+    assert_eq!(
+        iface_flags(&w),
+        [(3, IFACE_F_TARGETS), (4, IFACE_F_TARGETS)]
+    );
+    w.step(200 + 300_000); // "spare" keeps the default deregistration_delay
+    assert!(!w.c.model.targets.contains_key(&api));
+    assert_eq!(iface_flags(&w), [(3, 0), (4, IFACE_F_TARGETS)]);
+}
+
+#[test]
+fn no_routed_target_falls_back_to_every_interface() {
+    let mut routes = FakeRoutes::with(&[
+        ("10.2.0.11", Err("netlink socket: permission denied")),
+        ("10.2.0.12", Ok(1)), // lo: XDP is not attached there
+    ]);
+    let mut w = World::on(&TWO, |_| {});
+    let notes = w.c.lookup_routes(&mut routes, false);
+    assert_eq!(notes.len(), 4, "each unusable answer said once: {notes:?}");
+    let s = w.step(0);
+    assert_eq!(s.roles.unwrap().source, RoleSource::Fallback);
+    assert_eq!(
+        iface_flags(&w),
+        [(3, IFACE_F_TARGETS), (4, IFACE_F_TARGETS)]
+    );
+    assert!(
+        w.c.lookup_routes(&mut routes, true).is_empty(),
+        "not said again at the re-check"
+    );
+    // Without any target there is nothing to fall back for.
+    let mut w = World::on(&TWO, |c| {
+        for g in &mut c.target_groups {
+            g.targets.clear();
+        }
+    });
+    w.c.lookup_routes(&mut routes, false);
+    assert_eq!(w.c.interface_roles().source, RoleSource::Routes);
+    assert_eq!(iface_flags(&w), [(3, 0), (4, 0)]);
+}
+
+#[test]
+fn reconciler_rewrites_an_interface_whose_role_changed() {
+    let mut routes = FakeRoutes::with(&[
+        ("10.2.0.11", Ok(4)),
+        ("10.2.0.12", Ok(4)),
+        ("10.2.0.13", Ok(4)),
+        ("10.2.0.21", Ok(4)),
+    ]);
+    let mut w = World::on(&TWO, |_| {});
+    w.c.lookup_routes(&mut routes, false);
+    w.step(0);
+    // The targets' routes move to eth0: the re-check follows.
+    for r in routes.routes.values_mut() {
+        *r = Ok(3);
+    }
+    let notes = w.c.lookup_routes(&mut routes, true);
+    assert_eq!(notes.len(), 4, "{notes:?}");
+    let before = w.maps.ops.len();
+    let s = w.step(1000);
+    assert_eq!(s.applied.writes, 2);
+    assert_eq!(
+        w.maps.ops[before..],
+        ["add_interface 3 0x1", "add_interface 4 0x0"]
+    );
+    assert_eq!(s.roles.unwrap().targets, [3].into());
+    // A config that names the interface instead: a reload switches to it, no lookups.
+    let mut config = w.c.config.clone();
+    config.agent.target_interfaces = Some(vec!["eth1".into()]);
+    w.c.reload(config, w.at(2000)).unwrap();
+    assert!(w.c.route_queries(true).is_empty());
+    let before = w.maps.ops.len();
+    w.step(2000);
+    assert_eq!(
+        w.maps.ops[before..],
+        ["add_interface 3 0x0", "add_interface 4 0x1"]
+    );
+}
+
+#[test]
+fn flow_insert_limit_comes_from_the_config_and_reloads() {
+    let mut w = World::new(|c| c.agent.flow_insert_limit = 5000);
+    assert_eq!(w.c.desired(w.t0).config.flow_insert_limit, 5000);
+    let mut config = w.c.config.clone();
+    config.agent.flow_insert_limit = 0;
+    let (agent, notes) = reloaded_agent(&w.c.config.agent, &config.agent);
+    assert!(notes.is_empty(), "{notes:?}");
+    config.agent = agent;
+    w.c.reload(config, w.at(1000)).unwrap();
+    let before = w.maps.ops.len();
+    w.step(1000);
+    assert_eq!(w.maps.ops[before..], ["config"]);
+    assert_eq!(w.c.reconciler.shadow().config.flow_insert_limit, 0);
+}
+
+#[test]
+fn reload_applies_only_the_reloadable_agent_keys() {
+    let running = crate::config::parse(CONFIG, "test.toml").unwrap().agent;
+    let mut new = running.clone();
+    new.flow_insert_limit = 1000;
+    new.target_interfaces = Some(vec!["eth0".into()]);
+    new.pin_path = "/sys/fs/bpf/other".into();
+    let (agent, notes) = reloaded_agent(&running, &new);
+    assert_eq!(agent.flow_insert_limit, 1000);
+    assert_eq!(agent.target_interfaces, new.target_interfaces);
+    assert_eq!(agent.pin_path, running.pin_path, "needs a restart");
+    assert_eq!(notes.len(), 1);
+    assert!(notes[0].contains("other than target_interfaces and flow_insert_limit"));
+    // An interface added in the same reload is not attached yet: its role waits too.
+    new.interfaces.push("eth1".into());
+    new.target_interfaces = Some(vec!["eth1".into()]);
+    new.pin_path = running.pin_path.clone();
+    let (agent, notes) = reloaded_agent(&running, &new);
+    assert_eq!(agent.interfaces, running.interfaces);
+    assert_eq!(agent.target_interfaces, None);
+    assert_eq!(agent.flow_insert_limit, 1000);
+    assert_eq!(notes.len(), 2, "{notes:?}");
 }
