@@ -1,9 +1,14 @@
-"""A test backend: HTTP on port 8080 and a UDP echo on port 5300, on every address given.
+"""A test backend: HTTP on port 8080, a UDP echo on port 5300 and a UDP sink on port 5399, on
+every address given.
 
   GET /          -> "NAME saw CLIENT_ADDR CLIENT_PORT"   (the address the backend saw)
   GET /health    -> 200, or 500 while the file DIR/sick exists
   GET /stream?seconds=S&rate=BYTES_PER_S -> a body streamed for S seconds
+  GET /bytes?n=N -> a body of N bytes, as fast as TCP takes it
   UDP datagram   -> "NAME saw CLIENT_ADDR CLIENT_PORT: DATA"
+  UDP "big N"    -> that text padded with "x" to exactly N bytes (N above the MTU: the
+                    backend's own stack fragments the reply)
+  UDP to 5399    -> no answer; logged as "NAME sink SOURCE_ADDR SOURCE_PORT DATA"
 
 Every request is logged to stdout as "NAME CLIENT_ADDR PATH". Usage: backend.py NAME DIR ADDR...
 """
@@ -58,6 +63,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"x" * n)
                 sent += n
                 time.sleep(n / rate)
+        elif url.path == "/bytes":
+            total = int(urllib.parse.parse_qs(url.query).get("n", ["1000000"])[0])
+            self.send_response(200)
+            self.send_header("Content-Length", str(total))
+            self.end_headers()
+            chunk = b"x" * 65536
+            sent = 0
+            while sent < total:
+                n = min(len(chunk), total - sent)
+                self.wfile.write(chunk[:n])
+                sent += n
         else:
             self.reply(200, f"{NAME} saw {client[0]} {client[1]}\n".encode())
 
@@ -77,19 +93,35 @@ class Server6(Server):
     address_family = socket.AF_INET6
 
 
-def udp_echo(addr):
-    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_DGRAM)
-    s.bind((addr, 5300))
+def udp_socket(addr, port):
+    # Bound before "listening" is logged: a test may send as soon as it reads that line.
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((addr, port))
+    return s
+
+
+def udp_echo(s):
     while True:
         data, peer = s.recvfrom(4096)
         log(f"{NAME} {peer[0]} udp")
-        s.sendto(f"{NAME} saw {peer[0]} {peer[1]}: ".encode() + data, peer)
+        reply = f"{NAME} saw {peer[0]} {peer[1]}: ".encode() + data
+        words = data.split()
+        if len(words) >= 2 and words[0] == b"big" and words[1].isdigit():
+            size = int(words[1])
+            reply = reply[:size] + b"x" * (size - len(reply))
+        s.sendto(reply, peer)
+
+
+def udp_sink(s):
+    while True:
+        data, peer = s.recvfrom(4096)
+        log(f"{NAME} sink {peer[0]} {peer[1]} {data.decode(errors='replace')}")
 
 
 for addr in ADDRS:
     server = (Server6 if ":" in addr else Server)((addr, 8080), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    threading.Thread(target=udp_echo, args=(addr,), daemon=True).start()
+    threading.Thread(target=udp_echo, args=(udp_socket(addr, 5300),), daemon=True).start()
+    threading.Thread(target=udp_sink, args=(udp_socket(addr, 5399),), daemon=True).start()
 log(f"{NAME} listening on {' '.join(ADDRS)}")
 threading.Event().wait()

@@ -58,6 +58,68 @@ unhealthy_threshold = 2
     c
 }
 
+/// A further listener with its own target group, to append to a [`config`]: `name` on
+/// `address:port` (`protocol`), balancing to `targets` at `target_port`, each checked by TCP
+/// connections to `check_port` every second (two passes to be healthy, two failures not).
+pub fn listener_group(
+    name: &str,
+    address: &str,
+    port: u16,
+    protocol: &str,
+    targets: &[String],
+    target_port: u16,
+    check_port: u16,
+) -> String {
+    let mut c = format!(
+        r#"
+[[listener]]
+name = "{name}"
+address = "{address}"
+port = {port}
+protocol = "{protocol}"
+target_group = "{name}"
+
+[[target_group]]
+name = "{name}"
+hash_table_size = 251
+
+[target_group.health_check]
+protocol = "tcp"
+port = {check_port}
+interval = "1s"
+timeout = "500ms"
+healthy_threshold = 2
+unhealthy_threshold = 2
+"#
+    );
+    for t in targets {
+        c.push_str(&format!(
+            "\n[[target_group.target]]\naddress = \"{t}\"\nport = {target_port}\n"
+        ));
+    }
+    c
+}
+
+/// What curl reported for one download.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Download {
+    /// curl's exit code (28: `--max-time` reached).
+    pub exit: i32,
+    pub http_code: u16,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// A datagram the client received (`Balancer::udp_exchange`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Datagram {
+    pub source: String,
+    pub port: u16,
+    pub len: usize,
+    /// The payload up to its first ": " (the echo's "NAME saw ADDR PORT").
+    pub head: String,
+}
+
 /// The agent binary: `LB_AGENT_BIN` (set by `cargo xtask test`), else the debug build.
 pub fn agent_bin() -> PathBuf {
     std::env::var_os("LB_AGENT_BIN")
@@ -91,6 +153,16 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// A topology with `options`, `backend.py` on each of its backends, and `lb-agent run` with
+    /// `config`.
+    pub fn with_backends(options: crate::topology::Options, config: &str) -> Result<Self> {
+        let mut topo = Topology::new(options)?;
+        for i in 1..=options.backends {
+            topo.backend(i)?;
+        }
+        Self::start(topo, config, &[])
+    }
+
     /// Writes `config` (every `DIR` replaced by the topology's scratch directory) and starts
     /// `lb-agent run` on the balancer with `args`.
     pub fn start(topo: Topology, config: &str, args: &[&str]) -> Result<Self> {
@@ -222,6 +294,20 @@ impl Balancer {
         Ok(out)
     }
 
+    /// The data plane's non-zero drop and event counters, read from the pinned maps, as
+    /// `label=value` (labels from `lb_common::counter`), for test output.
+    pub fn counters_text(&self) -> Result<String> {
+        let c = self.maps()?.counters()?;
+        let all = lb_common::counter::DROP_REASONS
+            .iter()
+            .chain(lb_common::counter::EVENTS.iter());
+        Ok(all
+            .filter(|(i, _)| c[*i as usize] != 0)
+            .map(|(i, label)| format!("{label}={}", c[*i as usize]))
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
     /// The value of one metric line (`name{labels}`), from the agent's metrics endpoint at
     /// 127.0.0.1:9900 on the balancer.
     pub fn metric(&self, series: &str) -> Result<f64> {
@@ -243,6 +329,82 @@ impl Balancer {
             .topo
             .exec("cli", &format!("python3 {} {args}", script.display()))?;
         Ok(out.lines().map(String::from).collect())
+    }
+
+    /// Downloads `url` with curl on the client, giving up after `max_time` seconds.
+    pub fn download(&self, url: &str, max_time: u32) -> Result<Download> {
+        let out = self.topo.exec(
+            "cli",
+            &format!(
+                "curl -g -s -o /dev/null --max-time {max_time} -w '%{{http_code}} %{{size_download}} %{{time_total}}' '{url}'; echo \" $?\""
+            ),
+        )?;
+        let w: Vec<&str> = out.split_whitespace().collect();
+        let [code, bytes, seconds, exit] = w[..] else {
+            bail!("unexpected curl output: {out:?}");
+        };
+        Ok(Download {
+            exit: exit.parse()?,
+            http_code: code.parse()?,
+            bytes: bytes.parse()?,
+            seconds: seconds.parse()?,
+        })
+    }
+
+    /// Sends one UDP datagram `payload` from the client to `addr:port` (IPv4 or IPv6) from an
+    /// unconnected socket, and collects what comes back: every datagram received within
+    /// `wait`, and no longer than half a second after the last one.
+    pub fn udp_exchange(
+        &self,
+        addr: &str,
+        port: u16,
+        payload: &str,
+        wait: Duration,
+    ) -> Result<Vec<Datagram>> {
+        let family = if addr.contains(':') {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
+        let out = self.topo.python(
+            "cli",
+            "udp_exchange",
+            &format!(
+                r#"import socket, time
+s = socket.socket(socket.{family}, socket.SOCK_DGRAM)
+s.sendto({payload:?}.encode(), ("{addr}", {port}))
+deadline = time.monotonic() + {wait}
+while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        break
+    s.settimeout(left)
+    try:
+        data, peer = s.recvfrom(65535)
+    except socket.timeout:
+        break
+    print(peer[0], peer[1], len(data), data.split(b": ")[0].decode(errors="replace"), flush=True)
+    deadline = min(deadline, time.monotonic() + 0.5)
+"#,
+                wait = wait.as_secs_f64()
+            ),
+        )?;
+        out.lines()
+            .map(|l| {
+                let mut w = l.splitn(4, ' ');
+                let (Some(addr), Some(port), Some(len), head) =
+                    (w.next(), w.next(), w.next(), w.next())
+                else {
+                    bail!("unexpected line {l:?}");
+                };
+                Ok(Datagram {
+                    source: addr.to_string(),
+                    port: port.parse()?,
+                    len: len.parse()?,
+                    head: head.unwrap_or_default().to_string(),
+                })
+            })
+            .collect()
     }
 
     /// `n` requests to `url` from the client: answers per backend name (errors under "ERR"),
