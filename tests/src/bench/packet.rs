@@ -10,8 +10,8 @@ use lb_common::maps::{DEFAULT_FLOW_TABLE_SIZE, PROGRAM_XDP, PROGRAM_XDP_PASS};
 use lb_userspace::dataplane;
 
 use crate::{
-    lab::{Lab, CLIENT4},
-    packet::{Packet, TCP_ACK, TCP_SYN},
+    lab::{Lab, CLIENT4, ROUTER4},
+    packet::{Packet, TCP_ACK, TCP_PSH, TCP_SYN},
     world::{run_prog_timed, World, VIP4},
 };
 
@@ -21,7 +21,12 @@ struct Case {
     frame: Box<dyn Fn(u64) -> Vec<u8>>,
     ingress_backend: bool,
     expect: u32,
+    /// `flow_insert_limit` while the case runs.
+    insert_limit: u32,
 }
+
+/// The insert budget is checked on every new flow but never reached.
+const NEVER_REACHED: u32 = u32::MAX;
 
 fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
@@ -46,6 +51,11 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
     let mut world = World::with_flow_table(DEFAULT_FLOW_TABLE_SIZE)?;
 
     let syn = Packet::tcp(CLIENT4, 40000, VIP4, 80, TCP_SYN).bytes();
+    let syn_past = syn.clone();
+    // A router's "fragmentation needed" about a reply of the established flow below.
+    let mut reply = Packet::tcp(VIP4, 80, CLIENT4, 39999, TCP_ACK | TCP_PSH);
+    reply.payload = vec![0; 1400];
+    let icmp = Packet::icmp(ROUTER4, VIP4, 3, 4, [0, 0, 0x05, 0x78], reply.quoted(576 - 28)).bytes();
     let established = Packet::tcp(CLIENT4, 39999, VIP4, 80, TCP_ACK).bytes();
     world.run(
         lab.cli,
@@ -65,30 +75,55 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             }),
             ingress_backend: false,
             expect: 4,
+            insert_limit: NEVER_REACHED,
+        },
+        Case {
+            name: "new TCP flow past the insert budget (no insert)",
+            frame: Box::new(move |n| {
+                let mut f = syn_past.clone();
+                let src = u32::from_be_bytes([10, 1, 0, 0]) + 200 + (n / 50_000) as u32;
+                f[26..30].copy_from_slice(&src.to_be_bytes());
+                f[34..36].copy_from_slice(&(10_000 + (n % 50_000) as u16).to_be_bytes());
+                f
+            }),
+            ingress_backend: false,
+            expect: 4,
+            insert_limit: 1,
         },
         Case {
             name: "established flow (hit)",
             frame: Box::new(move |_| established.clone()),
             ingress_backend: false,
             expect: 4,
+            insert_limit: NEVER_REACHED,
         },
         Case {
             name: "reply (reverse NAT)",
             frame: Box::new(|_| Packet::tcp("10.2.0.11", 8080, CLIENT4, 39999, TCP_ACK).bytes()),
             ingress_backend: true,
             expect: 4,
+            insert_limit: NEVER_REACHED,
+        },
+        Case {
+            name: "ICMP frag-needed to a VIP (to the flow's target)",
+            frame: Box::new(move |_| icmp.clone()),
+            ingress_backend: false,
+            expect: 4,
+            insert_limit: NEVER_REACHED,
         },
         Case {
             name: "non-VIP pass",
             frame: Box::new(|_| Packet::tcp(CLIENT4, 40000, "10.2.0.11", 22, TCP_ACK).bytes()),
             ingress_backend: false,
             expect: 2,
+            insert_limit: NEVER_REACHED,
         },
         Case {
             name: "dropped (VIP, no listener)",
             frame: Box::new(|_| Packet::tcp(CLIENT4, 40000, VIP4, 22, TCP_SYN).bytes()),
             ingress_backend: false,
             expect: 1,
+            insert_limit: NEVER_REACHED,
         },
     ];
 
@@ -96,6 +131,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let mut new_flow_counter = 0u64;
     for case in &cases {
+        world.set_insert_limit(case.insert_limit)?;
         let ingress = if case.ingress_backend {
             lab.bk
         } else {
