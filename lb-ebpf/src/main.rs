@@ -150,11 +150,12 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn is_vip(addr: &[u32; 4], family: u8) -> bool {
-    let key = VipKey {
-        addr: *addr,
-        family,
-        _pad: [0; 3],
-    };
+    // Built as words: a struct literal zeroes the 3 padding bytes with a call to `memset`,
+    // which in BPF is a byte loop.
+    let words: [u32; 5] = [addr[0], addr[1], addr[2], addr[3], family as u32];
+    // SAFETY: VipKey is repr(C), 20 bytes of integers: address words, then the family byte
+    // and three zero padding bytes, which is what the little-endian fifth word holds.
+    let key: VipKey = unsafe { core::mem::transmute(words) };
     // SAFETY: read-only lookup of a plain value.
     unsafe { LB_VIPS.get(&key) }.is_some()
 }
@@ -175,37 +176,51 @@ const PARSED_OTHER: u32 = 1;
 const PARSED_MALFORMED: u32 = 2;
 
 /// Parses into `pkt`, in a frame of its own (the parser's temporaries are gone by the time a
-/// path runs).
+/// path runs). `PARSED_IP` fills all of it; `PARSED_MALFORMED` only `dst` and `family`.
 #[inline(never)]
-fn parse_packet(raw: *mut xdp_md, pkt: &mut Packet) -> u32 {
-    match parse::ip(&XdpContext::new(raw)) {
-        L3::Ip(p) => {
-            *pkt = p;
-            PARSED_IP
-        }
-        L3::Other => PARSED_OTHER,
-        L3::Malformed(dst, family) => {
-            pkt.dst = dst;
-            pkt.family = family;
-            PARSED_MALFORMED
+fn parse_packet(raw: *mut xdp_md, pkt: *mut Packet) -> u32 {
+    // SAFETY: `pkt` points at the caller's packet; fields are written, never read, here.
+    unsafe {
+        match parse::ip(&XdpContext::new(raw)) {
+            L3::Ip(p) => {
+                pkt.write(p);
+                PARSED_IP
+            }
+            L3::Other => PARSED_OTHER,
+            L3::Malformed(dst, family) => {
+                core::ptr::addr_of_mut!((*pkt).dst).write(dst);
+                core::ptr::addr_of_mut!((*pkt).family).write(family);
+                PARSED_MALFORMED
+            }
         }
     }
 }
 
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
-    let mut pkt = Packet::EMPTY;
-    match parse_packet(ctx.ctx, &mut pkt) {
+    // Not zeroed first: zeroing is a `memset` call, a byte loop in BPF.
+    let mut slot = core::mem::MaybeUninit::<Packet>::uninit();
+    match parse_packet(ctx.ctx, slot.as_mut_ptr()) {
         PARSED_IP => {}
         PARSED_MALFORMED => {
-            return Err(if is_vip(&pkt.dst, pkt.family) {
+            let p = slot.as_ptr();
+            // SAFETY: a malformed parse wrote `dst` and `family`.
+            let (dst, family) = unsafe {
+                (
+                    core::ptr::addr_of!((*p).dst).read(),
+                    core::ptr::addr_of!((*p).family).read(),
+                )
+            };
+            return Err(if is_vip(&dst, family) {
                 Exit::Drop(counter::DROP_MALFORMED)
             } else {
                 Exit::Pass
-            })
+            });
         }
         _ => return Err(Exit::Pass),
     }
+    // SAFETY: an IP parse wrote the whole packet.
+    let pkt = unsafe { slot.assume_init() };
     if is_vip(&pkt.dst, pkt.family) {
         // Each path one call deep (fragments of ICMP are `to_vip`'s to drop).
         if is_icmp(&pkt) && !pkt.fragment {

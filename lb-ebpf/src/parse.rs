@@ -87,25 +87,6 @@ pub struct Packet {
     pub id: u32,
 }
 
-impl Packet {
-    /// A packet with nothing in it yet.
-    pub const EMPTY: Packet = Packet {
-        l3_off: 0,
-        l4_off: 0,
-        family: 0,
-        protocol: 0,
-        src: [0; 4],
-        dst: [0; 4],
-        ttl: 0,
-        tos: 0,
-        ip_len: 0,
-        fragment: false,
-        later_fragment: false,
-        dont_fragment: false,
-        id: 0,
-    };
-}
-
 /// L4 ports and TCP flags.
 #[derive(Clone, Copy)]
 pub struct Ports {

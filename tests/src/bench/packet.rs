@@ -55,7 +55,15 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
     // A router's "fragmentation needed" about a reply of the established flow below.
     let mut reply = Packet::tcp(VIP4, 80, CLIENT4, 39999, TCP_ACK | TCP_PSH);
     reply.payload = vec![0; 1400];
-    let icmp = Packet::icmp(ROUTER4, VIP4, 3, 4, [0, 0, 0x05, 0x78], reply.quoted(576 - 28)).bytes();
+    let icmp = Packet::icmp(
+        ROUTER4,
+        VIP4,
+        3,
+        4,
+        [0, 0, 0x05, 0x78],
+        reply.quoted(576 - 28),
+    )
+    .bytes();
     let established = Packet::tcp(CLIENT4, 39999, VIP4, 80, TCP_ACK).bytes();
     world.run(
         lab.cli,
