@@ -139,7 +139,7 @@ impl Packet {
     /// cut into pieces of `first` bytes, then of `rest` (multiples of 8), each its own frame
     /// (IPv4 fragment fields, or an IPv6 fragment header with `id`).
     pub fn fragments(&self, first: usize, rest: usize, id: u32) -> Vec<Vec<u8>> {
-        assert!(first % 8 == 0 && rest % 8 == 0);
+        assert!(first.is_multiple_of(8) && rest.is_multiple_of(8));
         let whole = self.bytes();
         let l3 = if self.vlan.is_some() { 18 } else { 14 };
         let (hlen, v4) = if self.src.is_ipv4() {
@@ -429,10 +429,8 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                 }
             }
         }
-        58 => {
-            if internet_checksum(&[&pseudo_header(src, dst, 58, l4.len()), l4]) != 0 {
-                return Err("ICMPv6 checksum".into());
-            }
+        58 if internet_checksum(&[&pseudo_header(src, dst, 58, l4.len()), l4]) != 0 => {
+            return Err("ICMPv6 checksum".into());
         }
         _ => {}
     }

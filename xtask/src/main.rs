@@ -123,6 +123,8 @@ fn setup() -> Result<()> {
     let tc = ebpf_toolchain();
     eprintln!("eBPF toolchain: {tc}");
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]))?;
+    // rustfmt and clippy for the userspace crates (CI runs both).
+    run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
 
     // 3. bpf-linker, linked against the toolchain's own libLLVM.
     let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
