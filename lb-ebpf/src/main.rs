@@ -474,7 +474,7 @@ fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit>
         family: pkt.family,
     };
     // SAFETY: read-only lookup; the value is copied out.
-    let mut reverse = *unsafe { LB_REVERSE.get(&key) }.ok_or(Exit::Pass)?;
+    let reverse = *unsafe { LB_REVERSE.get(&key) }.ok_or(Exit::Pass)?;
     if !from_target_side(ctx) {
         return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
     }
@@ -487,37 +487,15 @@ fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit>
     if !valid {
         return Err(Exit::Drop(counter::DROP_MALFORMED));
     }
-    if reverse.flags & REVERSE_F_AMBIGUOUS != 0 {
-        let reply_key = flow_key(pkt, &ports);
-        // SAFETY: as above.
-        match unsafe { LB_REPLY_FLOWS.get(&reply_key) } {
-            Some(r) => reverse = *r,
-            None => {
-                if let Some(id) = frag {
-                    remember_fragments(pkt, id, &reverse, FRAG_F_DROP);
-                }
-                return Err(Exit::Drop(counter::DROP_REPLY_UNKNOWN));
+    let (reverse, route) = match reply_way(ctx, pkt, &reverse, &flow_key(pkt, &ports)) {
+        Err(Exit::Drop(counter::DROP_REPLY_UNKNOWN)) => {
+            if let Some(id) = frag {
+                remember_fragments(pkt, id, &reverse, FRAG_F_DROP);
             }
+            return Err(Exit::Drop(counter::DROP_REPLY_UNKNOWN));
         }
-    } else if !reply_allowed(&reverse, &pkt.dst, pkt.family) {
-        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
-    }
-    if pkt.ttl <= 1 {
-        return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
-    }
-    // Replies to this host itself (the agent's health checks) are not NATed: only a reply that
-    // the FIB would forward is one of a balanced flow.
-    let route = fwd::route(
-        ctx,
-        pkt.family,
-        &reverse.vip_addr,
-        &pkt.dst,
-        pkt.tos,
-        pkt.ip_len,
-    );
-    if matches!(route, Route::Local | Route::Other) {
-        return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
-    }
+        way => way?,
+    };
     if let Some(id) = frag {
         remember_fragments(pkt, id, &reverse, 0);
         count(counter::REPLY_FRAGMENTS);
@@ -534,6 +512,43 @@ fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit>
             port_be: reverse.vip_port_be,
         },
     )
+}
+
+/// Where a packet from the target side (a reply, or an ICMP error about a forwarded packet)
+/// goes, and with which VIP: the listener of its endpoint, or for an endpoint serving several
+/// listeners the one its flow recorded under `reply_key` (target → client). Not a reply when
+/// addressed outside the listener's `allowed_sources`; not NATed when addressed to this host
+/// (the agent's health checks) or unroutable.
+#[inline(always)]
+fn reply_way(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    reverse: &ReverseValue,
+    reply_key: &FlowKey,
+) -> Result<(ReverseValue, Route), Exit> {
+    let reverse = if reverse.flags & REVERSE_F_AMBIGUOUS != 0 {
+        // SAFETY: read-only lookup; the value is copied out.
+        *unsafe { LB_REPLY_FLOWS.get(reply_key) }.ok_or(Exit::Drop(counter::DROP_REPLY_UNKNOWN))?
+    } else if reply_allowed(reverse, &pkt.dst, pkt.family) {
+        *reverse
+    } else {
+        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
+    };
+    if pkt.ttl <= 1 {
+        return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
+    }
+    let route = fwd::route(
+        ctx,
+        pkt.family,
+        &reverse.vip_addr,
+        &pkt.dst,
+        pkt.tos,
+        pkt.ip_len,
+    );
+    if matches!(route, Route::Local | Route::Other) {
+        return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
+    }
+    Ok((reverse, route))
 }
 
 /// Records how the rest of a fragmented reply leaves (or that it is dropped).
@@ -600,7 +615,7 @@ fn icmp_from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         family: pkt.family,
     };
     // SAFETY: read-only lookup; the value is copied out.
-    let mut reverse = *unsafe { LB_REVERSE.get(&key) }.ok_or(Exit::Pass)?;
+    let reverse = *unsafe { LB_REVERSE.get(&key) }.ok_or(Exit::Pass)?;
     // About a packet to the target from the client this error goes to.
     if q.src != pkt.dst {
         return Err(Exit::Pass);
@@ -608,36 +623,16 @@ fn icmp_from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if !from_target_side(ctx) {
         return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
     }
-    if reverse.flags & REVERSE_F_AMBIGUOUS != 0 {
-        let reply_key = FlowKey {
-            src_addr: q.dst,
-            dst_addr: q.src,
-            src_port_be: q.dst_port_be,
-            dst_port_be: q.src_port_be,
-            protocol: q.protocol,
-            family: pkt.family,
-            _pad: 0,
-        };
-        // SAFETY: as above.
-        reverse = *unsafe { LB_REPLY_FLOWS.get(&reply_key) }
-            .ok_or(Exit::Drop(counter::DROP_REPLY_UNKNOWN))?;
-    } else if !reply_allowed(&reverse, &pkt.dst, pkt.family) {
-        return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
-    }
-    if pkt.ttl <= 1 {
-        return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
-    }
-    let route = fwd::route(
-        ctx,
-        pkt.family,
-        &reverse.vip_addr,
-        &pkt.dst,
-        pkt.tos,
-        pkt.ip_len,
-    );
-    if matches!(route, Route::Local | Route::Other) {
-        return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
-    }
+    let reply_key = FlowKey {
+        src_addr: q.dst,
+        dst_addr: q.src,
+        src_port_be: q.dst_port_be,
+        dst_port_be: q.src_port_be,
+        protocol: q.protocol,
+        family: pkt.family,
+        _pad: 0,
+    };
+    let (reverse, route) = reply_way(ctx, pkt, &reverse, &reply_key)?;
     count(counter::ICMP_FROM_TARGET);
     traffic(reverse.listener_id, Direction::Out, frame_len(ctx), false);
     finish(
