@@ -103,7 +103,11 @@ fn main() -> Result<()> {
          (`repeat = 1`), each call alternated with the empty `lb_xdp_pass` program (the floor), \
          {calls} calls per round, {rounds} rounds, thread pinned to CPU 0. Net = mean(case) − \
          mean(floor) per round; median of the rounds, min–max. The new-flow case inserts a \
-         distinct flow per call into the 1,048,576-entry LRU table.\n\n{t}\n\
+         distinct flow per call into the 1,048,576-entry LRU table, with the per-CPU insert \
+         budget (`flow_insert_limit`) checked but never reached; \"past the insert budget\" is a \
+         new flow during a flood, forwarded by the table without an entry. The ICMP case is a \
+         router's \"fragmentation needed\" to the VIP about a reply of an established flow, \
+         quoting 548 bytes, forwarded to the flow's target.\n\n{t}\n\
          Targets: established ≤ 100 ns, new flow ≤ 500 ns, non-VIP pass ≤ 30 ns; see \
          \"Against the targets\" below.\n"
     )?;
