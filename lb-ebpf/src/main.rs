@@ -66,12 +66,11 @@ fn verdict(result: Result<u32, Exit>) -> u32 {
 
 // Each path runs as a BPF function of its own: its locals get a stack frame of their own
 // instead of adding up in one (the verifier allows 512 bytes over a call chain). They take the
-// raw context pointer: given `&XdpContext`, LLVM passes `data` and `data_end` as values, and
-// the verifier cannot bound packet accesses against an `data_end` that arithmetic touched.
+// raw context pointer and rebuild the context with `parse::context` (see there).
 
 #[inline(never)]
 fn to_vip_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
-    let ctx = &XdpContext::new(raw);
+    let ctx = &parse::context(raw);
     verdict(to_vip(ctx, pkt))
 }
 
@@ -119,26 +118,26 @@ impl Fragment {
 
 #[inline(never)]
 fn reply_action(raw: *mut xdp_md, pkt: &Packet, frag: Fragment) -> u32 {
-    let ctx = &XdpContext::new(raw);
+    let ctx = &parse::context(raw);
     verdict(reply(ctx, &frag.packet(pkt), frag.id()))
 }
 
 #[inline(never)]
 fn later_fragment_action(raw: *mut xdp_md, pkt: &Packet, frag: Fragment) -> u32 {
-    let ctx = &XdpContext::new(raw);
+    let ctx = &parse::context(raw);
     let pkt = frag.packet(pkt);
     verdict(later_fragment(ctx, &pkt, frag.id().unwrap_or(0)))
 }
 
 #[inline(never)]
 fn icmp_to_vip_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
-    let ctx = &XdpContext::new(raw);
+    let ctx = &parse::context(raw);
     verdict(icmp_to_vip(ctx, pkt))
 }
 
 #[inline(never)]
 fn icmp_from_target_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
-    let ctx = &XdpContext::new(raw);
+    let ctx = &parse::context(raw);
     verdict(icmp_from_target(ctx, pkt))
 }
 
@@ -181,7 +180,7 @@ const PARSED_MALFORMED: u32 = 2;
 fn parse_packet(raw: *mut xdp_md, pkt: *mut Packet) -> u32 {
     // SAFETY: `pkt` points at the caller's packet; fields are written, never read, here.
     unsafe {
-        match parse::ip(&XdpContext::new(raw)) {
+        match parse::ip(&parse::context(raw)) {
             L3::Ip(p) => {
                 pkt.write(p);
                 PARSED_IP
@@ -257,10 +256,7 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP {
         return Err(Exit::Drop(counter::DROP_NO_LISTENER));
     }
-    if !parse::l4_valid(ctx, pkt) {
-        return Err(Exit::Drop(counter::DROP_MALFORMED));
-    }
-    let ports = parse::ports(ctx, pkt).ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
+    let ports = parse::valid_ports(ctx, pkt).ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
     let lkey = EndpointKey {
         addr: pkt.dst,
         port_be: ports.dst_be,
@@ -482,7 +478,7 @@ fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit>
     let valid = if frag.is_some() {
         parse::ip_len_fits(ctx, pkt)
     } else {
-        parse::l4_valid(ctx, pkt)
+        parse::valid_ports(ctx, pkt).is_some()
     };
     if !valid {
         return Err(Exit::Drop(counter::DROP_MALFORMED));

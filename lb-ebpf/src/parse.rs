@@ -23,18 +23,20 @@ pub const TCP_ACK: u8 = 0x10;
 pub const L3_MASK: usize = 0x1f;
 pub const L4_MASK: usize = 0x7f;
 
-/// The packet's start and end. Volatile loads: LLVM would otherwise hoist them out of a BPF
-/// function into its callers and pass the values as arguments, and the verifier does not
-/// accept a packet end that arrived that way.
+/// The packet's start and end.
 #[inline(always)]
 pub fn bounds(ctx: &XdpContext) -> (usize, usize) {
-    // SAFETY: `ctx.ctx` is the context the kernel passed to the program.
-    unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    }
+    (ctx.data(), ctx.data_end())
+}
+
+/// The context of a BPF function of the program, from the raw pointer its caller passed. The
+/// pointer goes through one volatile read: LLVM would otherwise hoist the function's loads of
+/// `data` and `data_end` into its callers and pass the values as arguments, and the verifier
+/// does not accept a packet end that arrived that way.
+#[inline(always)]
+pub fn context(raw: *mut aya_ebpf::bindings::xdp_md) -> XdpContext {
+    // SAFETY: reading a local.
+    XdpContext::new(unsafe { core::ptr::read_volatile(&raw) })
 }
 
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet holds all of it.
@@ -209,7 +211,7 @@ pub fn is_ipv6_extension(next: u8) -> bool {
 }
 
 /// The L4 ports (and TCP flags) of a TCP or UDP packet whose L4 header is in the frame.
-/// Whether the header is consistent with the IP length is `l4_valid`'s question.
+/// Whether the header is consistent with the IP length is `valid_ports`'s question.
 #[inline(always)]
 pub fn ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
     let off = pkt.l4_off & L4_MASK;
@@ -234,15 +236,15 @@ pub fn ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
     }
 }
 
-/// Is the TCP/UDP header of a whole (not fragmented) packet consistent: the frame holds the
-/// IP length, the IP length holds the L4 header (a short packet in a padded frame does not),
-/// TCP's data offset is at least 5 and within the packet, UDP's length is at least 8 and
-/// within the packet, and an IPv6 UDP checksum is not 0 (RFC 8200 §8.1: such a datagram is
-/// invalid)?
+/// The ports (and TCP flags) of a whole (not fragmented) TCP/UDP packet whose header is
+/// consistent: the frame holds the IP length, the IP length holds the L4 header (a short
+/// packet in a padded frame does not), TCP's data offset is at least 5 and within the packet,
+/// UDP's length is at least 8 and within the packet, and an IPv6 UDP checksum is not 0
+/// (RFC 8200 §8.1: such a datagram is invalid). `None`: malformed.
 #[inline(always)]
-pub fn l4_valid(ctx: &XdpContext, pkt: &Packet) -> bool {
+pub fn valid_ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
     if !ip_len_fits(ctx, pkt) {
-        return false;
+        return None;
     }
     let l3 = pkt.l3_off & L3_MASK;
     let l4 = pkt.l4_off & L4_MASK;
@@ -250,21 +252,27 @@ pub fn l4_valid(ctx: &XdpContext, pkt: &Packet) -> bool {
     let payload = pkt.ip_len as usize + l3 - l4.min(pkt.ip_len as usize + l3);
     match pkt.protocol {
         PROTO_TCP => {
-            let Some(h) = read::<[u8; TCP_HLEN]>(ctx, l4) else {
-                return false;
-            };
+            let h = read::<[u8; TCP_HLEN]>(ctx, l4)?;
             let doff = (h[12] >> 4) as usize * 4;
-            payload >= TCP_HLEN && doff >= TCP_HLEN && doff <= payload
+            (payload >= TCP_HLEN && doff >= TCP_HLEN && doff <= payload).then_some(Ports {
+                src_be: u16::from_ne_bytes([h[0], h[1]]),
+                dst_be: u16::from_ne_bytes([h[2], h[3]]),
+                tcp_flags: h[13],
+            })
         }
         PROTO_UDP => {
-            let Some(h) = read::<[u8; UDP_HLEN]>(ctx, l4) else {
-                return false;
-            };
+            let h = read::<[u8; UDP_HLEN]>(ctx, l4)?;
             let len = u16::from_be_bytes([h[4], h[5]]) as usize;
             let zero_v6 = pkt.family != FAMILY_V4 && h[6] == 0 && h[7] == 0;
-            payload >= UDP_HLEN && len >= UDP_HLEN && len <= payload && !zero_v6
+            (payload >= UDP_HLEN && len >= UDP_HLEN && len <= payload && !zero_v6).then_some(
+                Ports {
+                    src_be: u16::from_ne_bytes([h[0], h[1]]),
+                    dst_be: u16::from_ne_bytes([h[2], h[3]]),
+                    tcp_flags: 0,
+                },
+            )
         }
-        _ => false,
+        _ => None,
     }
 }
 
