@@ -417,7 +417,9 @@ pub fn next_deadline(config: &Config, model: &Model, now: Instant) -> Option<Ins
             continue;
         };
         if let Some(d) = t.draining_until {
-            consider(d);
+            // Even when past: the loop may have been busy when it passed, and the next
+            // reconcile removes the target, so it cannot come back.
+            consider(d.max(now + std::time::Duration::from_nanos(1)));
         }
         if let Some(from) = t.slow_start_from {
             let step = g.slow_start.0 / 10;

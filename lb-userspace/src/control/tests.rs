@@ -285,6 +285,13 @@ fn draining_timeline() {
         );
         assert_eq!(w.target_state(12), TARGET_FORWARD, "its flows keep going");
         assert_eq!(w.c.next_deadline(w.at(1000)), Some(w.at(31_000)));
+        // The loop was busy when the deadline passed: it is still due, at once.
+        let late = w.at(31_500);
+        assert!(
+            w.c.next_deadline(late)
+                .is_some_and(|d| d <= late + Duration::from_millis(1)),
+            "a passed draining deadline was forgotten"
+        );
         assert!(w.step(30_999).removed.is_empty());
         assert_eq!(w.maps.targets[&id].0, TARGET_FORWARD);
         let s = w.step(31_000);
