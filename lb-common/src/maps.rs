@@ -3,6 +3,22 @@
 pub const PROGRAM_XDP: &str = "lb_xdp";
 /// An empty `XDP_PASS` program in the same object: the floor for per-packet cost figures.
 pub const PROGRAM_XDP_PASS: &str = "lb_xdp_pass";
+/// The rare paths, reached from `lb_xdp` by tail call through `LB_PROGS` (each a program of
+/// its own: a tail call replaces the caller's stack frame, and on machines with return-thunk
+/// mitigations a BPF function call on the hot path costs tens of nanoseconds).
+pub const PROGRAM_XDP_ICMP_TO_VIP: &str = "lb_xdp_icmp_in";
+pub const PROGRAM_XDP_ICMP_FROM_TARGET: &str = "lb_xdp_icmp_out";
+pub const PROGRAM_XDP_FRAGMENT: &str = "lb_xdp_fragment";
+/// `LB_PROGS` index of each tail-called program.
+pub const TAIL_ICMP_TO_VIP: u32 = 0;
+pub const TAIL_ICMP_FROM_TARGET: u32 = 1;
+pub const TAIL_FRAGMENT: u32 = 2;
+/// (index, program) of every entry of `LB_PROGS`.
+pub const TAIL_CALLS: [(u32, &str); 3] = [
+    (TAIL_ICMP_TO_VIP, PROGRAM_XDP_ICMP_TO_VIP),
+    (TAIL_ICMP_FROM_TARGET, PROGRAM_XDP_ICMP_FROM_TARGET),
+    (TAIL_FRAGMENT, PROGRAM_XDP_FRAGMENT),
+];
 
 pub const MAP_CONFIG: &str = "LB_CONFIG";
 pub const MAP_VIPS: &str = "LB_VIPS";
@@ -21,9 +37,10 @@ pub const MAP_COUNTERS: &str = "LB_COUNTERS";
 pub const MAP_FLOOD: &str = "LB_FLOOD";
 pub const MAP_REPLY_FRAGS: &str = "LB_REPLY_FRAGS";
 pub const MAP_IFACES: &str = "LB_IFACES";
+pub const MAP_PROGS: &str = "LB_PROGS";
 
 /// Every map the object defines (a test checks that each resolves in the loaded object).
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_CONFIG,
     MAP_VIPS,
     MAP_LISTENERS,
@@ -41,6 +58,7 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_FLOOD,
     MAP_REPLY_FRAGS,
     MAP_IFACES,
+    MAP_PROGS,
 ];
 
 /// Listeners (and so VIP:port:protocol entries) the data plane holds.

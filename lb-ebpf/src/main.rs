@@ -13,23 +13,21 @@ mod nat;
 mod parse;
 mod stats;
 
-use aya_ebpf::{
-    bindings::{xdp_action, xdp_md},
-    macros::xdp,
-    programs::XdpContext,
-};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    counter, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue,
-    ReverseValue, VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS,
-    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4,
-    REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
+    counter,
+    maps::{TAIL_FRAGMENT, TAIL_ICMP_FROM_TARGET, TAIL_ICMP_TO_VIP},
+    AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue, ReverseValue,
+    VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4,
+    LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6,
+    REVERSE_F_AMBIGUOUS,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use fwd::Route;
 use maps::{
-    LB_ALLOW_V4, LB_ALLOW_V6, LB_CONFIG, LB_IFACES, LB_LISTENERS, LB_REPLY_FLOWS, LB_REPLY_FRAGS,
-    LB_REVERSE, LB_VIPS,
+    LB_ALLOW_V4, LB_ALLOW_V6, LB_CONFIG, LB_IFACES, LB_LISTENERS, LB_PROGS, LB_REPLY_FLOWS,
+    LB_REPLY_FRAGS, LB_REVERSE, LB_VIPS,
 };
 use nat::End;
 use parse::{Packet, Ports, L3, L4_MASK};
@@ -64,81 +62,40 @@ fn verdict(result: Result<u32, Exit>) -> u32 {
     }
 }
 
-// Each path runs as a BPF function of its own: its locals get a stack frame of their own
-// instead of adding up in one (the verifier allows 512 bytes over a call chain). They take the
-// raw context pointer and rebuild the context with `parse::context` (see there).
-
-#[inline(never)]
-fn to_vip_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
-    let ctx = &parse::context(raw);
-    verdict(to_vip(ctx, pkt))
+/// ICMP to a VIP (tail-called from `lb_xdp`).
+#[xdp]
+pub fn lb_xdp_icmp_in(ctx: XdpContext) -> u32 {
+    verdict(parsed(&ctx).and_then(|pkt| icmp_to_vip(&ctx, &pkt)))
 }
 
-/// A fragment of a reply, as the dispatcher read it: `FRAG_*` bits and the identification,
-/// one word so that it travels in one argument.
-#[derive(Clone, Copy)]
-struct Fragment(u64);
+/// ICMP from the target side (tail-called from `lb_xdp`).
+#[xdp]
+pub fn lb_xdp_icmp_out(ctx: XdpContext) -> u32 {
+    verdict(parsed(&ctx).and_then(|pkt| icmp_from_target(&ctx, &pkt)))
+}
 
-impl Fragment {
-    const NONE: Fragment = Fragment(0);
-    /// A fragment (else a whole packet).
-    const IS: u64 = 1 << 32;
-    /// After an IPv6 fragment header: the L4 header is 8 bytes further, its protocol in bits
-    /// 40..48.
-    const IPV6_HEADER: u64 = 1 << 33;
-
-    fn ipv4(pkt: &Packet) -> Fragment {
-        Fragment(if pkt.fragment {
-            Self::IS | pkt.id as u64
+/// Fragments from the target side (tail-called from `lb_xdp`): IPv4 after the first, IPv6
+/// with a fragment header.
+#[xdp]
+pub fn lb_xdp_fragment(ctx: XdpContext) -> u32 {
+    verdict(parsed(&ctx).and_then(|pkt| {
+        if pkt.family == FAMILY_V4 {
+            later_fragment(&ctx, &pkt, pkt.id)
         } else {
-            0
-        })
-    }
-
-    fn ipv6(next: u8, id: u32) -> Fragment {
-        Fragment(Self::IS | Self::IPV6_HEADER | (next as u64) << 40 | id as u64)
-    }
-
-    fn id(self) -> Option<u32> {
-        (self.0 & Self::IS != 0).then_some(self.0 as u32)
-    }
-
-    /// The packet as its L4 header sees it.
-    fn packet(self, pkt: &Packet) -> Packet {
-        if self.0 & Self::IPV6_HEADER == 0 {
-            return *pkt;
+            ipv6_fragment(&ctx, &pkt)
         }
-        Packet {
-            protocol: (self.0 >> 40) as u8,
-            l4_off: ((pkt.l4_off & L4_MASK) + 8) & L4_MASK,
-            ..*pkt
-        }
-    }
+    }))
 }
 
-#[inline(never)]
-fn reply_action(raw: *mut xdp_md, pkt: &Packet, frag: Fragment) -> u32 {
-    let ctx = &parse::context(raw);
-    verdict(reply(ctx, &frag.packet(pkt), frag.id()))
-}
-
-#[inline(never)]
-fn later_fragment_action(raw: *mut xdp_md, pkt: &Packet, frag: Fragment) -> u32 {
-    let ctx = &parse::context(raw);
-    let pkt = frag.packet(pkt);
-    verdict(later_fragment(ctx, &pkt, frag.id().unwrap_or(0)))
-}
-
-#[inline(never)]
-fn icmp_to_vip_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
-    let ctx = &parse::context(raw);
-    verdict(icmp_to_vip(ctx, pkt))
-}
-
-#[inline(never)]
-fn icmp_from_target_action(raw: *mut xdp_md, pkt: &Packet) -> u32 {
-    let ctx = &parse::context(raw);
-    verdict(icmp_from_target(ctx, pkt))
+/// Hands the packet to a rare path's program. A tail call replaces this program's frame (each
+/// program has its own 512 bytes of stack) and costs no BPF function call on the hot path,
+/// where calls are dear on machines with return-thunk mitigations. Only when `LB_PROGS` lacks
+/// the entry does it return: `fallback` then decides.
+#[inline(always)]
+fn tail_call(ctx: &XdpContext, index: u32, fallback: Exit) -> Result<u32, Exit> {
+    // SAFETY: the program's own context; on success this does not return.
+    unsafe { LB_PROGS.tail_call(ctx, index) };
+    Err(fallback)
 }
 
 /// The floor for per-packet cost figures: the same object, doing nothing.
@@ -168,65 +125,33 @@ fn is_icmp(pkt: &Packet) -> bool {
     }
 }
 
-/// What `parse_packet` found.
-const PARSED_IP: u32 = 0;
-const PARSED_OTHER: u32 = 1;
-/// The header is inconsistent; `pkt.dst` and `pkt.family` hold where it was going.
-const PARSED_MALFORMED: u32 = 2;
-
-/// Parses into `pkt`, in a frame of its own (the parser's temporaries are gone by the time a
-/// path runs). `PARSED_IP` fills all of it; `PARSED_MALFORMED` only `dst` and `family`.
-#[inline(never)]
-fn parse_packet(raw: *mut xdp_md, pkt: *mut Packet) -> u32 {
-    // SAFETY: `pkt` points at the caller's packet; fields are written, never read, here.
-    unsafe {
-        match parse::ip(&parse::context(raw)) {
-            L3::Ip(p) => {
-                pkt.write(p);
-                PARSED_IP
-            }
-            L3::Other => PARSED_OTHER,
-            L3::Malformed(dst, family) => {
-                core::ptr::addr_of_mut!((*pkt).dst).write(dst);
-                core::ptr::addr_of_mut!((*pkt).family).write(family);
-                PARSED_MALFORMED
-            }
-        }
+/// The packet's IP headers, or the verdict for a packet that has none to speak of.
+#[inline(always)]
+fn parsed(ctx: &XdpContext) -> Result<Packet, Exit> {
+    match parse::ip(ctx) {
+        L3::Ip(pkt) => Ok(pkt),
+        L3::Other => Err(Exit::Pass),
+        L3::Malformed(dst, family) => Err(if is_vip(&dst, family) {
+            Exit::Drop(counter::DROP_MALFORMED)
+        } else {
+            Exit::Pass
+        }),
     }
 }
 
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
-    // Not zeroed first: zeroing is a `memset` call, a byte loop in BPF.
-    let mut slot = core::mem::MaybeUninit::<Packet>::uninit();
-    match parse_packet(ctx.ctx, slot.as_mut_ptr()) {
-        PARSED_IP => {}
-        PARSED_MALFORMED => {
-            let p = slot.as_ptr();
-            // SAFETY: a malformed parse wrote `dst` and `family`.
-            let (dst, family) = unsafe {
-                (
-                    core::ptr::addr_of!((*p).dst).read(),
-                    core::ptr::addr_of!((*p).family).read(),
-                )
-            };
-            return Err(if is_vip(&dst, family) {
-                Exit::Drop(counter::DROP_MALFORMED)
-            } else {
-                Exit::Pass
-            });
-        }
-        _ => return Err(Exit::Pass),
-    }
-    // SAFETY: an IP parse wrote the whole packet.
-    let pkt = unsafe { slot.assume_init() };
+    let pkt = parsed(ctx)?;
     if is_vip(&pkt.dst, pkt.family) {
-        // Each path one call deep (fragments of ICMP are `to_vip`'s to drop).
+        // Fragments of ICMP are `to_vip`'s to drop.
         if is_icmp(&pkt) && !pkt.fragment {
-            Ok(icmp_to_vip_action(ctx.ctx, &pkt))
-        } else {
-            Ok(to_vip_action(ctx.ctx, &pkt))
+            return tail_call(
+                ctx,
+                TAIL_ICMP_TO_VIP,
+                Exit::Drop(counter::DROP_ICMP_UNMATCHED),
+            );
         }
+        to_vip(ctx, &pkt)
     } else {
         from_target(ctx, &pkt)
     }
@@ -416,34 +341,39 @@ fn from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         return if pkt.fragment {
             Err(Exit::Pass)
         } else {
-            Ok(icmp_from_target_action(ctx.ctx, pkt))
+            tail_call(ctx, TAIL_ICMP_FROM_TARGET, Exit::Pass)
         };
     }
-    if pkt.family == FAMILY_V4 {
-        if pkt.later_fragment {
-            return Ok(later_fragment_action(ctx.ctx, pkt, Fragment::ipv4(pkt)));
-        }
-    } else if pkt.protocol == parse::IPPROTO_FRAGMENT {
-        // Next header, reserved, offset and flags, identification.
-        let fh = parse::read::<[u8; 8]>(ctx, pkt.l4_off & L4_MASK).ok_or(Exit::Pass)?;
-        let frag = Fragment::ipv6(fh[0], u32::from_ne_bytes([fh[4], fh[5], fh[6], fh[7]]));
-        if u16::from_be_bytes([fh[2], fh[3]]) >> 3 != 0 {
-            return Ok(later_fragment_action(ctx.ctx, pkt, frag));
-        }
-        if fh[0] != PROTO_TCP && fh[0] != PROTO_UDP {
-            return Err(Exit::Pass);
-        }
-        return Ok(reply_action(ctx.ctx, pkt, frag));
+    let later_v4 = pkt.family == FAMILY_V4 && pkt.later_fragment;
+    if later_v4 || (pkt.family != FAMILY_V4 && pkt.protocol == parse::IPPROTO_FRAGMENT) {
+        return tail_call(ctx, TAIL_FRAGMENT, Exit::Pass);
     }
     if pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP {
         return Err(Exit::Pass);
     }
-    let frag = if pkt.family == FAMILY_V4 {
-        Fragment::ipv4(pkt)
-    } else {
-        Fragment::NONE
+    let frag = (pkt.family == FAMILY_V4 && pkt.fragment).then_some(pkt.id);
+    reply(ctx, pkt, frag)
+}
+
+/// An IPv6 packet with a fragment header from a target: a first fragment is a reply like any
+/// other, the later ones follow it.
+#[inline(always)]
+fn ipv6_fragment(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
+    // Next header, reserved, offset and flags, identification.
+    let fh = parse::read::<[u8; 8]>(ctx, pkt.l4_off & L4_MASK).ok_or(Exit::Pass)?;
+    let id = u32::from_ne_bytes([fh[4], fh[5], fh[6], fh[7]]);
+    let inner = Packet {
+        protocol: fh[0],
+        l4_off: ((pkt.l4_off & L4_MASK) + 8) & L4_MASK,
+        ..*pkt
     };
-    Ok(reply_action(ctx.ctx, pkt, frag))
+    if u16::from_be_bytes([fh[2], fh[3]]) >> 3 != 0 {
+        return later_fragment(ctx, &inner, id);
+    }
+    if inner.protocol != PROTO_TCP && inner.protocol != PROTO_UDP {
+        return Err(Exit::Pass);
+    }
+    reply(ctx, &inner, Some(id))
 }
 
 #[inline(always)]

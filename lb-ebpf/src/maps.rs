@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue, FragKey,
@@ -51,3 +51,6 @@ pub static LB_REPLY_FRAGS: LruHashMap<FragKey, FragValue> =
     LruHashMap::with_max_entries(MAX_REPLY_FRAGS, 0);
 #[map]
 pub static LB_IFACES: HashMap<u32, IfaceValue> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+/// The rare paths' programs, by `lb_common::maps::TAIL_*` index (the agent fills it).
+#[map]
+pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALLS.len() as u32, 0);

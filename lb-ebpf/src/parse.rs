@@ -29,16 +29,6 @@ pub fn bounds(ctx: &XdpContext) -> (usize, usize) {
     (ctx.data(), ctx.data_end())
 }
 
-/// The context of a BPF function of the program, from the raw pointer its caller passed. The
-/// pointer goes through one volatile read: LLVM would otherwise hoist the function's loads of
-/// `data` and `data_end` into its callers and pass the values as arguments, and the verifier
-/// does not accept a packet end that arrived that way.
-#[inline(always)]
-pub fn context(raw: *mut aya_ebpf::bindings::xdp_md) -> XdpContext {
-    // SAFETY: reading a local.
-    XdpContext::new(unsafe { core::ptr::read_volatile(&raw) })
-}
-
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet holds all of it.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {

@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use aya::{programs::Xdp, Ebpf, EbpfLoader};
 use lb_common::maps::{
     DEFAULT_FLOW_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAP_FLOWS, MAP_REPLY_FLOWS, MAP_TABLES,
-    PROGRAM_XDP, PROGRAM_XDP_PASS,
+    PROGRAM_XDP, PROGRAM_XDP_PASS, TAIL_CALLS,
 };
 
 /// The object this binary was built with.
@@ -36,7 +36,8 @@ impl Default for MapSizes {
     }
 }
 
-/// Loads the object into the kernel: maps created with `sizes`, both programs verified. On a
+/// Loads the object into the kernel: maps created with `sizes`, every program verified (the
+/// entry point, the floor, and the rare paths `maps::KernelMaps` puts in `LB_PROGS`). On a
 /// verifier rejection aya loads again with logging on and the error carries the log.
 pub fn load(sizes: MapSizes) -> Result<Ebpf> {
     let mut ebpf = EbpfLoader::new()
@@ -45,7 +46,10 @@ pub fn load(sizes: MapSizes) -> Result<Ebpf> {
         .map_max_entries(MAP_TABLES, sizes.table_slots)
         .load(OBJECT)
         .context("loading the XDP object (maps and BTF)")?;
-    for name in [PROGRAM_XDP, PROGRAM_XDP_PASS] {
+    let names = [PROGRAM_XDP, PROGRAM_XDP_PASS]
+        .into_iter()
+        .chain(TAIL_CALLS.iter().map(|&(_, name)| name));
+    for name in names {
         if let Err(e) = program_mut(&mut ebpf, name)?.load() {
             // aya's error holds the whole verifier log; its end says why.
             let text = format!("{e:#}");

@@ -11,8 +11,9 @@ use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{
         lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, IterableMap, LpmTrie, Map,
-        MapData, MapType, PerCpuArray,
+        MapData, MapType, PerCpuArray, ProgramArray,
     },
+    programs::Xdp,
     Ebpf,
 };
 use lb_common::{
@@ -44,6 +45,9 @@ pub struct KernelMaps {
     devmap: DevMapHash<MapData>,
     ifaces: HashMap<MapData, u32, IfaceValue>,
     reply_frags: HashMap<MapData, FragKey, FragValue>,
+    /// The rare paths' programs. Held (and pinned) for as long as the data plane lives: the
+    /// kernel empties a program array when its last user reference goes.
+    progs: ProgramArray<MapData>,
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
     /// Where each group's two halves live in `LB_TABLES`: (base of half 0, capacity of a half).
@@ -75,6 +79,7 @@ pub(crate) fn typed_map(data: MapData) -> Result<Map> {
         MapType::LpmTrie => Map::LpmTrie(data),
         MapType::PerCpuArray => Map::PerCpuArray(data),
         MapType::DevMapHash => Map::DevMapHash(data),
+        MapType::ProgramArray => Map::ProgramArray(data),
         other => bail!("unexpected map type {other:?}"),
     })
 }
@@ -88,17 +93,37 @@ pub struct TableLayout {
 }
 
 impl KernelMaps {
-    /// Takes the maps out of a freshly loaded object (the programs keep using them).
+    /// Takes the maps out of a freshly loaded object (the programs keep using them) and fills
+    /// `LB_PROGS` with its rare-path programs.
     pub fn new(ebpf: &mut Ebpf) -> Result<Self> {
-        Self::open(|name| {
+        let mut maps = Self::open(|name| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the object"))
-        })
+        })?;
+        maps.fill_tail_calls(ebpf)?;
+        Ok(maps)
+    }
+
+    fn fill_tail_calls(&mut self, ebpf: &Ebpf) -> Result<()> {
+        for (index, name) in TAIL_CALLS {
+            let prog: &Xdp = ebpf
+                .program(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()
+                .with_context(|| format!("program {name} is not XDP"))?;
+            let fd = prog
+                .fd()
+                .with_context(|| format!("program {name} is not loaded"))?;
+            self.progs
+                .set(index, fd, 0)
+                .with_context(|| format!("writing {name} to LB_PROGS[{index}]"))?;
+        }
+        Ok(())
     }
 
     /// As `new`, pinning every map as `pin_dir/NAME` first.
     pub fn new_pinned(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<Self> {
-        Self::open(|name| {
+        let mut maps = Self::open(|name| {
             let map = ebpf
                 .take_map(name)
                 .with_context(|| format!("map {name} missing from the object"))?;
@@ -106,7 +131,9 @@ impl KernelMaps {
             map.pin(&path)
                 .with_context(|| format!("pinning map {name} at {}", path.display()))?;
             Ok(map)
-        })
+        })?;
+        maps.fill_tail_calls(ebpf)?;
+        Ok(maps)
     }
 
     /// The maps pinned under `pin_dir` by an earlier run.
@@ -139,6 +166,7 @@ impl KernelMaps {
             devmap: typed!(MAP_DEVMAP),
             ifaces: typed!(MAP_IFACES),
             reply_frags: typed!(MAP_REPLY_FRAGS),
+            progs: typed!(MAP_PROGS),
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
             regions: StdHashMap::new(),
