@@ -9,15 +9,18 @@ pub const PROGRAM_XDP_PASS: &str = "lb_xdp_pass";
 pub const PROGRAM_XDP_ICMP_TO_VIP: &str = "lb_xdp_icmp_in";
 pub const PROGRAM_XDP_ICMP_FROM_TARGET: &str = "lb_xdp_icmp_out";
 pub const PROGRAM_XDP_FRAGMENT: &str = "lb_xdp_fragment";
+pub const PROGRAM_XDP_TOO_BIG: &str = "lb_xdp_too_big";
 /// `LB_PROGS` index of each tail-called program.
 pub const TAIL_ICMP_TO_VIP: u32 = 0;
 pub const TAIL_ICMP_FROM_TARGET: u32 = 1;
 pub const TAIL_FRAGMENT: u32 = 2;
+pub const TAIL_TOO_BIG: u32 = 3;
 /// (index, program) of every entry of `LB_PROGS`.
-pub const TAIL_CALLS: [(u32, &str); 3] = [
+pub const TAIL_CALLS: [(u32, &str); 4] = [
     (TAIL_ICMP_TO_VIP, PROGRAM_XDP_ICMP_TO_VIP),
     (TAIL_ICMP_FROM_TARGET, PROGRAM_XDP_ICMP_FROM_TARGET),
     (TAIL_FRAGMENT, PROGRAM_XDP_FRAGMENT),
+    (TAIL_TOO_BIG, PROGRAM_XDP_TOO_BIG),
 ];
 
 pub const MAP_CONFIG: &str = "LB_CONFIG";
@@ -38,9 +41,10 @@ pub const MAP_FLOOD: &str = "LB_FLOOD";
 pub const MAP_REPLY_FRAGS: &str = "LB_REPLY_FRAGS";
 pub const MAP_IFACES: &str = "LB_IFACES";
 pub const MAP_PROGS: &str = "LB_PROGS";
+pub const MAP_SCRATCH: &str = "LB_SCRATCH";
 
 /// Every map the object defines (a test checks that each resolves in the loaded object).
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_CONFIG,
     MAP_VIPS,
     MAP_LISTENERS,
@@ -59,6 +63,7 @@ pub const ALL_MAPS: [&str; 18] = [
     MAP_REPLY_FRAGS,
     MAP_IFACES,
     MAP_PROGS,
+    MAP_SCRATCH,
 ];
 
 /// Listeners (and so VIP:port:protocol entries) the data plane holds.

@@ -354,7 +354,10 @@ pub mod counter {
     pub const ICMP_FROM_TARGET: u32 = 20;
     /// Fragments of replies reverse-NATed (the first included).
     pub const REPLY_FRAGMENTS: u32 = 21;
-    pub const COUNT: u32 = 22;
+    /// Packets to a VIP too big for the target side with DF set (or IPv6): answered with
+    /// "fragmentation needed" / "packet too big" from the VIP, quoting the client's packet.
+    pub const ICMP_TOO_BIG_SENT: u32 = 22;
+    pub const COUNT: u32 = 23;
 
     /// Prometheus `reason` label of each drop counter, by index.
     pub const DROP_REASONS: [(u32, &str); 11] = [
@@ -372,7 +375,7 @@ pub mod counter {
     ];
 
     /// Prometheus `event` label of every other counter, by index.
-    pub const EVENTS: [(u32, &str); 11] = [
+    pub const EVENTS: [(u32, &str); 12] = [
         (PASS_TTL_EXPIRED, "pass_ttl_expired"),
         (PASS_NO_NEIGHBOUR, "pass_no_neighbour"),
         (PASS_FIB_OTHER, "pass_fib_other"),
@@ -384,6 +387,7 @@ pub mod counter {
         (ICMP_TO_TARGET, "icmp_to_target"),
         (ICMP_FROM_TARGET, "icmp_from_target"),
         (REPLY_FRAGMENTS, "reply_fragment_translated"),
+        (ICMP_TOO_BIG_SENT, "icmp_too_big_sent"),
     ];
 }
 

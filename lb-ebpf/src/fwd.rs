@@ -20,21 +20,29 @@ const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// What the kernel's FIB says about a destination, seen from the ingress interface.
-pub enum Route {
-    /// Forward out of `ifindex` with these MAC addresses.
-    Forward {
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    },
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// Forward out of `ifindex` with `smac` and `dmac`.
+    Forward,
     /// Routable, but the next hop's MAC is not known yet.
     NoNeighbour,
     /// Local delivery (the destination is this host) or not a unicast route.
     Local,
-    /// Routable, but larger than the egress MTU.
+    /// Routable, but larger than the egress `mtu`.
     FragNeeded,
-    /// Anything else: no route, forwarding disabled on the interface, fragmentation needed…
+    /// Anything else: no route, forwarding disabled on the interface…
     Other,
+}
+
+/// A FIB answer. A plain struct with every field set on every path: LLVM spills the unset
+/// fields of an enum's other variants as uninitialised registers, which the verifier refuses.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub kind: RouteKind,
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub mtu: u16,
 }
 
 /// Looks up the route from `src` to `dst` as a packet of `ip_len` bytes arriving on the
@@ -82,16 +90,21 @@ pub fn route(
             0,
         )
     };
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Route::Forward {
-            ifindex: p.ifindex,
-            smac: p.smac,
-            dmac: p.dmac,
-        },
-        BPF_FIB_LKUP_RET_NO_NEIGH => Route::NoNeighbour,
-        BPF_FIB_LKUP_RET_NOT_FWDED => Route::Local,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Route::FragNeeded,
-        _ => Route::Other,
+    // SAFETY: both fields of the union are u16; the kernel writes the MTU on FRAG_NEEDED.
+    let mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+    let kind = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => RouteKind::Forward,
+        BPF_FIB_LKUP_RET_NO_NEIGH => RouteKind::NoNeighbour,
+        BPF_FIB_LKUP_RET_NOT_FWDED => RouteKind::Local,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => RouteKind::FragNeeded,
+        _ => RouteKind::Other,
+    };
+    Route {
+        kind,
+        ifindex: p.ifindex,
+        smac: p.smac,
+        dmac: p.dmac,
+        mtu,
     }
 }
 

@@ -12,11 +12,12 @@ mod maps;
 mod nat;
 mod parse;
 mod stats;
+mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counter,
-    maps::{TAIL_FRAGMENT, TAIL_ICMP_FROM_TARGET, TAIL_ICMP_TO_VIP},
+    maps::{TAIL_FRAGMENT, TAIL_ICMP_FROM_TARGET, TAIL_ICMP_TO_VIP, TAIL_TOO_BIG},
     AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue, ReverseValue,
     VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4,
     LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6,
@@ -24,10 +25,10 @@ use lb_common::{
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
-use fwd::Route;
+use fwd::{Route, RouteKind};
 use maps::{
     LB_ALLOW_V4, LB_ALLOW_V6, LB_CONFIG, LB_IFACES, LB_LISTENERS, LB_PROGS, LB_REPLY_FLOWS,
-    LB_REPLY_FRAGS, LB_REVERSE, LB_VIPS,
+    LB_REPLY_FRAGS, LB_REVERSE, LB_SCRATCH, LB_VIPS,
 };
 use nat::End;
 use parse::{Packet, Ports, L3, L4_MASK};
@@ -84,6 +85,19 @@ pub fn lb_xdp_fragment(ctx: XdpContext) -> u32 {
         } else {
             ipv6_fragment(&ctx, &pkt)
         }
+    }))
+}
+
+/// A packet to a VIP too big for the target side, DF set (tail-called from `lb_xdp`, the MTU
+/// in `LB_SCRATCH`): answered with "fragmentation needed" / "packet too big".
+#[xdp]
+pub fn lb_xdp_too_big(ctx: XdpContext) -> u32 {
+    let mtu = LB_SCRATCH.get(0).copied().unwrap_or(0) as u16;
+    verdict(parsed(&ctx).and_then(|pkt| {
+        // Only a packet shorter than the quote gets `None`: not one that is too big.
+        let action = too_big::answer(&ctx, &pkt, mtu).ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
+        count(counter::ICMP_TOO_BIG_SENT);
+        Ok(action)
     }))
 }
 
@@ -208,6 +222,20 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         decision.new_flow,
     );
     let route = fwd::route(ctx, pkt.family, &pkt.src, &target.addr, pkt.tos, pkt.ip_len);
+    if route.kind == RouteKind::FragNeeded {
+        let mtu = route.mtu;
+        if pkt.dont_fragment {
+            // The client must hear it about its own packet (to the VIP): answered from the
+            // VIP by `lb_xdp_too_big`; without it, the stack's error would quote the
+            // translated packet, which the client cannot match.
+            if let Some(slot) = LB_SCRATCH.get_ptr_mut(0) {
+                // SAFETY: this CPU's value; XDP runs with preemption off.
+                unsafe { *slot = mtu as u32 };
+                // SAFETY: the program's own context; on success this does not return.
+                unsafe { LB_PROGS.tail_call(ctx, TAIL_TOO_BIG) };
+            }
+        }
+    }
     finish(
         ctx,
         pkt,
@@ -471,7 +499,7 @@ fn reply_way(
         pkt.tos,
         pkt.ip_len,
     );
-    if matches!(route, Route::Local | Route::Other) {
+    if matches!(route.kind, RouteKind::Local | RouteKind::Other) {
         return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
     }
     Ok((reverse, route))
@@ -511,7 +539,7 @@ fn later_fragment(ctx: &XdpContext, pkt: &Packet, id: u32) -> Result<u32, Exit> 
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
     let route = fwd::route(ctx, pkt.family, &v.vip_addr, &pkt.dst, pkt.tos, pkt.ip_len);
-    if matches!(route, Route::Local | Route::Other) {
+    if matches!(route.kind, RouteKind::Local | RouteKind::Other) {
         return Err(Exit::PassCounted(counter::PASS_FIB_OTHER));
     }
     count(counter::REPLY_FRAGMENTS);
@@ -609,20 +637,16 @@ fn finish(
     untouched_if_too_big: bool,
     rewrite: Rewrite,
 ) -> Result<u32, Exit> {
-    let (send, pass_counter) = match route {
-        Route::Forward {
-            ifindex,
-            smac,
-            dmac,
-        } if fwd::can_send(ctx, ifindex) => (Some((ifindex, smac, dmac)), 0),
-        Route::FragNeeded if untouched_if_too_big => {
+    let (send, pass_counter) = match route.kind {
+        RouteKind::Forward if fwd::can_send(ctx, route.ifindex) => (true, 0),
+        RouteKind::FragNeeded if untouched_if_too_big => {
             return Err(Exit::PassCounted(counter::PASS_FRAG_NEEDED))
         }
-        Route::FragNeeded => (None, counter::PASS_FRAG_NEEDED),
-        Route::NoNeighbour => (None, counter::PASS_NO_NEIGHBOUR),
-        _ => (None, counter::PASS_FIB_OTHER),
+        RouteKind::FragNeeded => (false, counter::PASS_FRAG_NEEDED),
+        RouteKind::NoNeighbour => (false, counter::PASS_NO_NEIGHBOUR),
+        _ => (false, counter::PASS_FIB_OTHER),
     };
-    let forwarding = send.is_some();
+    let forwarding = send;
     match rewrite {
         Rewrite::Ports { end, addr, port_be } => {
             nat::rewrite(ctx, pkt, end, addr, port_be, forwarding)
@@ -639,9 +663,16 @@ fn finish(
         } => translate_icmp(ctx, pkt, quote, outer, inner, addr, port_be, forwarding),
     }
     .ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
-    match send {
-        Some((ifindex, smac, dmac)) => Ok(fwd::send(ctx, pkt.l3_off, ifindex, smac, dmac)),
-        None => Err(Exit::PassCounted(pass_counter)),
+    if send {
+        Ok(fwd::send(
+            ctx,
+            pkt.l3_off,
+            route.ifindex,
+            route.smac,
+            route.dmac,
+        ))
+    } else {
+        Err(Exit::PassCounted(pass_counter))
     }
 }
 

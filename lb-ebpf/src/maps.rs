@@ -54,3 +54,6 @@ pub static LB_IFACES: HashMap<u32, IfaceValue> = HashMap::with_max_entries(MAX_I
 /// The rare paths' programs, by `lb_common::maps::TAIL_*` index (the agent fills it).
 #[map]
 pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALLS.len() as u32, 0);
+/// Per-CPU scratch for a tail call's argument: the egress MTU for `lb_xdp_too_big`.
+#[map]
+pub static LB_SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

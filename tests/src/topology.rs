@@ -87,6 +87,8 @@ pub struct Options {
     pub router_mtu: Option<u32>,
     /// The MTU of the balancer's client-side interface `l0` (the client's `c0` stays 1500).
     pub balancer_client_mtu: Option<u32>,
+    /// The balancer's target-side interface (l1) MTU, when narrower than 1500.
+    pub balancer_target_mtu: Option<u32>,
     /// The client side is 802.1Q-tagged with this VLAN id (`c0.ID` ═ `l0.ID`, XDP on `l0`).
     /// Routed topology without a router only.
     pub client_vlan: Option<u16>,
@@ -100,6 +102,7 @@ impl Default for Options {
             client_tx_offload: false,
             router_mtu: None,
             balancer_client_mtu: None,
+            balancer_target_mtu: None,
             client_vlan: None,
         }
     }
@@ -332,6 +335,9 @@ impl Topology {
     fn set_balancer_client_mtu(&self, o: Options) -> Result<()> {
         if let Some(mtu) = o.balancer_client_mtu {
             ip(&format!("-n {} link set l0 mtu {mtu}", self.ns("lb")))?;
+        }
+        if let Some(mtu) = o.balancer_target_mtu {
+            ip(&format!("-n {} link set l1 mtu {mtu}", self.ns("lb")))?;
         }
         Ok(())
     }

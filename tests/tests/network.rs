@@ -182,6 +182,72 @@ fn reply_too_big_for_the_balancers_egress() -> Result<()> {
     Ok(())
 }
 
+/// A client's UDP datagram with DF set, too big for the balancer's target side (1,400): the
+/// balancer answers "fragmentation needed" from the VIP about the client's own datagram, so
+/// the client's kernel lowers its path MTU toward the VIP (and refuses the next big send).
+/// Handed to the stack instead, the error would quote the translated datagram (to the
+/// target), which the client cannot match: it would keep sending datagrams that vanish.
+#[test]
+fn too_big_for_the_target_side_tells_the_client() -> Result<()> {
+    let mut c = config(1, "", "", "", "");
+    c.push_str(&listener_group(
+        "echo",
+        VIP,
+        5300,
+        "udp",
+        &[backend_addr(1)],
+        5300,
+        8080,
+    ));
+    let mut b = Balancer::with_backends(
+        Options {
+            backends: 1,
+            balancer_target_mtu: Some(NARROW),
+            ..Options::default()
+        },
+        &c,
+    )?;
+    // The error leaves with XDP_TX, and a veth wakes its peer for XDP_TX only when the peer
+    // runs an XDP program (README, "Topologies"); a NIC needs nothing.
+    b.topo.attach_xdp_pass("cli", "c0")?;
+    b.wait_healthy(2)?;
+    assert_eq!(mtu(&b, "lb", "l1")?, NARROW);
+    // Sends 1,450 bytes with DF (IP_PMTUDISC_DO) up to 5 times, 0.5 s apart; prints the
+    // socket's path MTU once the kernel knows better than the link's 1500, or "none".
+    let out = b.topo.python(
+        "cli",
+        "too-big",
+        &format!(
+            r#"
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO
+s.connect(("{VIP}", 5300))
+for i in range(5):
+    try:
+        s.send(b"x" * 1450)
+    except OSError as e:
+        print("refused", e.errno, s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU
+        break
+    time.sleep(0.5)
+else:
+    print("none", s.getsockopt(socket.IPPROTO_IP, 14))
+"#
+        ),
+    )?;
+    println!(
+        "client sending 1450 bytes with DF to the VIP: {}; {}",
+        out.trim(),
+        counters(&b)
+    );
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    ensure!(
+        fields.first() == Some(&"refused") && fields.get(2) == Some(&"1400"),
+        "the client never learned the path MTU toward the VIP: {out}"
+    );
+    Ok(())
+}
+
 /// A datagram from the client side whose source is forged to be a target endpoint (b1's
 /// 10.0.2.11:5300), sent to another backend: it is not a reply from a target (it did not come
 /// from the targets' side), so it must not be reverse-NATed to the VIP. Routed untouched
