@@ -18,10 +18,10 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counter,
     maps::{TAIL_FRAGMENT, TAIL_ICMP_FROM_TARGET, TAIL_ICMP_TO_VIP, TAIL_TOO_BIG},
-    AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue, ReverseValue,
-    VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4,
-    LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6,
-    REVERSE_F_AMBIGUOUS,
+    AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue, ListenerValue,
+    ReverseValue, VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS,
+    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4,
+    REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -171,6 +171,23 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     }
 }
 
+/// The listener of `lkey` (a VIP endpoint), when `client` is one of its allowed sources, and
+/// the data plane's config once it is ready; else the drop counter that says why.
+#[inline(always)]
+fn listener_for(
+    lkey: &EndpointKey,
+    client: &[u32; 4],
+    no_listener: u32,
+    not_allowed: u32,
+) -> Result<(ListenerValue, &'static DataplaneConfig), Exit> {
+    // SAFETY: read-only lookup; the value is copied out.
+    let listener = *unsafe { LB_LISTENERS.get(lkey) }.ok_or(Exit::Drop(no_listener))?;
+    if !source_allowed(client, lkey.family, listener.listener_id, listener.flags) {
+        return Err(Exit::Drop(not_allowed));
+    }
+    Ok((listener, ready_config()?))
+}
+
 #[inline(always)]
 fn ready_config() -> Result<&'static DataplaneConfig, Exit> {
     let config = LB_CONFIG
@@ -202,13 +219,12 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         protocol: pkt.protocol,
         family: pkt.family,
     };
-    // SAFETY: read-only lookup; the value is copied out.
-    let listener =
-        *unsafe { LB_LISTENERS.get(&lkey) }.ok_or(Exit::Drop(counter::DROP_NO_LISTENER))?;
-    if !source_allowed(&pkt.src, pkt.family, listener.listener_id, listener.flags) {
-        return Err(Exit::Drop(counter::DROP_SOURCE_NOT_ALLOWED));
-    }
-    let config = ready_config()?;
+    let (listener, config) = listener_for(
+        &lkey,
+        &pkt.src,
+        counter::DROP_NO_LISTENER,
+        counter::DROP_SOURCE_NOT_ALLOWED,
+    )?;
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
@@ -276,13 +292,12 @@ fn icmp_to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         protocol: q.protocol,
         family: pkt.family,
     };
-    // SAFETY: read-only lookup; the value is copied out.
-    let listener =
-        *unsafe { LB_LISTENERS.get(&lkey) }.ok_or(Exit::Drop(counter::DROP_ICMP_UNMATCHED))?;
-    if !source_allowed(&q.dst, pkt.family, listener.listener_id, listener.flags) {
-        return Err(Exit::Drop(counter::DROP_ICMP_UNMATCHED));
-    }
-    let config = ready_config()?;
+    let (listener, config) = listener_for(
+        &lkey,
+        &q.dst,
+        counter::DROP_ICMP_UNMATCHED,
+        counter::DROP_ICMP_UNMATCHED,
+    )?;
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
