@@ -7,7 +7,7 @@
 //! quote's destination made VIP:vp. Either way the quote reads as the packet its receiver
 //! sent, so the receiver's stack finds the socket (and learns a path MTU).
 
-use lb_common::{counter, csum, FAMILY_V4, PROTO_TCP, PROTO_UDP};
+use lb_common::{counter, csum, FlowKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     nat::{l4_check, End},
@@ -54,6 +54,22 @@ pub struct Quote {
     pub dst: [u32; 4],
     pub src_port_be: u16,
     pub dst_port_be: u16,
+}
+
+impl Quote {
+    /// The 5-tuple of a packet going the other way: the quoted packet turned around.
+    #[inline(always)]
+    pub fn reversed_key(&self, family: u8) -> FlowKey {
+        FlowKey {
+            src_addr: self.dst,
+            dst_addr: self.src,
+            src_port_be: self.dst_port_be,
+            dst_port_be: self.src_port_be,
+            protocol: self.protocol,
+            family,
+            _pad: 0,
+        }
+    }
 }
 
 const INNER_L3_MASK: usize = 0xff;

@@ -301,15 +301,8 @@ fn icmp_to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
-    let key = FlowKey {
-        src_addr: q.dst,
-        dst_addr: q.src,
-        src_port_be: q.dst_port_be,
-        dst_port_be: q.src_port_be,
-        protocol: q.protocol,
-        family: pkt.family,
-        _pad: 0,
-    };
+    // The flow's own key: client → VIP, the quoted reply turned around.
+    let key = q.reversed_key(pkt.family);
     let target =
         flow::lookup(&key, &listener, config).ok_or(Exit::Drop(counter::DROP_ICMP_UNMATCHED))?;
     count(counter::ICMP_TO_TARGET);
@@ -592,15 +585,8 @@ fn icmp_from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if !from_target_side(ctx) {
         return Err(Exit::PassCounted(counter::PASS_NOT_A_REPLY));
     }
-    let reply_key = FlowKey {
-        src_addr: q.dst,
-        dst_addr: q.src,
-        src_port_be: q.dst_port_be,
-        dst_port_be: q.src_port_be,
-        protocol: q.protocol,
-        family: pkt.family,
-        _pad: 0,
-    };
+    // The reply-flow key (target → client): the quoted packet turned around.
+    let reply_key = q.reversed_key(pkt.family);
     let (reverse, route) = reply_way(ctx, pkt, &reverse, &reply_key)?;
     count(counter::ICMP_FROM_TARGET);
     traffic(reverse.listener_id, Direction::Out, frame_len(ctx), false);
