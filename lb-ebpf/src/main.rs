@@ -96,7 +96,10 @@ pub fn lb_xdp_too_big(ctx: XdpContext) -> u32 {
     verdict(parsed(&ctx).and_then(|pkt| {
         // Only a packet shorter than the quote gets `None`: not one that is too big.
         let action = too_big::answer(&ctx, &pkt, mtu).ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
-        count(counter::ICMP_TOO_BIG_SENT);
+        // Counted only when the error really leaves (a failed head or tail move drops).
+        if action == xdp_action::XDP_TX {
+            count(counter::ICMP_TOO_BIG_SENT);
+        }
         Ok(action)
     }))
 }
@@ -212,7 +215,10 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
     if pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP {
         return Err(Exit::Drop(counter::DROP_NO_LISTENER));
     }
-    let ports = parse::valid_ports(ctx, pkt).ok_or(Exit::Drop(counter::DROP_MALFORMED))?;
+    let ports = match parse::l4(ctx, pkt) {
+        Some(h) if h.consistent => h.ports,
+        _ => return Err(Exit::Drop(counter::DROP_MALFORMED)),
+    };
     let lkey = EndpointKey {
         addr: pkt.dst,
         port_be: ports.dst_be,
@@ -428,7 +434,8 @@ fn frag_key(pkt: &Packet, id: u32) -> FragKey {
 /// reply.
 #[inline(always)]
 fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit> {
-    let ports = parse::ports(ctx, pkt).ok_or(Exit::Pass)?;
+    let header = parse::l4(ctx, pkt).ok_or(Exit::Pass)?;
+    let ports = header.ports;
     let key = EndpointKey {
         addr: pkt.src,
         port_be: ports.src_be,
@@ -444,7 +451,7 @@ fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit>
     let valid = if frag.is_some() {
         parse::ip_len_fits(ctx, pkt)
     } else {
-        parse::valid_ports(ctx, pkt).is_some()
+        header.consistent
     };
     if !valid {
         return Err(Exit::Drop(counter::DROP_MALFORMED));

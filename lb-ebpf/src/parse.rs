@@ -200,67 +200,55 @@ pub fn is_ipv6_extension(next: u8) -> bool {
     )
 }
 
-/// The L4 ports (and TCP flags) of a TCP or UDP packet whose L4 header is in the frame.
-/// Whether the header is consistent with the IP length is `valid_ports`'s question.
-#[inline(always)]
-pub fn ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
-    let off = pkt.l4_off & L4_MASK;
-    match pkt.protocol {
-        PROTO_TCP => {
-            let h = read::<[u8; TCP_HLEN]>(ctx, off)?;
-            Some(Ports {
-                src_be: u16::from_ne_bytes([h[0], h[1]]),
-                dst_be: u16::from_ne_bytes([h[2], h[3]]),
-                tcp_flags: h[13],
-            })
-        }
-        PROTO_UDP => {
-            let h = read::<[u8; UDP_HLEN]>(ctx, off)?;
-            Some(Ports {
-                src_be: u16::from_ne_bytes([h[0], h[1]]),
-                dst_be: u16::from_ne_bytes([h[2], h[3]]),
-                tcp_flags: 0,
-            })
-        }
-        _ => None,
-    }
+/// A TCP or UDP header that is in the frame: its ports (and TCP flags), and whether it is
+/// consistent with a whole (not fragmented) packet: the frame holds the IP length, the IP
+/// length holds the L4 header (a short packet in a padded frame does not), TCP's data offset
+/// is at least 5 and within the packet, UDP's length is at least 8 and within the packet, and
+/// an IPv6 UDP checksum is not 0 (RFC 8200 §8.1: such a datagram is invalid). One read of the
+/// header answers both.
+#[derive(Clone, Copy)]
+pub struct L4Header {
+    pub ports: Ports,
+    pub consistent: bool,
 }
 
-/// The ports (and TCP flags) of a whole (not fragmented) TCP/UDP packet whose header is
-/// consistent: the frame holds the IP length, the IP length holds the L4 header (a short
-/// packet in a padded frame does not), TCP's data offset is at least 5 and within the packet,
-/// UDP's length is at least 8 and within the packet, and an IPv6 UDP checksum is not 0
-/// (RFC 8200 §8.1: such a datagram is invalid). `None`: malformed.
+/// The packet's TCP/UDP header, if the frame holds it.
 #[inline(always)]
-pub fn valid_ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
-    if !ip_len_fits(ctx, pkt) {
-        return None;
-    }
+pub fn l4(ctx: &XdpContext, pkt: &Packet) -> Option<L4Header> {
     let l3 = pkt.l3_off & L3_MASK;
     let l4 = pkt.l4_off & L4_MASK;
+    let fits = ip_len_fits(ctx, pkt);
     // Bytes of IP payload the header announces.
     let payload = pkt.ip_len as usize + l3 - l4.min(pkt.ip_len as usize + l3);
     match pkt.protocol {
         PROTO_TCP => {
             let h = read::<[u8; TCP_HLEN]>(ctx, l4)?;
             let doff = (h[12] >> 4) as usize * 4;
-            (payload >= TCP_HLEN && doff >= TCP_HLEN && doff <= payload).then_some(Ports {
-                src_be: u16::from_ne_bytes([h[0], h[1]]),
-                dst_be: u16::from_ne_bytes([h[2], h[3]]),
-                tcp_flags: h[13],
+            Some(L4Header {
+                ports: Ports {
+                    src_be: u16::from_ne_bytes([h[0], h[1]]),
+                    dst_be: u16::from_ne_bytes([h[2], h[3]]),
+                    tcp_flags: h[13],
+                },
+                consistent: fits && payload >= TCP_HLEN && doff >= TCP_HLEN && doff <= payload,
             })
         }
         PROTO_UDP => {
             let h = read::<[u8; UDP_HLEN]>(ctx, l4)?;
             let len = u16::from_be_bytes([h[4], h[5]]) as usize;
             let zero_v6 = pkt.family != FAMILY_V4 && h[6] == 0 && h[7] == 0;
-            (payload >= UDP_HLEN && len >= UDP_HLEN && len <= payload && !zero_v6).then_some(
-                Ports {
+            Some(L4Header {
+                ports: Ports {
                     src_be: u16::from_ne_bytes([h[0], h[1]]),
                     dst_be: u16::from_ne_bytes([h[2], h[3]]),
                     tcp_flags: 0,
                 },
-            )
+                consistent: fits
+                    && payload >= UDP_HLEN
+                    && len >= UDP_HLEN
+                    && len <= payload
+                    && !zero_v6,
+            })
         }
         _ => None,
     }
