@@ -388,7 +388,9 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                 IpAddr::from(s),
                 IpAddr::from(d),
                 frame[l3 + 9],
-                &frame[l3 + hlen..l3 + total],
+                frame
+                    .get(l3 + hlen..l3 + total)
+                    .ok_or("IPv4 total length beyond the frame")?,
                 frag,
             )
         }
@@ -400,7 +402,9 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                 IpAddr::from(s),
                 IpAddr::from(d),
                 frame[l3 + 6],
-                &frame[l3 + 40..l3 + 40 + plen],
+                frame
+                    .get(l3 + 40..l3 + 40 + plen)
+                    .ok_or("IPv6 payload length beyond the frame")?,
                 frame[l3 + 6] == 44,
             )
         }
@@ -410,6 +414,8 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
         return Ok(());
     }
     match proto {
+        6 if l4.len() < 20 => return Err("TCP header cut".into()),
+        17 if l4.len() < 8 => return Err("UDP header cut".into()),
         6 | 17 => {
             let udp_unset = proto == 17 && l4[6] == 0 && l4[7] == 0 && src.is_ipv4();
             if !udp_unset
