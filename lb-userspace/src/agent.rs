@@ -25,9 +25,10 @@ use crate::{
     config::{self, Config},
     control::{self, Controller},
     datapath::{self, Datapath},
-    expiry::{self, ExpiryPlan, FlowTable, ListenerTimeouts, Sweep},
+    expiry::{self, ExpiryPlan, ListenerTimeouts, Sweep},
     health::{self, HealthEvent, Schedule, TargetState},
     http::{self, Request, Response},
+    maps::FlowTable,
     metrics::{self, HealthMetrics},
     model::{Model, SavedModel, TargetKey},
     routes::{Answer, NetlinkRoutes, RouteNote},
@@ -804,7 +805,7 @@ impl Agent {
         };
         let done = done.clone();
         tokio::task::spawn_blocking(move || {
-            let sweep = table.sweep(&plan, expiry::now_ticks());
+            let sweep = expiry::sweep(&mut table, &plan, expiry::now_ticks());
             let _ = done.blocking_send((table, sweep));
         });
     }

@@ -13,8 +13,9 @@ use anyhow::{bail, Result};
 use crate::{
     config::{AgentConfig, Config},
     health::{HealthEvent, TargetState},
+    maps::MapWriter,
     model::{state_changes, Model, Origin, StateChange, TargetKey},
-    reconcile::{Applied, MapWriter, Reconciler},
+    reconcile::{Applied, Reconciler},
     routes::{Answer, RouteAnswers, RouteLookup, RouteNote},
     state::{self, Desired, InterfaceRoles},
 };

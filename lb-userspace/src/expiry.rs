@@ -11,18 +11,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use lb_common::{FlowKey, FlowValue, ReverseValue, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+use lb_common::{FlowKey, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+
+use crate::maps::FlowTable;
 
 /// A flow that has seen a FIN or RST is forgotten after this long without packets.
 pub const CLOSING_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The flow table and the reply-flow table.
-pub struct FlowTable {
-    flows: BpfHashMap<MapData, FlowKey, FlowValue>,
-    replies: BpfHashMap<MapData, FlowKey, ReverseValue>,
-}
 
 /// What a listener's flows may idle for.
 #[derive(Clone, Debug)]
@@ -65,62 +59,43 @@ fn ticks(d: Duration) -> u32 {
     (d.as_nanos() >> FLOW_TICK_SHIFT) as u32 + 1
 }
 
-impl FlowTable {
-    /// New handles on the maps with these kernel ids.
-    pub fn open(flows_id: u32, replies_id: u32) -> Result<Self> {
-        let open = |id| -> Result<aya::maps::Map> {
-            crate::maps::typed_map(MapData::from_id(id).context("opening a flow map by id")?)
+/// One pass over the flow table at tick `now`.
+pub fn sweep(table: &mut FlowTable, plan: &ExpiryPlan, now: u32) -> Sweep {
+    let mut out = Sweep::default();
+    for (key, v) in table.flows() {
+        let listener = plan.listeners.get(&v.listener_id);
+        let idle = match listener {
+            Some(l) if key.protocol == PROTO_UDP => l.udp,
+            Some(l) => l.tcp,
+            None if key.protocol == PROTO_UDP => Duration::from_secs(120),
+            None => Duration::from_secs(350),
         };
-        Ok(Self {
-            flows: open(flows_id)?.try_into().context("LB_FLOWS layout")?,
-            replies: open(replies_id)?
-                .try_into()
-                .context("LB_REPLY_FLOWS layout")?,
-        })
-    }
-
-    /// One pass over the flow table at tick `now`.
-    pub fn sweep(&mut self, plan: &ExpiryPlan, now: u32) -> Sweep {
-        let mut out = Sweep::default();
-        let keys: Vec<FlowKey> = self.flows.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let Ok(v) = self.flows.get(&key, 0) else {
-                continue; // evicted meanwhile
-            };
-            let listener = plan.listeners.get(&v.listener_id);
-            let idle = match listener {
-                Some(l) if key.protocol == PROTO_UDP => l.udp,
-                Some(l) => l.tcp,
-                None if key.protocol == PROTO_UDP => Duration::from_secs(120),
-                None => Duration::from_secs(350),
-            };
-            let idle = if v.flags & FLOW_F_CLOSING != 0 {
-                idle.min(CLOSING_FLOW_TIMEOUT)
-            } else {
-                idle
-            };
-            if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
-                match self.flows.remove(&key) {
-                    Ok(()) => out.expired += 1,
-                    Err(MapError::KeyNotFound) => {}
-                    Err(_) => continue,
-                }
-                if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
-                    let reply = FlowKey {
-                        src_addr: addr,
-                        dst_addr: key.src_addr,
-                        src_port_be: port_be,
-                        dst_port_be: key.src_port_be,
-                        protocol: key.protocol,
-                        family: key.family,
-                        _pad: 0,
-                    };
-                    let _ = self.replies.remove(&reply);
-                }
-            } else if let Some(l) = listener {
-                *out.active.entry(l.name.clone()).or_default() += 1;
+        let idle = if v.flags & FLOW_F_CLOSING != 0 {
+            idle.min(CLOSING_FLOW_TIMEOUT)
+        } else {
+            idle
+        };
+        if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
+            match table.remove_flow(&key) {
+                Ok(true) => out.expired += 1,
+                Ok(false) => {}
+                Err(_) => continue,
             }
+            if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
+                let reply = FlowKey {
+                    src_addr: addr,
+                    dst_addr: key.src_addr,
+                    src_port_be: port_be,
+                    dst_port_be: key.src_port_be,
+                    protocol: key.protocol,
+                    family: key.family,
+                    _pad: 0,
+                };
+                let _ = table.remove_reply(&reply);
+            }
+        } else if let Some(l) = listener {
+            *out.active.entry(l.name.clone()).or_default() += 1;
         }
-        out
     }
+    out
 }

@@ -44,7 +44,7 @@ fn flows_expire_after_their_listeners_idle_timeout() {
     let mut table = w.maps.flow_table().expect("flow table handles");
     let now = expiry::now_ticks();
 
-    let s = table.sweep(&plan, now);
+    let s = expiry::sweep(&mut table, &plan, now);
     assert_eq!(s.expired, 0);
     assert_eq!(
         s.active,
@@ -52,18 +52,27 @@ fn flows_expire_after_their_listeners_idle_timeout() {
     );
 
     // The closed flow goes after 10 s; the open ones stay.
-    let s = table.sweep(&plan, now + ticks(12));
+    let s = expiry::sweep(&mut table, &plan, now + ticks(12));
     assert_eq!(s.expired, 1);
     assert!(!present(&w, &closed) && present(&w, &open) && present(&w, &udp));
 
     // Below the UDP timeout, nothing; beyond it, the UDP flow.
-    assert_eq!(table.sweep(&plan, now + ticks(110)).expired, 0);
-    assert_eq!(table.sweep(&plan, now + ticks(123)).expired, 1);
+    assert_eq!(
+        expiry::sweep(&mut table, &plan, now + ticks(110)).expired,
+        0
+    );
+    assert_eq!(
+        expiry::sweep(&mut table, &plan, now + ticks(123)).expired,
+        1
+    );
     assert!(!present(&w, &udp) && present(&w, &open));
 
     // The TCP flow after 350 s.
-    assert_eq!(table.sweep(&plan, now + ticks(340)).expired, 0);
-    let s = table.sweep(&plan, now + ticks(353));
+    assert_eq!(
+        expiry::sweep(&mut table, &plan, now + ticks(340)).expired,
+        0
+    );
+    let s = expiry::sweep(&mut table, &plan, now + ticks(353));
     assert_eq!((s.expired, s.active.len()), (1, 0));
     assert!(!present(&w, &open));
 }

@@ -5,7 +5,7 @@ use lb_common::{IFACE_F_TARGETS, TARGET_DROP, TARGET_FORWARD, TARGET_RESCHEDULE}
 use super::*;
 use crate::{
     health::{Outcome, Reason, Transition},
-    reconcile::FakeMaps,
+    maps::FakeMaps,
     state::RoleSource,
 };
 

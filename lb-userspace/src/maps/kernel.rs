@@ -1,17 +1,17 @@
-//! The map writer: the only code that writes the data plane's maps. The agent's reconciler and
-//! the packet-fixture tests both provision the data plane through it.
+//! The kernel's maps behind `MapWriter`.
 //!
 //! Tables are published double-buffered: the group's inactive half of `LB_TABLES` is written
 //! first, then the group's size for that half, then the `active` index flips; a packet reads
 //! either the old table or the new one, never a mix.
 
-use std::{collections::HashMap as StdHashMap, net::IpAddr, path::Path};
+use std::{collections::HashMap as StdHashMap, net::IpAddr, os::fd::AsFd, path::Path};
 
+use super::{flows::FlowTable, typed_map, SourcePrefix};
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{
         lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, IterableMap, LpmTrie, Map,
-        MapData, MapType, PerCpuArray, ProgramArray,
+        MapData, PerCpuArray, ProgramArray,
     },
     programs::Xdp,
     Ebpf,
@@ -19,15 +19,8 @@ use aya::{
 use lb_common::{
     addr, counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
     FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue, ReverseValue,
-    TargetValue, VipKey, VipValue, FAMILY_V4, FAMILY_V6, NO_TARGET,
+    TargetValue, VipKey, VipValue, FAMILY_V4, FAMILY_V6,
 };
-
-/// An `allowed_sources` prefix of one listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SourcePrefix {
-    pub addr: IpAddr,
-    pub len: u8,
-}
 
 /// Typed handles on every map of a loaded object.
 pub struct KernelMaps {
@@ -64,24 +57,6 @@ fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening pinned map {}", path.display()))?;
     typed_map(data).with_context(|| format!("pinned map {}", path.display()))
-}
-
-/// A map handle as the `Map` variant its kernel type calls for.
-pub(crate) fn typed_map(data: MapData) -> Result<Map> {
-    let map_type = data
-        .info()
-        .and_then(|i| i.map_type())
-        .context("reading the map's type")?;
-    Ok(match map_type {
-        MapType::Array => Map::Array(data),
-        MapType::Hash => Map::HashMap(data),
-        MapType::LruHash => Map::LruHashMap(data),
-        MapType::LpmTrie => Map::LpmTrie(data),
-        MapType::PerCpuArray => Map::PerCpuArray(data),
-        MapType::DevMapHash => Map::DevMapHash(data),
-        MapType::ProgramArray => Map::ProgramArray(data),
-        other => bail!("unexpected map type {other:?}"),
-    })
 }
 
 /// Where the reconciler's table regions are, to carry over a restart.
@@ -448,16 +423,20 @@ impl KernelMaps {
         self.flows.remove(key).context("removing from LB_FLOWS")
     }
 
-    /// Handles of its own on the flow tables, for the expiry sweep.
-    pub fn flow_table(&self) -> Result<crate::expiry::FlowTable> {
-        let flows_id = self.flows.map().info().context("LB_FLOWS id")?.id();
-        let reply_flows_id = self
-            .reply_flows
-            .map()
-            .info()
-            .context("LB_REPLY_FLOWS id")?
-            .id();
-        crate::expiry::FlowTable::open(flows_id, reply_flows_id)
+    /// Handles of its own on the flow tables (duplicated descriptors), for the expiry sweep
+    /// on another thread. Needs no privilege beyond the descriptors this process holds.
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        let dup = |fd: &aya::maps::MapFd, name: &str| -> Result<MapData> {
+            let owned = fd
+                .as_fd()
+                .try_clone_to_owned()
+                .with_context(|| format!("duplicating the descriptor of {name}"))?;
+            MapData::from_fd(owned).with_context(|| format!("reopening {name}"))
+        };
+        FlowTable::from_maps(
+            dup(self.flows.map().fd(), MAP_FLOWS)?,
+            dup(self.reply_flows.map().fd(), MAP_REPLY_FLOWS)?,
+        )
     }
 
     pub fn flow_keys(&self) -> impl Iterator<Item = Result<FlowKey>> + '_ {
@@ -493,13 +472,4 @@ impl KernelMaps {
         }
         Ok(out)
     }
-}
-
-/// Maps target indices of a built table to target ids (`NO_TARGET` never appears in a full
-/// table; an empty table stays empty).
-pub fn table_of_ids(indices: &[u32], ids: &[u32]) -> Vec<u32> {
-    indices
-        .iter()
-        .map(|&i| ids.get(i as usize).copied().unwrap_or(NO_TARGET))
-        .collect()
 }
