@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_common::{IfaceValue, PROTO_UDP};
+use lb_common::PROTO_UDP;
 use serde_json::json;
 use tokio::{
     net::{TcpListener, UnixListener},
@@ -31,6 +31,7 @@ use crate::{
     maps::FlowTable,
     metrics::{self, HealthMetrics},
     model::{Model, SavedModel, TargetKey},
+    reconcile::Reconciler,
     routes::{Answer, NetlinkRoutes, RouteNote},
     state::RoleSource,
 };
@@ -291,17 +292,13 @@ fn adopt(
         serde_json::from_value(state["config"].clone()).context("the state file's config")?;
     let saved: SavedModel =
         serde_json::from_value(state["model"].clone()).context("the state file's model")?;
-    let layout =
-        serde_json::from_value(state["tables"].clone()).context("the state file's table layout")?;
-    let old_interfaces = saved_interfaces(&state["interfaces"]);
-    dp.maps.restore_table_layout(&layout);
-    let pinned = dp.maps.config()?;
-    let hash_key = pinned.hash_key;
+    // What the earlier run wrote, read back: the shadow the diff starts from, whatever was
+    // half-written when it stopped.
+    let view = dp.maps.view().context("reading the pinned maps back")?;
+    let hash_key = view.config.hash_key;
     let model = Model::restore(saved, now);
-    // What the earlier run wrote: the shadow the diff starts from.
-    let mut shadow = crate::state::desired(&old_config, &model, hash_key, &old_interfaces, now);
-    shadow.config = pinned;
-    let mut ctl = Controller::adopted(old_config, model, hash_key, interfaces, shadow);
+    let reconciler = Reconciler::from_view(&view);
+    let mut ctl = Controller::adopted(old_config, model, hash_key, interfaces, reconciler);
     ctl.reload(config, now)?;
     info!(
         pin_path = %dp.pin_dir.display(),
@@ -309,24 +306,6 @@ fn adopt(
         "adopted the pinned data plane (flows, tables and target states carry on)"
     );
     Ok(ctl)
-}
-
-/// The `LB_IFACES` values an earlier run wrote, from its state file's `interfaces`: ifindex →
-/// flags; or, from a build before interface roles, the attached ifindexes (each was written as
-/// facing targets).
-fn saved_interfaces(value: &serde_json::Value) -> BTreeMap<u32, IfaceValue> {
-    if let Ok(flags) = serde_json::from_value::<BTreeMap<u32, u32>>(value.clone()) {
-        return flags
-            .into_iter()
-            .map(|(i, flags)| (i, IfaceValue { flags }))
-            .collect();
-    }
-    let attached: BTreeSet<u32> = serde_json::from_value(value.clone()).unwrap_or_default();
-    let flags = lb_common::IFACE_F_TARGETS;
-    attached
-        .into_iter()
-        .map(|i| (i, IfaceValue { flags }))
-        .collect()
 }
 
 /// An interface's name for the log, from its ifindex.
@@ -457,7 +436,6 @@ impl Agent {
         let state = json!({
             "config": self.ctl.config,
             "model": self.ctl.model.save(now),
-            "tables": self.dp.maps.table_layout(),
             // ifindex → LB_IFACES flags, as written.
             "interfaces": self
                 .ctl
@@ -926,25 +904,4 @@ async fn forward(calls: &mpsc::Sender<Call>, request: Request) -> Response {
     answer
         .await
         .unwrap_or_else(|_| Response::json(500, &json!({"error": "the agent dropped the call"})))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_file_interfaces_read_back_with_their_flags() {
-        let written: BTreeMap<u32, u32> = [(3, 0), (4, lb_common::IFACE_F_TARGETS)].into();
-        let state = json!({ "interfaces": written });
-        let flags = |m: BTreeMap<u32, IfaceValue>| -> Vec<(u32, u32)> {
-            m.into_iter().map(|(i, v)| (i, v.flags)).collect()
-        };
-        assert_eq!(
-            flags(saved_interfaces(&state["interfaces"])),
-            [(3, 0), (4, 1)]
-        );
-        // A state file from before interface roles: every attached interface faced targets.
-        assert_eq!(flags(saved_interfaces(&json!([3, 4]))), [(3, 1), (4, 1)]);
-        assert!(saved_interfaces(&serde_json::Value::Null).is_empty());
-    }
 }

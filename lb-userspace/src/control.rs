@@ -109,13 +109,13 @@ impl Controller {
         model: Model,
         hash_key: [u32; 2],
         interfaces: BTreeMap<String, u32>,
-        shadow: Desired,
+        reconciler: Reconciler,
     ) -> Self {
         let shown = model.shown_states(&config);
         Self {
             config,
             model,
-            reconciler: Reconciler::with_shadow(shadow),
+            reconciler,
             hash_key,
             interfaces,
             routes: RouteAnswers::default(),

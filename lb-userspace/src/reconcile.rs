@@ -1,15 +1,22 @@
-//! The reconciler: diffs the desired state against the last-applied shadow and writes only
-//! what changed, in an order where a packet never meets a reference to something not yet
-//! written (targets before the tables that name them; tables before the listeners that use
-//! them; removals last).
+//! The reconciler: diffs the desired state against the shadow of what the maps hold and writes
+//! only what changed, in an order where a packet never meets a reference to something not
+//! written: targets before the tables that name them; tables before the listeners that use
+//! them; a target leaves the tables before it stops forwarding; removals last, each only once
+//! nothing written refers to it any more.
+//!
+//! A failed write does not stop the others: what depends on it waits, the rest is written, and
+//! the shadow records exactly what succeeded, so the next call retries the rest. Removing what
+//! is already gone counts as done. After a restart the shadow is read back from the maps
+//! (`from_view`), so whatever an earlier run left half-written converges.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use anyhow::{Context, Result};
-use lb_common::{maglev, TargetValue};
+use anyhow::{anyhow, Context, Result};
+use lb_common::{addr, maglev, IfaceValue, TargetValue, TARGET_FORWARD};
 
 use crate::{
-    maps::{table_of_ids, MapWriter, SourcePrefix},
+    config::Cidr,
+    maps::{table_of_ids, MapView, MapWriter, SourcePrefix, WriteError},
     state::{Desired, TableSpec},
 };
 
@@ -18,15 +25,38 @@ use crate::{
 pub struct Applied {
     pub writes: usize,
     pub tables: usize,
+    /// Tables (and what depends on them) waiting for their build (`Reconciler::pending`).
+    pub pending: usize,
 }
 
-/// Keeps the shadow of what was last written.
-#[derive(Debug, Default)]
+/// Keeps the shadow of what the maps hold.
+#[derive(Debug)]
 pub struct Reconciler {
     shadow: Desired,
+    /// Groups read back from the maps whose table is not known to match any spec: the target
+    /// ids they name. They are published again (or removed).
+    unknown_tables: BTreeMap<u32, BTreeSet<u32>>,
+    /// Tables built ahead (`add_built`), by spec.
+    built: HashMap<TableSpec, Vec<u32>>,
+    /// Specs `apply` found neither built nor publishable inline.
+    pending: Vec<TableSpec>,
+    /// Build missing tables inside `apply` (the default); else they wait for `add_built`.
+    pub build_inline: bool,
 }
 
-fn prefix(c: &crate::config::Cidr) -> SourcePrefix {
+impl Default for Reconciler {
+    fn default() -> Self {
+        Self {
+            shadow: Desired::default(),
+            unknown_tables: BTreeMap::new(),
+            built: HashMap::new(),
+            pending: Vec::new(),
+            build_inline: true,
+        }
+    }
+}
+
+fn prefix(c: &Cidr) -> SourcePrefix {
     SourcePrefix {
         addr: c.addr,
         len: c.len,
@@ -48,112 +78,305 @@ pub fn build_table(spec: &TableSpec) -> Result<Vec<u32>> {
     Ok(table_of_ids(&indices, &ids))
 }
 
+/// What the maps hold once `desired` is fully written.
+pub fn expected_view(desired: &Desired) -> Result<MapView> {
+    let mut tables = BTreeMap::new();
+    for (&gid, spec) in &desired.tables {
+        let table = build_table(spec)?;
+        if spec.flags != 0 || !table.is_empty() {
+            tables.insert(gid, (spec.flags, table));
+        }
+    }
+    Ok(MapView {
+        config: desired.config,
+        vips: desired.vips.clone(),
+        listeners: desired.listeners.clone(),
+        sources: desired
+            .sources
+            .iter()
+            .map(|(id, c)| (*id, prefix(c)))
+            .collect(),
+        reverse: desired.reverse.clone(),
+        targets: desired
+            .targets
+            .iter()
+            .filter(|(_, t)| **t != TargetValue::default())
+            .map(|(&id, t)| (id, *t))
+            .collect(),
+        tables,
+        interfaces: desired.interfaces.clone(),
+        devmap: desired.interfaces.keys().copied().collect(),
+    })
+}
+
+/// A write's outcome for the shadow: done, or failed (recorded in `errors`). With `removal`,
+/// an entry already absent counts as removed.
+fn done(result: Result<(), WriteError>, removal: bool, errors: &mut Vec<String>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(WriteError::NotFound(_)) if removal => true,
+        Err(e) => {
+            errors.push(format!("{:#}", anyhow::Error::from(e)));
+            false
+        }
+    }
+}
+
+/// Never equal to a value the desired state holds: the entry is written again.
+const UNKNOWN_IFACE: IfaceValue = IfaceValue { flags: u32::MAX };
+
 impl Reconciler {
-    /// A reconciler that believes `shadow` is in the maps (adopting pinned maps).
-    pub fn with_shadow(shadow: Desired) -> Self {
-        Self { shadow }
+    /// A reconciler whose shadow is what the maps hold (adopting pinned maps). Tables cannot be
+    /// told from their slots alone, so every group that has one is published again.
+    pub fn from_view(view: &MapView) -> Self {
+        let mut shadow = Desired {
+            config: view.config,
+            vips: view.vips.clone(),
+            listeners: view.listeners.clone(),
+            sources: view
+                .sources
+                .iter()
+                .map(|(id, p)| {
+                    (
+                        *id,
+                        Cidr {
+                            addr: p.addr,
+                            len: p.len,
+                        },
+                    )
+                })
+                .collect(),
+            reverse: view.reverse.clone(),
+            targets: view.targets.clone(),
+            ..Default::default()
+        };
+        for i in view.devmap.iter().chain(view.interfaces.keys()) {
+            let value = match view.interfaces.get(i) {
+                Some(v) if view.devmap.contains(i) => *v,
+                _ => UNKNOWN_IFACE,
+            };
+            shadow.interfaces.insert(*i, value);
+        }
+        Self {
+            shadow,
+            unknown_tables: view
+                .tables
+                .iter()
+                .map(|(&g, (_, t))| (g, t.iter().copied().collect()))
+                .collect(),
+            ..Default::default()
+        }
     }
 
     pub fn shadow(&self) -> &Desired {
         &self.shadow
     }
 
-    /// Writes the difference between `desired` and the shadow. On an error the shadow holds
-    /// what was written before it, so the next call retries the rest.
+    /// A table built ahead for `spec` (on another thread): the next `apply` publishes it.
+    pub fn add_built(&mut self, spec: TableSpec, table: Vec<u32>) {
+        self.built.insert(spec, table);
+    }
+
+    /// The specs the last `apply` could not publish for want of a build.
+    pub fn pending(&self) -> &[TableSpec] {
+        &self.pending
+    }
+
+    /// Is target `id` named by a table the maps hold?
+    fn in_a_table(&self, id: u32) -> bool {
+        self.shadow
+            .tables
+            .values()
+            .any(|t| t.members.iter().any(|m| m.target_id == id))
+            || self.unknown_tables.values().any(|ids| ids.contains(&id))
+    }
+
+    /// Writes the difference between `desired` and the shadow. Errors are collected: every
+    /// write that does not depend on a failed one is still made.
     pub fn apply(&mut self, desired: &Desired, w: &mut impl MapWriter) -> Result<Applied> {
         let mut n = Applied::default();
+        let mut errors = Vec::new();
+        self.pending.clear();
+
         let s = &mut self.shadow;
-        if s.config != desired.config {
-            w.set_config(&desired.config)?;
+        if s.config != desired.config && done(w.set_config(&desired.config), false, &mut errors) {
             s.config = desired.config;
             n.writes += 1;
         }
         for (&ifindex, &value) in &desired.interfaces {
-            if s.interfaces.get(&ifindex) != Some(&value) {
-                w.add_interface(ifindex, value)?;
+            if s.interfaces.get(&ifindex) != Some(&value)
+                && done(w.add_interface(ifindex, value), false, &mut errors)
+            {
                 s.interfaces.insert(ifindex, value);
                 n.writes += 1;
             }
         }
+        // Targets that forward (those tables name among them) before the tables.
         for (&id, v) in &desired.targets {
-            if s.targets.get(&id) != Some(v) {
-                w.put_target(id, v)?;
+            if v.state == TARGET_FORWARD
+                && s.targets.get(&id) != Some(v)
+                && done(w.put_target(id, v), false, &mut errors)
+            {
                 s.targets.insert(id, *v);
                 n.writes += 1;
             }
         }
         for (&gid, spec) in &desired.tables {
-            if s.tables.get(&gid) != Some(spec) {
-                let table = build_table(spec)?;
-                w.publish_table(gid, spec.flags, &table)?;
+            let s = &mut self.shadow;
+            if s.tables.get(&gid) == Some(spec) && !self.unknown_tables.contains_key(&gid) {
+                continue;
+            }
+            let members_written = spec
+                .members
+                .iter()
+                .all(|m| s.targets.get(&m.target_id) == desired.targets.get(&m.target_id));
+            if !members_written {
+                continue; // a target write failed: recorded above
+            }
+            let table = match self.built.get(spec) {
+                Some(t) => t.clone(),
+                None if self.build_inline => match build_table(spec) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        errors.push(format!("group {gid}: {e:#}"));
+                        continue;
+                    }
+                },
+                None => {
+                    self.pending.push(spec.clone());
+                    n.pending += 1;
+                    continue;
+                }
+            };
+            if done(w.publish_table(gid, spec.flags, &table), false, &mut errors) {
                 s.tables.insert(gid, spec.clone());
+                self.unknown_tables.remove(&gid);
                 n.tables += 1;
             }
         }
+        let s = &mut self.shadow;
         for (&ip, v) in &desired.vips {
-            if s.vips.get(&ip) != Some(v) {
-                w.put_vip(ip, *v)?;
+            if s.vips.get(&ip) != Some(v) && done(w.put_vip(ip, *v), false, &mut errors) {
                 s.vips.insert(ip, *v);
                 n.writes += 1;
             }
         }
         for (key, v) in &desired.reverse {
-            if s.reverse.get(key) != Some(v) {
-                w.put_reverse(*key, *v)?;
+            if s.reverse.get(key) != Some(v) && done(w.put_reverse(*key, *v), false, &mut errors) {
                 s.reverse.insert(*key, *v);
                 n.writes += 1;
             }
         }
-        for src in desired.sources.difference(&s.sources.clone()) {
-            w.allow_source(src.0, prefix(&src.1))?;
-            s.sources.insert(*src);
-            n.writes += 1;
+        for src in &desired.sources {
+            if !s.sources.contains(src)
+                && done(w.allow_source(src.0, prefix(&src.1)), false, &mut errors)
+            {
+                s.sources.insert(*src);
+                n.writes += 1;
+            }
         }
         for (key, v) in &desired.listeners {
-            if s.listeners.get(key) != Some(v) {
-                w.put_listener(*key, *v)?;
+            let table_ready = s.tables.contains_key(&v.group_id)
+                && s.tables.get(&v.group_id) == desired.tables.get(&v.group_id)
+                && !self.unknown_tables.contains_key(&v.group_id);
+            if s.listeners.get(key) != Some(v)
+                && table_ready
+                && done(w.put_listener(*key, *v), false, &mut errors)
+            {
                 s.listeners.insert(*key, *v);
                 n.writes += 1;
             }
         }
+
         // Removals, users before what they use.
         for key in gone(&s.listeners, &desired.listeners) {
-            w.remove_listener(&key)?;
-            s.listeners.remove(&key);
-            n.writes += 1;
+            if done(w.remove_listener(&key), true, &mut errors) {
+                s.listeners.remove(&key);
+                n.writes += 1;
+            }
         }
         for src in s.sources.clone().difference(&desired.sources) {
-            w.disallow_source(src.0, prefix(&src.1))?;
-            s.sources.remove(src);
-            n.writes += 1;
+            if done(w.disallow_source(src.0, prefix(&src.1)), true, &mut errors) {
+                s.sources.remove(src);
+                n.writes += 1;
+            }
         }
         for key in gone(&s.reverse, &desired.reverse) {
-            w.remove_reverse(&key)?;
-            s.reverse.remove(&key);
-            n.writes += 1;
+            if done(w.remove_reverse(&key), true, &mut errors) {
+                s.reverse.remove(&key);
+                n.writes += 1;
+            }
         }
         for ip in gone(&s.vips, &desired.vips) {
-            w.remove_vip(ip)?;
-            s.vips.remove(&ip);
-            n.writes += 1;
+            let (words, family) = addr::to_words(ip);
+            let used = s
+                .listeners
+                .keys()
+                .any(|k| k.addr == words && k.family == family);
+            if !used && done(w.remove_vip(ip), true, &mut errors) {
+                s.vips.remove(&ip);
+                n.writes += 1;
+            }
         }
-        for gid in gone(&s.tables, &desired.tables) {
-            // No listener points at the group any more: leave an empty table behind.
-            w.publish_table(gid, 0, &[])?;
-            s.tables.remove(&gid);
-            n.tables += 1;
+        let old_tables: BTreeSet<u32> = s
+            .tables
+            .keys()
+            .chain(self.unknown_tables.keys())
+            .filter(|g| !desired.tables.contains_key(g))
+            .copied()
+            .collect();
+        for gid in old_tables {
+            let s = &mut self.shadow;
+            let used = s.listeners.values().any(|l| l.group_id == gid);
+            if !used && done(w.remove_table(gid), true, &mut errors) {
+                s.tables.remove(&gid);
+                self.unknown_tables.remove(&gid);
+                n.tables += 1;
+            }
         }
-        for id in gone(&s.targets, &desired.targets) {
-            w.put_target(id, &TargetValue::default())?;
-            s.targets.remove(&id);
-            n.writes += 1;
+        // Targets that stop forwarding, or go, once no table names them.
+        let changed: Vec<(u32, TargetValue)> = desired
+            .targets
+            .iter()
+            .filter(|(id, v)| v.state != TARGET_FORWARD && self.shadow.targets.get(id) != Some(v))
+            .map(|(&id, &v)| (id, v))
+            .chain(
+                gone(&self.shadow.targets, &desired.targets)
+                    .into_iter()
+                    .map(|id| (id, TargetValue::default())),
+            )
+            .collect();
+        for (id, v) in changed {
+            if self.in_a_table(id) {
+                continue; // the table that drops it is not published yet
+            }
+            if done(w.put_target(id, &v), false, &mut errors) {
+                if v == TargetValue::default() {
+                    self.shadow.targets.remove(&id);
+                } else {
+                    self.shadow.targets.insert(id, v);
+                }
+                n.writes += 1;
+            }
         }
+        let s = &mut self.shadow;
         for ifindex in gone(&s.interfaces, &desired.interfaces) {
-            w.remove_interface(ifindex)?;
-            s.interfaces.remove(&ifindex);
-            n.writes += 1;
+            if done(w.remove_interface(ifindex), true, &mut errors) {
+                s.interfaces.remove(&ifindex);
+                n.writes += 1;
+            }
         }
-        Ok(n)
+        self.built
+            .retain(|spec, _| desired.tables.values().any(|t| t == spec));
+        if errors.is_empty() {
+            Ok(n)
+        } else {
+            Err(anyhow!(
+                "{} of the map writes failed (the rest were made): {}",
+                errors.len(),
+                errors.join("; ")
+            ))
+        }
     }
 }
 

@@ -36,7 +36,7 @@ use crate::{
 };
 
 /// One member of a group's consistent-hash table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Member {
     pub target_id: u32,
     /// Address, port and family bytes: the same on every node.
@@ -45,7 +45,7 @@ pub struct Member {
 }
 
 /// What a group's table is built from; equal specs build equal tables.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TableSpec {
     pub flags: u32,
     pub size: u32,

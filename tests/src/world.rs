@@ -199,7 +199,7 @@ impl World {
     pub fn set_insert_limit(&mut self, limit: u32) -> Result<()> {
         let mut config = self.maps.config()?;
         config.flow_insert_limit = limit;
-        self.maps.set_config(&config)
+        Ok(self.maps.set_config(&config)?)
     }
 
     /// Writes target `id` with `state`, `flags` and `cookie`.
@@ -230,8 +230,9 @@ impl World {
         } else {
             0
         };
-        self.maps
-            .publish_table(group, flags, &table_of_ids(&table, members))
+        Ok(self
+            .maps
+            .publish_table(group, flags, &table_of_ids(&table, members))?)
     }
 
     /// The target id the group's current table gives a new flow (predicted from lb-common's

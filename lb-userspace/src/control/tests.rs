@@ -137,7 +137,7 @@ impl World {
     }
 
     fn target_state(&self, last: u8) -> u8 {
-        self.maps.targets[&self.id(last)].0
+        self.maps.targets[&self.id(last)].state
     }
 }
 
@@ -293,7 +293,7 @@ fn draining_timeline() {
             "a passed draining deadline was forgotten"
         );
         assert!(w.step(30_999).removed.is_empty());
-        assert_eq!(w.maps.targets[&id].0, TARGET_FORWARD);
+        assert_eq!(w.maps.targets[&id].state, TARGET_FORWARD);
         let s = w.step(31_000);
         assert_eq!(s.removed, [key(12)]);
         let expect = if terminate {
@@ -301,15 +301,15 @@ fn draining_timeline() {
         } else {
             TARGET_DROP
         };
-        assert_eq!(w.maps.targets[&id].0, expect, "terminate={terminate}");
+        assert_eq!(w.maps.targets[&id].state, expect, "terminate={terminate}");
         assert!(!w.c.model.targets.contains_key(&key(12)));
         // Registering it again gives a new cookie: flows of the old registration never
         // count as its own.
-        let old_cookie = w.maps.targets[&id].1;
+        let old_cookie = w.maps.targets[&id].cookie;
         w.c.register(key(12), 100, None).unwrap();
         w.step(32_000);
         let new_id = w.id(12);
-        assert_ne!(w.maps.targets[&new_id].1, old_cookie);
+        assert_ne!(w.maps.targets[&new_id].cookie, old_cookie);
     }
 }
 
@@ -386,7 +386,7 @@ fn reload_drains_removed_targets_and_keeps_ids() {
     w.c.reload(config, w.at(2000)).unwrap();
     let s = w.step(2000);
     assert!(w.maps.ops.iter().any(|o| o == "remove_listener"));
-    assert_eq!(w.maps.vips, 0);
+    assert!(w.maps.vips.is_empty());
     assert!(s
         .changes
         .iter()

@@ -2,12 +2,19 @@
 //!
 //! Tables are published double-buffered: the group's inactive half of `LB_TABLES` is written
 //! first, then the group's size for that half, then the `active` index flips; a packet reads
-//! either the old table or the new one, never a mix.
+//! either the old table or the new one, never a mix. Where each half lives is
+//! `regions::TableSpace`'s business; after a restart it is read back from `LB_GROUPS`.
 
-use std::{collections::HashMap as StdHashMap, net::IpAddr, os::fd::AsFd, path::Path};
+use std::{
+    collections::HashMap as StdHashMap, net::IpAddr, os::fd::AsFd, path::Path, time::Instant,
+};
 
-use super::{flows::FlowTable, typed_map, SourcePrefix};
-use anyhow::{bail, ensure, Context, Result};
+use super::{
+    flows::FlowTable,
+    regions::{NoRoom, TableSpace},
+    typed_map, MapView, SourcePrefix, WriteError,
+};
+use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{
         lpm_trie::Key as LpmKey, xdp::DevMapHash, Array, HashMap, IterableMap, LpmTrie, Map,
@@ -43,12 +50,22 @@ pub struct KernelMaps {
     progs: ProgramArray<MapData>,
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
-    /// Where each group's two halves live in `LB_TABLES`: (base of half 0, capacity of a half).
-    regions: StdHashMap<u32, (u32, u32)>,
-    /// What this process last wrote at each half's base: unchanged slots are not written again.
-    written: StdHashMap<u32, Vec<u32>>,
-    next_free_slot: u32,
-    table_slots: u32,
+    /// Where each group's two halves live in `LB_TABLES`.
+    space: TableSpace,
+    /// What this process last wrote to each (group, half): its base and slots. Unchanged slots
+    /// are not written again.
+    written: StdHashMap<(u32, usize), (u32, Vec<u32>)>,
+}
+
+/// Classifies an aya error on `what` for the reconciler.
+trait Written<T> {
+    fn written(self, what: impl FnOnce() -> String) -> Result<T, WriteError>;
+}
+
+impl<T> Written<T> for Result<T, aya::maps::MapError> {
+    fn written(self, what: impl FnOnce() -> String) -> Result<T, WriteError> {
+        self.map_err(|e| WriteError::from_kernel(what(), e))
+    }
 }
 
 /// Opens a pinned map with the variant its kernel type calls for.
@@ -57,14 +74,6 @@ fn open_pinned(dir: &Path, name: &str) -> Result<Map> {
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening pinned map {}", path.display()))?;
     typed_map(data).with_context(|| format!("pinned map {}", path.display()))
-}
-
-/// Where the reconciler's table regions are, to carry over a restart.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct TableLayout {
-    /// (group id, base of half 0, capacity of a half)
-    pub regions: Vec<(u32, u32, u32)>,
-    pub next_free_slot: u32,
 }
 
 impl KernelMaps {
@@ -111,9 +120,23 @@ impl KernelMaps {
         Ok(maps)
     }
 
-    /// The maps pinned under `pin_dir` by an earlier run.
+    /// The maps pinned under `pin_dir` by an earlier run; where its tables live is read back
+    /// from `LB_GROUPS`.
     pub fn from_pins(pin_dir: &Path) -> Result<Self> {
-        Self::open(|name| open_pinned(pin_dir, name))
+        let mut maps = Self::open(|name| open_pinned(pin_dir, name))?;
+        let mut groups = Vec::new();
+        for gid in 0..MAX_GROUPS {
+            let g = maps.group(gid)?;
+            groups.push((
+                gid,
+                [
+                    (g.table_base[0], g.table_size[0]),
+                    (g.table_base[1], g.table_size[1]),
+                ],
+            ));
+        }
+        maps.space = TableSpace::adopt(maps.space.total(), groups)?;
+        Ok(maps)
     }
 
     fn open(mut take: impl FnMut(&str) -> Result<Map>) -> Result<Self> {
@@ -125,7 +148,7 @@ impl KernelMaps {
             };
         }
         let tables: Array<MapData, u32> = typed!(MAP_TABLES);
-        let table_slots = tables.len();
+        let space = TableSpace::new(tables.len());
         Ok(Self {
             config: typed!(MAP_CONFIG),
             vips: typed!(MAP_VIPS),
@@ -144,92 +167,80 @@ impl KernelMaps {
             progs: typed!(MAP_PROGS),
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
-            regions: StdHashMap::new(),
+            space,
             written: StdHashMap::new(),
-            next_free_slot: 0,
-            table_slots,
         })
-    }
-
-    pub fn table_layout(&self) -> TableLayout {
-        let mut regions: Vec<(u32, u32, u32)> =
-            self.regions.iter().map(|(&g, &(b, c))| (g, b, c)).collect();
-        regions.sort_unstable();
-        TableLayout {
-            regions,
-            next_free_slot: self.next_free_slot,
-        }
-    }
-
-    pub fn restore_table_layout(&mut self, layout: &TableLayout) {
-        self.regions = layout
-            .regions
-            .iter()
-            .map(|&(g, b, c)| (g, (b, c)))
-            .collect();
-        self.next_free_slot = layout.next_free_slot;
     }
 
     pub fn config(&self) -> Result<DataplaneConfig> {
         self.config.get(&0, 0).context("reading LB_CONFIG")
     }
 
-    pub fn set_config(&mut self, config: &DataplaneConfig) -> Result<()> {
-        self.config.set(0, config, 0).context("writing LB_CONFIG")
+    pub fn set_config(&mut self, config: &DataplaneConfig) -> Result<(), WriteError> {
+        self.config
+            .set(0, config, 0)
+            .written(|| "writing LB_CONFIG".into())
     }
 
-    pub fn put_vip(&mut self, ip: IpAddr, value: VipValue) -> Result<()> {
-        let (addr, family) = addr::to_words(ip);
-        let key = VipKey {
-            addr,
-            family,
-            _pad: [0; 3],
-        };
+    pub fn put_vip(&mut self, ip: IpAddr, value: VipValue) -> Result<(), WriteError> {
         self.vips
-            .insert(key, value, 0)
-            .with_context(|| format!("adding VIP {ip}"))
+            .insert(vip_key(ip), value, 0)
+            .written(|| format!("adding VIP {ip}"))
     }
 
-    pub fn remove_vip(&mut self, ip: IpAddr) -> Result<()> {
-        let (addr, family) = addr::to_words(ip);
-        let key = VipKey {
-            addr,
-            family,
-            _pad: [0; 3],
-        };
+    pub fn remove_vip(&mut self, ip: IpAddr) -> Result<(), WriteError> {
         self.vips
-            .remove(&key)
-            .with_context(|| format!("removing VIP {ip}"))
+            .remove(&vip_key(ip))
+            .written(|| format!("removing VIP {ip}"))
     }
 
-    pub fn put_listener(&mut self, key: EndpointKey, value: ListenerValue) -> Result<()> {
+    pub fn put_listener(
+        &mut self,
+        key: EndpointKey,
+        value: ListenerValue,
+    ) -> Result<(), WriteError> {
         self.listeners
             .insert(key, value, 0)
-            .context("writing LB_LISTENERS")
+            .written(|| format!("writing listener {}", value.listener_id))
     }
 
-    pub fn remove_listener(&mut self, key: &EndpointKey) -> Result<()> {
+    pub fn remove_listener(&mut self, key: &EndpointKey) -> Result<(), WriteError> {
         self.listeners
             .remove(key)
-            .context("removing from LB_LISTENERS")
+            .written(|| "removing from LB_LISTENERS".into())
     }
 
     /// Allows `prefix` as a source of listener `listener_id`.
-    pub fn allow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()> {
+    pub fn allow_source(
+        &mut self,
+        listener_id: u32,
+        prefix: SourcePrefix,
+    ) -> Result<(), WriteError> {
         self.update_source(listener_id, prefix, true)
     }
 
-    pub fn disallow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()> {
+    pub fn disallow_source(
+        &mut self,
+        listener_id: u32,
+        prefix: SourcePrefix,
+    ) -> Result<(), WriteError> {
         self.update_source(listener_id, prefix, false)
     }
 
-    fn update_source(&mut self, listener_id: u32, prefix: SourcePrefix, add: bool) -> Result<()> {
+    fn update_source(
+        &mut self,
+        listener_id: u32,
+        prefix: SourcePrefix,
+        add: bool,
+    ) -> Result<(), WriteError> {
         let (words, family) = addr::to_words(prefix.addr);
         let id_be = listener_id.to_be();
         let len = prefix.len as u32;
         let result = match family {
             FAMILY_V4 => {
-                ensure!(len <= 32, "IPv4 prefix length {len} > 32");
+                if len > 32 {
+                    return Err(anyhow!("IPv4 prefix length {len} > 32").into());
+                }
                 let key = LpmKey::new(
                     32 + len,
                     AllowV4 {
@@ -244,7 +255,9 @@ impl KernelMaps {
                 }
             }
             FAMILY_V6 => {
-                ensure!(len <= 128, "IPv6 prefix length {len} > 128");
+                if len > 128 {
+                    return Err(anyhow!("IPv6 prefix length {len} > 128").into());
+                }
                 let key = LpmKey::new(
                     32 + len,
                     AllowV6 {
@@ -260,13 +273,18 @@ impl KernelMaps {
             }
             _ => unreachable!("to_words gives v4 or v6"),
         };
-        result.with_context(|| format!("updating allowed source {}/{len}", prefix.addr))
+        result.written(|| {
+            format!(
+                "updating allowed source {}/{len} of listener {listener_id}",
+                prefix.addr
+            )
+        })
     }
 
-    pub fn put_target(&mut self, target_id: u32, value: &TargetValue) -> Result<()> {
+    pub fn put_target(&mut self, target_id: u32, value: &TargetValue) -> Result<(), WriteError> {
         self.targets
             .set(target_id, value, 0)
-            .with_context(|| format!("writing target {target_id}"))
+            .written(|| format!("writing target {target_id}"))
     }
 
     pub fn target(&self, target_id: u32) -> Result<TargetValue> {
@@ -275,39 +293,51 @@ impl KernelMaps {
             .with_context(|| format!("reading target {target_id}"))
     }
 
-    pub fn put_reverse(&mut self, key: EndpointKey, value: ReverseValue) -> Result<()> {
+    pub fn put_reverse(&mut self, key: EndpointKey, value: ReverseValue) -> Result<(), WriteError> {
         self.reverse
             .insert(key, value, 0)
-            .context("writing LB_REVERSE")
+            .written(|| "writing LB_REVERSE".into())
     }
 
-    pub fn remove_reverse(&mut self, key: &EndpointKey) -> Result<()> {
-        self.reverse.remove(key).context("removing from LB_REVERSE")
+    pub fn remove_reverse(&mut self, key: &EndpointKey) -> Result<(), WriteError> {
+        self.reverse
+            .remove(key)
+            .written(|| "removing from LB_REVERSE".into())
     }
 
     /// Lets the program redirect frames out of `ifindex`, and says what the interface faces
     /// (`IFACE_F_TARGETS`: replies from targets are reverse-NATed only when received there).
     /// Writing it again changes only what it faces.
-    pub fn add_interface(&mut self, ifindex: u32, value: IfaceValue) -> Result<()> {
-        self.devmap
-            .insert(ifindex, ifindex, None, 0)
-            .with_context(|| format!("adding interface {ifindex} to LB_DEVMAP"))?;
+    pub fn add_interface(&mut self, ifindex: u32, value: IfaceValue) -> Result<(), WriteError> {
+        self.devmap.insert(ifindex, ifindex, None, 0).map_err(|e| {
+            let what = format!("adding interface {ifindex} to LB_DEVMAP");
+            match e {
+                aya::maps::xdp::XdpMapError::MapError(e) => WriteError::from_kernel(what, e),
+                other => WriteError::Failed(anyhow::Error::new(other).context(what)),
+            }
+        })?;
         self.ifaces
             .insert(ifindex, value, 0)
-            .with_context(|| format!("writing interface {ifindex} to LB_IFACES"))
+            .written(|| format!("writing interface {ifindex} to LB_IFACES"))
     }
 
-    pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
-        match self.ifaces.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("removing interface {ifindex} from LB_IFACES"))
-            }
-        }
-        self.devmap
+    /// Forgets an interface; done when either map still had it.
+    pub fn remove_interface(&mut self, ifindex: u32) -> Result<(), WriteError> {
+        let ifaces = self
+            .ifaces
+            .remove(&ifindex)
+            .written(|| format!("removing interface {ifindex} from LB_IFACES"));
+        let devmap = self
+            .devmap
             .remove(ifindex)
-            .with_context(|| format!("removing interface {ifindex} from LB_DEVMAP"))
+            .written(|| format!("removing interface {ifindex} from LB_DEVMAP"));
+        match (ifaces, devmap) {
+            (Err(WriteError::NotFound(_)), Err(e @ WriteError::NotFound(_))) => Err(e),
+            (Ok(()) | Err(WriteError::NotFound(_)), Ok(()) | Err(WriteError::NotFound(_))) => {
+                Ok(())
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
     }
 
     /// How the fragments of a datagram from a target are being translated, if tracked.
@@ -340,59 +370,140 @@ impl KernelMaps {
 
     /// Publishes a group's new consistent-hash table (`table[slot]` = target id, or empty for
     /// a group with no target) with `flags`, without a packet ever seeing a half-written table.
-    pub fn publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]) -> Result<()> {
-        ensure!(group_id < MAX_GROUPS, "group id {group_id} ≥ {MAX_GROUPS}");
+    pub fn publish_table(
+        &mut self,
+        group_id: u32,
+        flags: u32,
+        table: &[u32],
+    ) -> Result<(), WriteError> {
+        if group_id >= MAX_GROUPS {
+            return Err(anyhow!("group id {group_id} ≥ {MAX_GROUPS}").into());
+        }
         let size = u32::try_from(table.len()).context("table too large")?;
         let mut group = self.group(group_id)?;
-        let (base, capacity) = self.region(group_id, size)?;
         let inactive = (group.active as usize & 1) ^ 1;
-        let half_base = base + inactive as u32 * capacity;
+        let base = match self.space.place(group_id, inactive, size, Instant::now()) {
+            Ok(base) => base,
+            Err(NoRoom::NotYet { free_at }) => {
+                return Err(anyhow!(
+                    "LB_TABLES: no room for group {group_id}'s table of {size} slots until freed slots come out of quarantine in {:?}",
+                    free_at.saturating_duration_since(Instant::now())
+                )
+                .into())
+            }
+            Err(NoRoom::Exhausted { wanted, free, total }) => {
+                return Err(anyhow!(
+                    "LB_TABLES has {total} slots, {free} free; group {group_id}'s table needs {wanted} in one piece (the budget is sized at start from the groups' hash_table_size: restart the agent to grow it)"
+                )
+                .into())
+            }
+        };
         // Only the slots that differ from what this half already holds: a consistent-hash
         // table changes in few slots when one target comes or goes.
-        let before = self.written.remove(&half_base).unwrap_or_default();
+        let before = match self.written.remove(&(group_id, inactive)) {
+            Some((b, slots)) if b == base => slots,
+            _ => Vec::new(),
+        };
         for (i, &target_id) in table.iter().enumerate() {
             if before.get(i) == Some(&target_id) {
                 continue;
             }
             self.tables
-                .set(half_base + i as u32, target_id, 0)
-                .with_context(|| format!("writing slot {i} of group {group_id}'s table"))?;
+                .set(base + i as u32, target_id, 0)
+                .written(|| format!("writing slot {i} of group {group_id}'s table"))?;
         }
-        self.written.insert(half_base, table.to_vec());
+        self.written
+            .insert((group_id, inactive), (base, table.to_vec()));
         // 1: the inactive half's place and size (nothing reads them yet).
-        group.table_base[inactive] = half_base;
+        group.table_base[inactive] = base;
         group.table_size[inactive] = size;
         group.flags = flags;
         self.groups
             .set(group_id, group, 0)
-            .context("writing LB_GROUPS")?;
+            .written(|| format!("writing group {group_id}"))?;
         // 2: the flip.
         group.active = inactive as u32;
         self.groups
             .set(group_id, group, 0)
-            .context("flipping LB_GROUPS")
+            .written(|| format!("flipping group {group_id}"))
     }
 
-    /// The group's region of `LB_TABLES` (two halves of `capacity`), grown when needed.
-    fn region(&mut self, group_id: u32, size: u32) -> Result<(u32, u32)> {
-        if let Some(&(base, capacity)) = self.regions.get(&group_id) {
-            if capacity >= size {
-                return Ok((base, capacity));
+    /// Publishes an empty table for a group no listener uses, then gives its slots back.
+    pub fn remove_table(&mut self, group_id: u32) -> Result<(), WriteError> {
+        self.publish_table(group_id, 0, &[])?;
+        let mut group = self.group(group_id)?;
+        // The now inactive half keeps pointing at slots that are about to be reused.
+        let inactive = (group.active as usize & 1) ^ 1;
+        group.table_size[inactive] = 0;
+        self.groups
+            .set(group_id, group, 0)
+            .written(|| format!("writing group {group_id}"))?;
+        self.space.release(group_id, Instant::now());
+        self.written.retain(|(g, _), _| *g != group_id);
+        Ok(())
+    }
+
+    /// Everything the maps hold, in the reconciler's terms.
+    pub fn view(&self) -> Result<MapView> {
+        let mut v = MapView {
+            config: self.config()?,
+            ..Default::default()
+        };
+        for kv in self.vips.iter() {
+            let (k, value) = kv.context("reading LB_VIPS")?;
+            let ip = addr::from_words(&k.addr, k.family).context("LB_VIPS: a key of no family")?;
+            v.vips.insert(ip, value);
+        }
+        for kv in self.listeners.iter() {
+            let (k, value) = kv.context("reading LB_LISTENERS")?;
+            v.listeners.insert(k, value);
+        }
+        for k in self.allow_v4.keys() {
+            let k = k.context("reading LB_ALLOW_V4")?;
+            let data = k.data();
+            let addr = addr::from_words(&[data.addr, 0, 0, 0], FAMILY_V4).context("v4")?;
+            let prefix = SourcePrefix {
+                addr,
+                len: (k.prefix_len() - 32) as u8,
+            };
+            v.sources
+                .insert((u32::from_be(data.listener_id_be), prefix));
+        }
+        for k in self.allow_v6.keys() {
+            let k = k.context("reading LB_ALLOW_V6")?;
+            let data = k.data();
+            let prefix = SourcePrefix {
+                addr: addr::from_words(&data.addr, FAMILY_V6).context("v6")?,
+                len: (k.prefix_len() - 32) as u8,
+            };
+            v.sources
+                .insert((u32::from_be(data.listener_id_be), prefix));
+        }
+        for kv in self.reverse.iter() {
+            let (k, value) = kv.context("reading LB_REVERSE")?;
+            v.reverse.insert(k, value);
+        }
+        for id in 0..self.targets.len() {
+            let t = self.target(id)?;
+            if t != TargetValue::default() {
+                v.targets.insert(id, t);
             }
         }
-        let capacity = size.max(1);
-        let base = self.next_free_slot;
-        let end = base as u64 + 2 * capacity as u64;
-        if end > self.table_slots as u64 {
-            bail!(
-                "LB_TABLES has {} slots; group {group_id} needs {} more (raise the table size budget)",
-                self.table_slots,
-                end - self.next_free_slot as u64
-            );
+        for gid in 0..MAX_GROUPS {
+            let g = self.group(gid)?;
+            let table = self.active_table(gid)?;
+            if g.flags != 0 || !table.is_empty() {
+                v.tables.insert(gid, (g.flags, table));
+            }
         }
-        self.next_free_slot = end as u32;
-        self.regions.insert(group_id, (base, capacity));
-        Ok((base, capacity))
+        for kv in self.ifaces.iter() {
+            let (i, value) = kv.context("reading LB_IFACES")?;
+            v.interfaces.insert(i, value);
+        }
+        for i in self.devmap.keys() {
+            v.devmap.insert(i.context("reading LB_DEVMAP")?);
+        }
+        Ok(v)
     }
 
     /// The flow entry of a client → VIP 5-tuple, if any.
@@ -471,5 +582,14 @@ impl KernelMaps {
                 .sum();
         }
         Ok(out)
+    }
+}
+
+fn vip_key(ip: IpAddr) -> VipKey {
+    let (addr, family) = addr::to_words(ip);
+    VipKey {
+        addr,
+        family,
+        _pad: [0; 3],
     }
 }

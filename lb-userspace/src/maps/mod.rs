@@ -3,54 +3,122 @@
 //! (`KernelMaps`) and, for tests, by an in-memory copy (`FakeMaps`); the idle-flow sweep uses
 //! its own handles on the flow tables (`FlowTable`).
 
-use std::net::IpAddr;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Map, MapData, MapType};
+use aya::maps::{Map, MapData, MapError, MapType};
 use lb_common::{
     DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue, VipValue,
     NO_TARGET,
 };
 
 mod fake;
+mod faulty;
 mod flows;
 mod kernel;
+pub mod regions;
 
-pub use fake::FakeMaps;
+pub use fake::{Capacities, FakeMaps};
+pub use faulty::{Fault, FaultyMaps};
 pub use flows::FlowTable;
-pub use kernel::{KernelMaps, TableLayout};
+pub use kernel::KernelMaps;
 
 /// An `allowed_sources` prefix of one listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourcePrefix {
     pub addr: IpAddr,
     pub len: u8,
 }
 
+/// Why a map write failed, in the terms the reconciler acts on.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Removing an entry that is not there (the kernel's ENOENT): a removal is then done.
+    #[error("{0}: no such entry")]
+    NotFound(String),
+    /// The map has no room for another entry (E2BIG, ENOSPC).
+    #[error("{0}: the map is full")]
+    Full(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+impl WriteError {
+    /// An aya error on `what`, classified.
+    pub fn from_kernel(what: String, e: MapError) -> Self {
+        let errno = match &e {
+            MapError::KeyNotFound => Some(libc::ENOENT),
+            MapError::SyscallError(s) => s.io_error.raw_os_error(),
+            _ => None,
+        };
+        match errno {
+            Some(libc::ENOENT) => Self::NotFound(what),
+            Some(libc::E2BIG | libc::ENOSPC) => Self::Full(what),
+            _ => Self::Failed(anyhow::Error::new(e).context(what)),
+        }
+    }
+}
+
+/// What the data-plane maps hold, in the reconciler's terms: read back from the kernel (or a
+/// fake) to adopt a data plane, and compared with the desired state in tests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MapView {
+    pub config: DataplaneConfig,
+    pub vips: BTreeMap<IpAddr, VipValue>,
+    pub listeners: BTreeMap<EndpointKey, ListenerValue>,
+    pub sources: BTreeSet<(u32, SourcePrefix)>,
+    pub reverse: BTreeMap<EndpointKey, ReverseValue>,
+    /// Target slots that are not all zero.
+    pub targets: BTreeMap<u32, TargetValue>,
+    /// Groups with flags or a table: (flags, the active table's target ids by slot).
+    pub tables: BTreeMap<u32, (u32, Vec<u32>)>,
+    /// `LB_IFACES`; every one is also in `LB_DEVMAP` (`devmap`).
+    pub interfaces: BTreeMap<u32, IfaceValue>,
+    pub devmap: BTreeSet<u32>,
+}
+
 /// The map operations the reconciler needs; `KernelMaps` writes the kernel's maps, `FakeMaps`
-/// records them for tests.
+/// keeps them in memory for tests and `FaultyMaps` makes a fake fail on purpose.
+///
+/// Removals of absent entries answer `WriteError::NotFound`, as the kernel does; the reconciler
+/// counts them as done.
 pub trait MapWriter {
-    fn set_config(&mut self, config: &DataplaneConfig) -> Result<()>;
-    fn put_vip(&mut self, ip: IpAddr, value: VipValue) -> Result<()>;
-    fn remove_vip(&mut self, ip: IpAddr) -> Result<()>;
-    fn put_listener(&mut self, key: EndpointKey, value: ListenerValue) -> Result<()>;
-    fn remove_listener(&mut self, key: &EndpointKey) -> Result<()>;
-    fn allow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()>;
-    fn disallow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<()>;
-    fn put_target(&mut self, target_id: u32, value: &TargetValue) -> Result<()>;
-    fn put_reverse(&mut self, key: EndpointKey, value: ReverseValue) -> Result<()>;
-    fn remove_reverse(&mut self, key: &EndpointKey) -> Result<()>;
-    fn add_interface(&mut self, ifindex: u32, value: IfaceValue) -> Result<()>;
-    fn remove_interface(&mut self, ifindex: u32) -> Result<()>;
-    fn publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]) -> Result<()>;
+    fn set_config(&mut self, config: &DataplaneConfig) -> Result<(), WriteError>;
+    fn put_vip(&mut self, ip: IpAddr, value: VipValue) -> Result<(), WriteError>;
+    fn remove_vip(&mut self, ip: IpAddr) -> Result<(), WriteError>;
+    fn put_listener(&mut self, key: EndpointKey, value: ListenerValue) -> Result<(), WriteError>;
+    fn remove_listener(&mut self, key: &EndpointKey) -> Result<(), WriteError>;
+    fn allow_source(&mut self, listener_id: u32, prefix: SourcePrefix) -> Result<(), WriteError>;
+    fn disallow_source(&mut self, listener_id: u32, prefix: SourcePrefix)
+        -> Result<(), WriteError>;
+    /// Writes a target slot; the all-zero value clears it.
+    fn put_target(&mut self, target_id: u32, value: &TargetValue) -> Result<(), WriteError>;
+    fn put_reverse(&mut self, key: EndpointKey, value: ReverseValue) -> Result<(), WriteError>;
+    fn remove_reverse(&mut self, key: &EndpointKey) -> Result<(), WriteError>;
+    fn add_interface(&mut self, ifindex: u32, value: IfaceValue) -> Result<(), WriteError>;
+    fn remove_interface(&mut self, ifindex: u32) -> Result<(), WriteError>;
+    /// Publishes a group's table (`table[slot]` = target id) with `flags`; a packet sees the
+    /// old table or the new one, never a mix.
+    fn publish_table(&mut self, group_id: u32, flags: u32, table: &[u32])
+        -> Result<(), WriteError>;
+    /// Empties a group's table and gives its slots back.
+    fn remove_table(&mut self, group_id: u32) -> Result<(), WriteError>;
+    /// Everything the maps hold.
+    fn view(&self) -> Result<MapView>;
 }
 
 macro_rules! delegate {
     ($($name:ident(&mut self $(, $arg:ident: $ty:ty)*);)*) => {
         impl MapWriter for KernelMaps {
-            $(fn $name(&mut self $(, $arg: $ty)*) -> Result<()> {
+            $(fn $name(&mut self $(, $arg: $ty)*) -> Result<(), WriteError> {
                 KernelMaps::$name(self $(, $arg)*)
             })*
+            fn view(&self) -> Result<MapView> {
+                KernelMaps::view(self)
+            }
         }
     };
 }
@@ -69,6 +137,7 @@ delegate! {
     add_interface(&mut self, ifindex: u32, value: IfaceValue);
     remove_interface(&mut self, ifindex: u32);
     publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]);
+    remove_table(&mut self, group_id: u32);
 }
 
 /// A map handle as the `Map` variant its kernel type calls for.
