@@ -284,3 +284,5 @@ impl Controller {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod converge;

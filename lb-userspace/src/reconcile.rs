@@ -9,10 +9,13 @@
 //! is already gone counts as done. After a restart the shadow is read back from the maps
 //! (`from_view`), so whatever an earlier run left half-written converges.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use anyhow::{anyhow, Context, Result};
-use lb_common::{addr, maglev, IfaceValue, TargetValue, TARGET_FORWARD};
+use lb_common::{addr, maglev, EndpointKey, IfaceValue, TargetValue, TARGET_FORWARD};
 
 use crate::{
     config::Cidr,
@@ -29,6 +32,18 @@ pub struct Applied {
     pub pending: usize,
 }
 
+/// A map entry, to remember the ones whose write failed.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Entry {
+    Config,
+    Interface(u32),
+    Target(u32),
+    Vip(IpAddr),
+    Reverse(EndpointKey),
+    Source((u32, Cidr)),
+    Listener(EndpointKey),
+}
+
 /// Keeps the shadow of what the maps hold.
 #[derive(Debug)]
 pub struct Reconciler {
@@ -36,6 +51,8 @@ pub struct Reconciler {
     /// Groups read back from the maps whose table is not known to match any spec: the target
     /// ids they name. They are published again (or removed).
     unknown_tables: BTreeMap<u32, BTreeSet<u32>>,
+    /// Entries whose last write failed: the kernel may or may not hold them.
+    in_doubt: BTreeSet<Entry>,
     /// Tables built ahead (`add_built`), by spec.
     built: HashMap<TableSpec, Vec<u32>>,
     /// Specs `apply` found neither built nor publishable inline.
@@ -49,6 +66,7 @@ impl Default for Reconciler {
         Self {
             shadow: Desired::default(),
             unknown_tables: BTreeMap::new(),
+            in_doubt: BTreeSet::new(),
             built: HashMap::new(),
             pending: Vec::new(),
             build_inline: true,
@@ -192,33 +210,47 @@ impl Reconciler {
     }
 
     /// Writes the difference between `desired` and the shadow. Errors are collected: every
-    /// write that does not depend on a failed one is still made.
+    /// write that does not depend on a failed one is still made. An entry whose write failed
+    /// is in doubt (the kernel may have made it anyway) until a later write of it succeeds.
     pub fn apply(&mut self, desired: &Desired, w: &mut impl MapWriter) -> Result<Applied> {
         let mut n = Applied::default();
         let mut errors = Vec::new();
         self.pending.clear();
+        let doubt = &mut self.in_doubt;
 
         let s = &mut self.shadow;
-        if s.config != desired.config && done(w.set_config(&desired.config), false, &mut errors) {
-            s.config = desired.config;
-            n.writes += 1;
+        if s.config != desired.config || doubt.contains(&Entry::Config) {
+            if done(w.set_config(&desired.config), false, &mut errors) {
+                s.config = desired.config;
+                doubt.remove(&Entry::Config);
+                n.writes += 1;
+            } else {
+                doubt.insert(Entry::Config);
+            }
         }
         for (&ifindex, &value) in &desired.interfaces {
-            if s.interfaces.get(&ifindex) != Some(&value)
-                && done(w.add_interface(ifindex, value), false, &mut errors)
-            {
-                s.interfaces.insert(ifindex, value);
-                n.writes += 1;
+            let e = Entry::Interface(ifindex);
+            if s.interfaces.get(&ifindex) != Some(&value) || doubt.contains(&e) {
+                if done(w.add_interface(ifindex, value), false, &mut errors) {
+                    s.interfaces.insert(ifindex, value);
+                    doubt.remove(&e);
+                    n.writes += 1;
+                } else {
+                    doubt.insert(e);
+                }
             }
         }
         // Targets that forward (those tables name among them) before the tables.
         for (&id, v) in &desired.targets {
-            if v.state == TARGET_FORWARD
-                && s.targets.get(&id) != Some(v)
-                && done(w.put_target(id, v), false, &mut errors)
-            {
-                s.targets.insert(id, *v);
-                n.writes += 1;
+            let e = Entry::Target(id);
+            if v.state == TARGET_FORWARD && (s.targets.get(&id) != Some(v) || doubt.contains(&e)) {
+                if done(w.put_target(id, v), false, &mut errors) {
+                    s.targets.insert(id, *v);
+                    doubt.remove(&e);
+                    n.writes += 1;
+                } else {
+                    doubt.insert(e);
+                }
             }
         }
         for (&gid, spec) in &desired.tables {
@@ -226,10 +258,10 @@ impl Reconciler {
             if s.tables.get(&gid) == Some(spec) && !self.unknown_tables.contains_key(&gid) {
                 continue;
             }
-            let members_written = spec
-                .members
-                .iter()
-                .all(|m| s.targets.get(&m.target_id) == desired.targets.get(&m.target_id));
+            let members_written = spec.members.iter().all(|m| {
+                s.targets.get(&m.target_id) == desired.targets.get(&m.target_id)
+                    && !self.in_doubt.contains(&Entry::Target(m.target_id))
+            });
             if !members_written {
                 continue; // a target write failed: recorded above
             }
@@ -252,70 +284,190 @@ impl Reconciler {
                 s.tables.insert(gid, spec.clone());
                 self.unknown_tables.remove(&gid);
                 n.tables += 1;
+            } else {
+                // Old table, new table or anything between: it may name either's members.
+                let mut ids = self.unknown_tables.remove(&gid).unwrap_or_default();
+                if let Some(old) = s.tables.remove(&gid) {
+                    ids.extend(old.members.iter().map(|m| m.target_id));
+                }
+                ids.extend(spec.members.iter().map(|m| m.target_id));
+                self.unknown_tables.insert(gid, ids);
             }
         }
         let s = &mut self.shadow;
+        let doubt = &mut self.in_doubt;
         for (&ip, v) in &desired.vips {
-            if s.vips.get(&ip) != Some(v) && done(w.put_vip(ip, *v), false, &mut errors) {
-                s.vips.insert(ip, *v);
-                n.writes += 1;
+            let e = Entry::Vip(ip);
+            if s.vips.get(&ip) != Some(v) || doubt.contains(&e) {
+                if done(w.put_vip(ip, *v), false, &mut errors) {
+                    s.vips.insert(ip, *v);
+                    doubt.remove(&e);
+                    n.writes += 1;
+                } else {
+                    doubt.insert(e);
+                }
             }
         }
         for (key, v) in &desired.reverse {
-            if s.reverse.get(key) != Some(v) && done(w.put_reverse(*key, *v), false, &mut errors) {
-                s.reverse.insert(*key, *v);
-                n.writes += 1;
+            let e = Entry::Reverse(*key);
+            if s.reverse.get(key) != Some(v) || doubt.contains(&e) {
+                if done(w.put_reverse(*key, *v), false, &mut errors) {
+                    s.reverse.insert(*key, *v);
+                    doubt.remove(&e);
+                    n.writes += 1;
+                } else {
+                    doubt.insert(e);
+                }
             }
         }
         for src in &desired.sources {
-            if !s.sources.contains(src)
-                && done(w.allow_source(src.0, prefix(&src.1)), false, &mut errors)
-            {
-                s.sources.insert(*src);
-                n.writes += 1;
+            let e = Entry::Source(*src);
+            if !s.sources.contains(src) || doubt.contains(&e) {
+                if done(w.allow_source(src.0, prefix(&src.1)), false, &mut errors) {
+                    s.sources.insert(*src);
+                    doubt.remove(&e);
+                    n.writes += 1;
+                } else {
+                    doubt.insert(e);
+                }
             }
         }
         for (key, v) in &desired.listeners {
+            let e = Entry::Listener(*key);
+            if s.listeners.get(key) == Some(v) && !doubt.contains(&e) {
+                continue;
+            }
+            let vip_written = addr::from_words(&key.addr, key.family)
+                .is_some_and(|ip| s.vips.contains_key(&ip) && !doubt.contains(&Entry::Vip(ip)));
             let table_ready = s.tables.contains_key(&v.group_id)
                 && s.tables.get(&v.group_id) == desired.tables.get(&v.group_id)
                 && !self.unknown_tables.contains_key(&v.group_id);
-            if s.listeners.get(key) != Some(v)
-                && table_ready
-                && done(w.put_listener(*key, *v), false, &mut errors)
-            {
+            if !(vip_written && table_ready) {
+                continue;
+            }
+            if done(w.put_listener(*key, *v), false, &mut errors) {
                 s.listeners.insert(*key, *v);
+                doubt.remove(&e);
                 n.writes += 1;
+            } else {
+                doubt.insert(e);
             }
         }
 
-        // Removals, users before what they use.
-        for key in gone(&s.listeners, &desired.listeners) {
+        // Removals, users before what they use. An entry in doubt that is not desired is
+        // removed too (absent already counts as removed).
+        let doubtful = |f: &dyn Fn(&Entry) -> bool| -> Vec<Entry> {
+            self.in_doubt.iter().filter(|e| f(e)).cloned().collect()
+        };
+        let listeners: BTreeSet<EndpointKey> = gone(&self.shadow.listeners, &desired.listeners)
+            .into_iter()
+            .chain(
+                doubtful(&|e| matches!(e, Entry::Listener(k) if !desired.listeners.contains_key(k)))
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Entry::Listener(k) => Some(k),
+                        _ => None,
+                    }),
+            )
+            .collect();
+        let sources: BTreeSet<(u32, Cidr)> = self
+            .shadow
+            .sources
+            .difference(&desired.sources)
+            .copied()
+            .chain(
+                doubtful(&|e| matches!(e, Entry::Source(k) if !desired.sources.contains(k)))
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Entry::Source(k) => Some(k),
+                        _ => None,
+                    }),
+            )
+            .collect();
+        let reverse: BTreeSet<EndpointKey> = gone(&self.shadow.reverse, &desired.reverse)
+            .into_iter()
+            .chain(
+                doubtful(&|e| matches!(e, Entry::Reverse(k) if !desired.reverse.contains_key(k)))
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Entry::Reverse(k) => Some(k),
+                        _ => None,
+                    }),
+            )
+            .collect();
+        let vips: BTreeSet<IpAddr> = gone(&self.shadow.vips, &desired.vips)
+            .into_iter()
+            .chain(
+                doubtful(&|e| matches!(e, Entry::Vip(k) if !desired.vips.contains_key(k)))
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Entry::Vip(k) => Some(k),
+                        _ => None,
+                    }),
+            )
+            .collect();
+        let interfaces: BTreeSet<u32> = gone(&self.shadow.interfaces, &desired.interfaces)
+            .into_iter()
+            .chain(
+                doubtful(&|e| {
+                    matches!(e, Entry::Interface(k) if !desired.interfaces.contains_key(k))
+                })
+                .into_iter()
+                .filter_map(|e| match e {
+                    Entry::Interface(k) => Some(k),
+                    _ => None,
+                }),
+            )
+            .collect();
+
+        let s = &mut self.shadow;
+        let doubt = &mut self.in_doubt;
+        for key in listeners {
+            let e = Entry::Listener(key);
             if done(w.remove_listener(&key), true, &mut errors) {
                 s.listeners.remove(&key);
+                doubt.remove(&e);
                 n.writes += 1;
+            } else {
+                doubt.insert(e);
             }
         }
-        for src in s.sources.clone().difference(&desired.sources) {
+        for src in sources {
+            let e = Entry::Source(src);
             if done(w.disallow_source(src.0, prefix(&src.1)), true, &mut errors) {
-                s.sources.remove(src);
+                s.sources.remove(&src);
+                doubt.remove(&e);
                 n.writes += 1;
+            } else {
+                doubt.insert(e);
             }
         }
-        for key in gone(&s.reverse, &desired.reverse) {
+        for key in reverse {
+            let e = Entry::Reverse(key);
             if done(w.remove_reverse(&key), true, &mut errors) {
                 s.reverse.remove(&key);
+                doubt.remove(&e);
                 n.writes += 1;
+            } else {
+                doubt.insert(e);
             }
         }
-        for ip in gone(&s.vips, &desired.vips) {
+        for ip in vips {
             let (words, family) = addr::to_words(ip);
-            let used = s
-                .listeners
-                .keys()
-                .any(|k| k.addr == words && k.family == family);
-            if !used && done(w.remove_vip(ip), true, &mut errors) {
+            let used = s.listeners.keys().any(|k| k.addr == words && k.family == family)
+                || doubt.iter().any(
+                    |e| matches!(e, Entry::Listener(k) if k.addr == words && k.family == family),
+                );
+            if used {
+                continue;
+            }
+            let e = Entry::Vip(ip);
+            if done(w.remove_vip(ip), true, &mut errors) {
                 s.vips.remove(&ip);
+                doubt.remove(&e);
                 n.writes += 1;
+            } else {
+                doubt.insert(e);
             }
         }
         let old_tables: BTreeSet<u32> = s
@@ -327,21 +479,45 @@ impl Reconciler {
             .collect();
         for gid in old_tables {
             let s = &mut self.shadow;
-            let used = s.listeners.values().any(|l| l.group_id == gid);
-            if !used && done(w.remove_table(gid), true, &mut errors) {
+            // A listener in doubt may point anywhere: keep every table until it is settled.
+            let used = s.listeners.values().any(|l| l.group_id == gid)
+                || self
+                    .in_doubt
+                    .iter()
+                    .any(|e| matches!(e, Entry::Listener(_)));
+            if used {
+                continue;
+            }
+            if done(w.remove_table(gid), true, &mut errors) {
                 s.tables.remove(&gid);
                 self.unknown_tables.remove(&gid);
                 n.tables += 1;
+            } else {
+                let mut ids = self.unknown_tables.remove(&gid).unwrap_or_default();
+                if let Some(old) = s.tables.remove(&gid) {
+                    ids.extend(old.members.iter().map(|m| m.target_id));
+                }
+                self.unknown_tables.insert(gid, ids);
             }
         }
         // Targets that stop forwarding, or go, once no table names them.
         let changed: Vec<(u32, TargetValue)> = desired
             .targets
             .iter()
-            .filter(|(id, v)| v.state != TARGET_FORWARD && self.shadow.targets.get(id) != Some(v))
+            .filter(|(id, v)| {
+                v.state != TARGET_FORWARD
+                    && (self.shadow.targets.get(id) != Some(v)
+                        || self.in_doubt.contains(&Entry::Target(**id)))
+            })
             .map(|(&id, &v)| (id, v))
             .chain(
                 gone(&self.shadow.targets, &desired.targets)
+                    .into_iter()
+                    .chain(self.in_doubt.iter().filter_map(|e| match e {
+                        Entry::Target(id) if !desired.targets.contains_key(id) => Some(*id),
+                        _ => None,
+                    }))
+                    .collect::<BTreeSet<u32>>()
                     .into_iter()
                     .map(|id| (id, TargetValue::default())),
             )
@@ -350,20 +526,27 @@ impl Reconciler {
             if self.in_a_table(id) {
                 continue; // the table that drops it is not published yet
             }
+            let e = Entry::Target(id);
             if done(w.put_target(id, &v), false, &mut errors) {
                 if v == TargetValue::default() {
                     self.shadow.targets.remove(&id);
                 } else {
                     self.shadow.targets.insert(id, v);
                 }
+                self.in_doubt.remove(&e);
                 n.writes += 1;
+            } else {
+                self.in_doubt.insert(e);
             }
         }
-        let s = &mut self.shadow;
-        for ifindex in gone(&s.interfaces, &desired.interfaces) {
+        for ifindex in interfaces {
+            let e = Entry::Interface(ifindex);
             if done(w.remove_interface(ifindex), true, &mut errors) {
-                s.interfaces.remove(&ifindex);
+                self.shadow.interfaces.remove(&ifindex);
+                self.in_doubt.remove(&e);
                 n.writes += 1;
+            } else {
+                self.in_doubt.insert(e);
             }
         }
         self.built
