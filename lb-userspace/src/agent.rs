@@ -31,9 +31,10 @@ use crate::{
     maps::FlowTable,
     metrics::{self, HealthMetrics},
     model::{Model, SavedModel, TargetKey},
-    reconcile::Reconciler,
+    reconcile::{build_table, Reconciler},
     routes::{Answer, NetlinkRoutes, RouteNote},
     state::RoleSource,
+    state::TableSpec,
 };
 
 /// How often idle flows are looked for at most: a quarter of the shortest idle timeout, but
@@ -88,7 +89,17 @@ struct Agent {
     /// The route lookup; None while the periodic re-check has it on a blocking thread.
     route_lookup: Option<NetlinkRoutes>,
     retry_at: Option<Instant>,
+    /// Consistent-hash tables are built on a blocking thread; their results come back here.
+    builds: mpsc::Sender<BuiltTables>,
+    /// A build is running.
+    building: bool,
+    /// Answers to calls that changed the maps, held until the tables they wait for are
+    /// published.
+    held: Vec<(oneshot::Sender<Response>, Response)>,
 }
+
+/// Tables built off the runtime thread, by spec.
+type BuiltTables = Vec<(TableSpec, Result<Vec<u32>>)>;
 
 /// A periodic route re-check's lookup, handed back, and its answers.
 type RouteCheck = (NetlinkRoutes, Vec<(IpAddr, Answer)>);
@@ -204,6 +215,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Err(e) => return Err(e),
     };
     let (events, mut health_rx) = mpsc::channel(1024);
+    let (builds, mut built) = mpsc::channel(1);
     let mut agent = Agent {
         config_path: opts.config_path.clone(),
         ctl,
@@ -215,9 +227,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         flow_table: Some(flow_table),
         route_lookup: Some(NetlinkRoutes::default()),
         retry_at: None,
+        builds,
+        building: false,
+        held: Vec::new(),
     };
     agent.lookup_new_routes();
     agent.apply(now, "start");
+    // From now on tables are built off the runtime thread: probes and API calls go on.
+    agent.ctl.reconciler.build_inline = false;
     agent.sync_checkers();
     info!(
         config = %opts.config_path.display(),
@@ -250,7 +267,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Some(event) = health_rx.recv() => agent.on_health(event),
             Some(call) = calls.recv() => {
                 let response = agent.handle(&call.request);
-                let _ = call.reply.send(response);
+                agent.reply(call, response);
             }
             _ = sleep_until(deadline) => {
                 agent.apply(Instant::now(), "timer");
@@ -259,6 +276,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Some((table, result)) = swept.recv() => agent.sweep_done(table, result),
             _ = route_recheck.tick() => agent.start_route_check(&rechecked_tx),
             Some(check) = rechecked.recv() => agent.route_check_done(check),
+            Some(tables) = built.recv() => agent.tables_built(tables),
             _ = sighup.recv() => {
                 let r = agent.reload();
                 if r.status != 200 {
@@ -376,6 +394,12 @@ impl Agent {
     /// write is logged and retried.
     fn apply(&mut self, now: Instant, why: &str) -> Option<Duration> {
         let started = Instant::now();
+        let result = self.reconcile_now(now, why, started);
+        self.start_builds();
+        result
+    }
+
+    fn reconcile_now(&mut self, now: Instant, why: &str, started: Instant) -> Option<Duration> {
         match self.ctl.reconcile(&mut self.dp.maps, now) {
             Ok(step) => {
                 let took = started.elapsed();
@@ -427,8 +451,57 @@ impl Agent {
             Err(e) => {
                 error!(error = %format!("{e:#}"), "writing the maps failed; retrying in 1 s");
                 self.retry_at = Some(now + RETRY_AFTER);
+                // What the agent intends survives a restart even when the maps lag: the next
+                // run reads the maps back and finishes the job.
+                self.save_state(now);
                 None
             }
+        }
+    }
+
+    /// Builds the tables the last reconciliation is waiting for, on a blocking thread.
+    fn start_builds(&mut self) {
+        let specs = self.ctl.reconciler.pending().to_vec();
+        if self.building || specs.is_empty() {
+            return;
+        }
+        self.building = true;
+        let done = self.builds.clone();
+        tokio::task::spawn_blocking(move || {
+            let tables = specs
+                .into_iter()
+                .map(|spec| {
+                    let table = build_table(&spec);
+                    (spec, table)
+                })
+                .collect();
+            let _ = done.blocking_send(tables);
+        });
+    }
+
+    fn tables_built(&mut self, tables: BuiltTables) {
+        self.building = false;
+        for (spec, table) in tables {
+            match table {
+                Ok(t) => self.ctl.reconciler.add_built(spec, t),
+                Err(e) => error!(error = %format!("{e:#}"), "building a table failed"),
+            }
+        }
+        self.apply(Instant::now(), "tables built");
+        if !self.building {
+            for (reply, response) in self.held.drain(..) {
+                let _ = reply.send(response);
+            }
+        }
+    }
+
+    /// Answers a call; one that changed the maps only once the tables it needs are published
+    /// (a caller that registers or deregisters a target can rely on the tables following).
+    fn reply(&mut self, call: Call, response: Response) {
+        if call.request.method == "POST" && self.building {
+            self.held.push((call.reply, response));
+        } else {
+            let _ = call.reply.send(response);
         }
     }
 

@@ -283,6 +283,6 @@ impl Controller {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod converge;
+#[cfg(test)]
+mod tests;

@@ -362,12 +362,14 @@ impl Reconciler {
         let listeners: BTreeSet<EndpointKey> = gone(&self.shadow.listeners, &desired.listeners)
             .into_iter()
             .chain(
-                doubtful(&|e| matches!(e, Entry::Listener(k) if !desired.listeners.contains_key(k)))
-                    .into_iter()
-                    .filter_map(|e| match e {
-                        Entry::Listener(k) => Some(k),
-                        _ => None,
-                    }),
+                doubtful(
+                    &|e| matches!(e, Entry::Listener(k) if !desired.listeners.contains_key(k)),
+                )
+                .into_iter()
+                .filter_map(|e| match e {
+                    Entry::Listener(k) => Some(k),
+                    _ => None,
+                }),
             )
             .collect();
         let sources: BTreeSet<(u32, Cidr)> = self
@@ -409,9 +411,9 @@ impl Reconciler {
         let interfaces: BTreeSet<u32> = gone(&self.shadow.interfaces, &desired.interfaces)
             .into_iter()
             .chain(
-                doubtful(&|e| {
-                    matches!(e, Entry::Interface(k) if !desired.interfaces.contains_key(k))
-                })
+                doubtful(
+                    &|e| matches!(e, Entry::Interface(k) if !desired.interfaces.contains_key(k)),
+                )
                 .into_iter()
                 .filter_map(|e| match e {
                     Entry::Interface(k) => Some(k),
@@ -454,7 +456,10 @@ impl Reconciler {
         }
         for ip in vips {
             let (words, family) = addr::to_words(ip);
-            let used = s.listeners.keys().any(|k| k.addr == words && k.family == family)
+            let used = s
+                .listeners
+                .keys()
+                .any(|k| k.addr == words && k.family == family)
                 || doubt.iter().any(
                     |e| matches!(e, Entry::Listener(k) if k.addr == words && k.family == family),
                 );

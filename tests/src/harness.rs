@@ -259,17 +259,24 @@ impl Balancer {
         Ok(out)
     }
 
-    /// Waits until `n` targets (over every group) are healthy.
+    /// Waits until `n` targets (over every group) are healthy and in their group's table (the
+    /// agent builds tables off its runtime thread, so the table follows a moment later).
     pub fn wait_healthy(&self, n: usize) -> Result<()> {
         poll(
             Duration::from_secs(20),
-            &format!("{n} healthy targets"),
+            &format!("{n} healthy targets receiving new flows"),
             || {
-                Ok(self
-                    .states()
-                    .ok()
-                    .filter(|s| s.values().filter(|v| *v == "healthy").count() == n)
-                    .map(|_| ()))
+                let Ok(s) = self.status() else {
+                    return Ok(None);
+                };
+                let ready = s["target_groups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|g| g["targets"].as_array().into_iter().flatten())
+                    .filter(|t| t["state"] == "healthy" && t["receives_new_flows"] == true)
+                    .count();
+                Ok((ready == n).then_some(()))
             },
         )
     }

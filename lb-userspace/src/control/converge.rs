@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::{
     health::{Outcome, Reason, Transition},
-    maps::{Fault, FakeMaps, FaultyMaps, MapWriter},
+    maps::{FakeMaps, Fault, FaultyMaps, MapWriter},
     reconcile::{expected_view, Reconciler},
 };
 
@@ -26,7 +26,13 @@ struct Shape {
     second_listener: bool,
 }
 
-const ADDRS: [&str; 5] = ["10.2.0.11", "10.2.0.12", "10.2.0.13", "10.2.0.14", "10.2.0.15"];
+const ADDRS: [&str; 5] = [
+    "10.2.0.11",
+    "10.2.0.12",
+    "10.2.0.13",
+    "10.2.0.14",
+    "10.2.0.15",
+];
 
 fn config(s: &Shape) -> Config {
     let group = format!("web-{}", s.generation);
@@ -106,15 +112,13 @@ fn shape() -> impl Strategy<Value = Shape> {
         any::<bool>(),
     )
         .prop_map(
-            |(generation, size, targets, terminate_unhealthy, slow_start, second_listener)| {
-                Shape {
-                    generation,
-                    size,
-                    targets,
-                    terminate_unhealthy,
-                    slow_start,
-                    second_listener,
-                }
+            |(generation, size, targets, terminate_unhealthy, slow_start, second_listener)| Shape {
+                generation,
+                size,
+                targets,
+                terminate_unhealthy,
+                slow_start,
+                second_listener,
             },
         )
 }
