@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 
 use crate::{
     config::{AgentConfig, Config},
-    health::{HealthEvent, TargetState},
+    health::{Checkers, HealthEvent, TargetState},
     maps::MapWriter,
     model::{state_changes, Model, Origin, StateChange, TargetKey},
     reconcile::{Applied, Reconciler},
@@ -219,6 +219,22 @@ impl Controller {
             event.transition,
             event.at.into_std(),
         );
+    }
+
+    /// Applies a checker's report when it comes from the current checker of its target in
+    /// `checkers`; drops it (and says so) when that checker was stopped or restarted since
+    /// (it may have probed with the old spec, and the new checker started from the state the
+    /// model holds).
+    pub fn record_current(
+        &mut self,
+        checkers: &Checkers<TargetKey>,
+        event: &HealthEvent<TargetKey>,
+    ) -> bool {
+        if !checkers.is_current(event) {
+            return false;
+        }
+        self.record(&event.target, event);
+        true
     }
 
     /// Registers a target at run time.

@@ -95,6 +95,18 @@ impl World {
 
     /// A checker's report that completes a transition of target `last` to `to`.
     fn transition(&mut self, last: u8, to: TargetState, ms: u64) {
+        let event = self.report(last, to, ms, 0);
+        self.c.record(&key(last), &event);
+    }
+
+    /// The report of checker `generation` that completes a transition of target `last` to `to`.
+    fn report(
+        &self,
+        last: u8,
+        to: TargetState,
+        ms: u64,
+        generation: u64,
+    ) -> HealthEvent<TargetKey> {
         let k = key(last);
         let from = self.c.model.targets[&k].health;
         let outcome = if to == TargetState::Healthy {
@@ -102,8 +114,9 @@ impl World {
         } else {
             Outcome::Fail(Reason::Timeout, "no connect within 500ms".into())
         };
-        let event = HealthEvent {
-            target: (),
+        HealthEvent {
+            target: k,
+            generation,
             outcome,
             latency: Duration::from_millis(3),
             at: tokio::time::Instant::from_std(self.at(ms)),
@@ -112,8 +125,7 @@ impl World {
                 to,
                 reason: (to == TargetState::Unhealthy).then_some(Reason::Timeout),
             }),
-        };
-        self.c.record(&k, &event);
+        }
     }
 
     fn id(&self, last: u8) -> u32 {
@@ -163,6 +175,63 @@ fn fails_open_until_a_target_is_healthy() {
     }
 }
 
+/// A checker restarted (its spec changed) may still have reports on their way: the old
+/// generation's report changes neither the model nor the desired state; the new one's applies.
+#[test]
+fn reports_of_a_restarted_or_stopped_checker_are_dropped() {
+    let mut w = World::new(|_| {});
+    let spec = |s: &str| {
+        (
+            s.to_string(),
+            crate::health::Schedule {
+                interval: Duration::from_secs(1),
+                healthy_threshold: 2,
+                unhealthy_threshold: 2,
+            },
+        )
+    };
+    let mut checkers = Checkers::default();
+    for l in [11, 12, 13] {
+        let g = checkers.start(key(l), spec("tcp :8080")).generation;
+        let e = w.report(l, TargetState::Healthy, 100, g);
+        assert!(w.c.record_current(&checkers, &e));
+    }
+    w.step(100);
+    assert_eq!(w.slots().len(), 3);
+    let old = checkers.generation(&key(11)).unwrap();
+    let new = checkers.start(key(11), spec("tcp :9090")).generation;
+
+    // The old checker's report: 11 unhealthy. Dropped.
+    let desired = w.c.desired(w.at(200));
+    let late = w.report(11, TargetState::Unhealthy, 200, old);
+    assert!(!w.c.record_current(&checkers, &late));
+    assert_eq!(w.c.model.targets[&key(11)].health, TargetState::Healthy);
+    let last = |w: &World| {
+        w.c.model.targets[&key(11)]
+            .last_check
+            .as_ref()
+            .map(|c| c.result)
+    };
+    assert_eq!(last(&w), Some("pass"));
+    assert_eq!(w.c.desired(w.at(200)), desired);
+    assert_eq!(w.step(200).applied, Applied::default());
+    assert_eq!(w.slots().len(), 3);
+
+    // The new checker's report applies.
+    let current = w.report(11, TargetState::Unhealthy, 300, new);
+    assert!(w.c.record_current(&checkers, &current));
+    assert_eq!(w.c.model.targets[&key(11)].health, TargetState::Unhealthy);
+    w.step(300);
+    assert_eq!(w.slots().iter().map(|s| s.0).collect::<Vec<_>>(), [12, 13]);
+
+    // A target whose checker was stopped: its last report is dropped too.
+    let g13 = checkers.generation(&key(13)).unwrap();
+    checkers.retain(|k, _| *k != key(13));
+    let late = w.report(13, TargetState::Unhealthy, 400, g13);
+    assert!(!w.c.record_current(&checkers, &late));
+    assert_eq!(w.c.model.targets[&key(13)].health, TargetState::Healthy);
+}
+
 #[test]
 fn nothing_is_written_when_nothing_changed() {
     let mut w = World::new(|_| {});
@@ -176,6 +245,7 @@ fn nothing_is_written_when_nothing_changed() {
     let before = w.maps.ops.len();
     let event = HealthEvent {
         target: (),
+        generation: 0,
         outcome: Outcome::Pass,
         latency: Duration::from_millis(1),
         at: tokio::time::Instant::from_std(w.at(700)),
