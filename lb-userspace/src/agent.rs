@@ -629,7 +629,11 @@ impl Agent {
             self.ctl.deregister(&key, now)
         };
         if let Err(e) = result {
-            return Response::json(400, &json!({"error": format!("{e:#}")}));
+            // 400, or 409 for a registration the running config or a limit refuses.
+            let status = e
+                .downcast_ref::<control::Refused>()
+                .map_or(400, |r| r.status);
+            return Response::json(status, &json!({"error": format!("{e:#}")}));
         }
         info!(target = %key, "{}", if register { "target registered" } else { "target deregistered (draining)" });
         if register {
