@@ -18,7 +18,6 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::{mpsc, oneshot},
 };
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -71,16 +70,11 @@ struct Call {
     reply: oneshot::Sender<Response>,
 }
 
-struct Checker {
-    cancel: CancellationToken,
-    spec: (String, Schedule),
-}
-
 struct Agent {
     config_path: PathBuf,
     ctl: Controller,
     dp: Datapath,
-    checkers: HashMap<TargetKey, Checker>,
+    checkers: health::Checkers<TargetKey>,
     events: mpsc::Sender<HealthEvent<TargetKey>>,
     health_metrics: HealthMetrics,
     active_flows: BTreeMap<String, u64>,
@@ -220,7 +214,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         config_path: opts.config_path.clone(),
         ctl,
         dp,
-        checkers: HashMap::new(),
+        checkers: health::Checkers::default(),
         events,
         health_metrics: HealthMetrics::default(),
         active_flows: BTreeMap::new(),
@@ -550,42 +544,41 @@ impl Agent {
                 (health::probe_for(hc, addr), schedule, t.health),
             );
         }
-        self.checkers.retain(|key, c| {
-            let keep = wanted
+        self.checkers.retain(|key, spec| {
+            wanted
                 .get(key)
-                .is_some_and(|(p, s, _)| c.spec == (p.describe_boxed(), *s));
-            if !keep {
-                c.cancel.cancel();
-            }
-            keep
+                .is_some_and(|(p, s, _)| *spec == (p.describe_boxed(), *s))
         });
         for (key, (probe, schedule, state)) in wanted {
-            if self.checkers.contains_key(&key) {
+            if self.checkers.contains(&key) {
                 continue;
             }
-            let cancel = CancellationToken::new();
             let spec = (probe.describe_boxed(), schedule);
             debug!(target = %key, check = %spec.0, "health checker started");
+            let started = self.checkers.start(key.clone(), spec);
             tokio::spawn(health::run_checker(
-                key.clone(),
+                key,
+                started.generation,
                 probe,
                 schedule,
                 state,
                 self.events.clone(),
-                cancel.clone(),
+                started.cancel,
             ));
-            self.checkers.insert(key, Checker { cancel, spec });
         }
     }
 
     fn on_health(&mut self, event: HealthEvent<TargetKey>) {
         let key = event.target.clone();
+        if !self.ctl.record_current(&self.checkers, &event) {
+            debug!(target = %key, generation = event.generation, "report of a stopped or restarted checker dropped");
+            return;
+        }
         self.health_metrics
             .observe(&key, event.outcome.label(), event.latency.as_secs_f64());
         if let health::Outcome::Fail(reason, detail) = &event.outcome {
             debug!(target = %key, reason = %reason, detail, "health check failed");
         }
-        self.ctl.record(&key, &event);
         if event.transition.is_some() {
             self.apply(event.at.into_std(), "health");
             info!(
@@ -687,7 +680,11 @@ impl Agent {
             self.ctl.deregister(&key, now)
         };
         if let Err(e) = result {
-            return Response::json(400, &json!({"error": format!("{e:#}")}));
+            // 400, or 409 for a registration the running config or a limit refuses.
+            let status = e
+                .downcast_ref::<control::Refused>()
+                .map_or(400, |r| r.status);
+            return Response::json(status, &json!({"error": format!("{e:#}")}));
         }
         info!(target = %key, "{}", if register { "target registered" } else { "target deregistered (draining)" });
         if register {
@@ -909,16 +906,13 @@ impl Agent {
     }
 
     fn shut_down(mut self, keep: bool) -> Result<()> {
-        for c in self.checkers.values() {
-            c.cancel.cancel();
-        }
+        self.checkers.stop_all();
         let _ = std::fs::remove_file(api_path(&self.ctl.config));
         if keep {
             self.save_state(Instant::now());
             info!(pin_path = %self.dp.pin_dir.display(), "exiting; the data plane stays attached and pinned (--keep-datapath)");
             return Ok(());
         }
-        self.checkers.clear();
         self.dp.tear_down()
     }
 }

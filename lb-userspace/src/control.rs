@@ -11,8 +11,8 @@ use std::{
 use anyhow::{bail, Result};
 
 use crate::{
-    config::{AgentConfig, Config},
-    health::{HealthEvent, TargetState},
+    config::{self, AgentConfig, Config, TargetCounts},
+    health::{Checkers, HealthEvent, TargetState},
     maps::MapWriter,
     model::{state_changes, Model, Origin, StateChange, TargetKey},
     reconcile::{Applied, Reconciler},
@@ -43,6 +43,18 @@ pub struct Step {
     /// The interface roles, when they differ from the last reconciliation's (or it is the
     /// first).
     pub roles: Option<InterfaceRoles>,
+}
+
+/// A registration the agent refuses, with the status the API answers: 400 when the request is
+/// wrong on its own (an unknown group, a weight or port out of range, an address that can
+/// never be a target), 409 when the target conflicts with the running config or a limit of
+/// the data plane (a VIP, the family of the group's listeners, table slots per target, targets
+/// in all, `LB_REVERSE` entries, free target ids).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    pub status: u16,
+    pub message: String,
 }
 
 /// `[agent]` keys a reload applies; the others need a restart.
@@ -221,31 +233,83 @@ impl Controller {
         );
     }
 
-    /// Registers a target at run time.
+    /// Applies a checker's report when it comes from the current checker of its target in
+    /// `checkers`; drops it (and says so) when that checker was stopped or restarted since
+    /// (it may have probed with the old spec, and the new checker started from the state the
+    /// model holds).
+    pub fn record_current(
+        &mut self,
+        checkers: &Checkers<TargetKey>,
+        event: &HealthEvent<TargetKey>,
+    ) -> bool {
+        if !checkers.is_current(event) {
+            return false;
+        }
+        self.record(&event.target, event);
+        true
+    }
+
+    /// Registers a target at run time, checked as a config target is (`config::check_target`)
+    /// with the targets registered now; a refusal is a `Refused`.
     pub fn register(&mut self, key: TargetKey, weight: u32, zone: Option<String>) -> Result<()> {
-        let Some(_) = self.config.group(&key.group) else {
-            bail!("no target group is named {:?}", key.group);
+        let Some(group) = self.config.group(&key.group) else {
+            return Err(Refused {
+                status: 400,
+                message: format!("no target group is named {:?}", key.group),
+            }
+            .into());
         };
-        if !(1..=65535).contains(&weight) {
-            bail!("weight {weight} is outside 1..=65535");
-        }
-        if self.config.listeners.iter().any(|l| l.address == key.addr) {
-            bail!("{} is a listener's VIP", key.addr);
-        }
-        let family_clash = self
-            .config
-            .listeners
-            .iter()
-            .any(|l| l.target_group == key.group && l.address.is_ipv4() != key.addr.is_ipv4());
-        if family_clash {
-            bail!(
-                "{} is not of the address family of the group's listeners",
-                key.addr
-            );
+        let problems = config::check_target(
+            &self.config,
+            group,
+            key.addr,
+            key.port,
+            weight,
+            self.counts_with(&key),
+        );
+        if !problems.is_empty() {
+            let invalid = problems.iter().any(|p| p.invalid);
+            let why: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.field.name(), p.message))
+                .collect();
+            return Err(Refused {
+                status: if invalid { 400 } else { 409 },
+                message: format!("{key} refused: {}", why.join("; ")),
+            }
+            .into());
         }
         self.model
-            .register(key, weight, zone, Origin::Api)
-            .map_err(anyhow::Error::msg)
+            .register(key.clone(), weight, zone, Origin::Api)
+            .map_err(|e| {
+                Refused {
+                    status: 409,
+                    message: format!("{key} refused: {e}"),
+                }
+                .into()
+            })
+    }
+
+    /// The counts `check_target` checks, were `key` registered (again): targets not draining,
+    /// of its group and in all, and the `LB_REVERSE` entries of every target, draining included.
+    fn counts_with(&self, key: &TargetKey) -> TargetCounts {
+        let live: BTreeSet<&TargetKey> = self
+            .model
+            .targets
+            .iter()
+            .filter(|(_, t)| t.draining_until.is_none())
+            .map(|(k, _)| k)
+            .chain([key])
+            .collect();
+        let all = self.model.targets.keys().chain([key]);
+        TargetCounts {
+            group: live.iter().filter(|k| k.group == key.group).count(),
+            total: live.len(),
+            reverse: config::reverse_entries(
+                &self.config,
+                all.map(|k| (k.group.as_str(), k.addr, k.port)),
+            ),
+        }
     }
 
     /// Starts draining a target; it is removed after its group's `deregistration_delay`.
@@ -264,14 +328,90 @@ impl Controller {
 
     /// Takes a new (validated) config: registrations follow it; the next reconcile writes the
     /// difference. Its `[agent]` must fit the running data plane (`reloaded_agent`); the
-    /// addresses of new targets are then due a route lookup (`lookup_routes`).
+    /// addresses of new targets are then due a route lookup (`lookup_routes`). Refused (the
+    /// running config stays) when the targets registered through the API do not fit it.
     pub fn reload(&mut self, config: Config, now: Instant) -> Result<()> {
+        self.check_registrations(&config)?;
         self.model
             .sync_config(&config, now)
             .map_err(anyhow::Error::msg)?;
         self.config = config;
         if !self.derives_roles() {
             self.routes.clear();
+        }
+        Ok(())
+    }
+
+    /// Checks every target `config` would leave registered, the API's among them, as `register`
+    /// checks one (`config::check_target`), with the counts of them all: validation of the
+    /// file alone cannot see the API's targets.
+    fn check_registrations(&self, config: &Config) -> Result<()> {
+        let api = self.model.targets.iter().filter(|(k, t)| {
+            t.origin == Origin::Api
+                && t.draining_until.is_none()
+                && config.group(&k.group).is_some()
+        });
+        // Not draining after the reload: the file's targets, then the API's.
+        let mut live: BTreeMap<TargetKey, u32> = config
+            .target_groups
+            .iter()
+            .flat_map(|g| {
+                g.targets.iter().map(|t| {
+                    let key = TargetKey {
+                        group: g.name.clone(),
+                        addr: t.address,
+                        port: t.port.0,
+                    };
+                    (key, t.weight)
+                })
+            })
+            .collect();
+        let files = live.len();
+        for (k, t) in api {
+            live.entry(k.clone()).or_insert(t.weight);
+        }
+        if live.len() == files {
+            return Ok(()); // validation checked these
+        }
+        let mut per_group: BTreeMap<&str, usize> = BTreeMap::new();
+        for k in live.keys() {
+            *per_group.entry(k.group.as_str()).or_default() += 1;
+        }
+        // Draining ones keep their LB_REVERSE entries.
+        let kept = self
+            .model
+            .targets
+            .keys()
+            .filter(|k| config.group(&k.group).is_some());
+        let reverse = config::reverse_entries(
+            config,
+            kept.chain(live.keys())
+                .map(|k| (k.group.as_str(), k.addr, k.port)),
+        );
+        let mut problems = BTreeSet::new();
+        for (k, &weight) in &live {
+            let group = config
+                .group(&k.group)
+                .expect("live targets are of its groups");
+            let counts = TargetCounts {
+                group: per_group[k.group.as_str()],
+                total: live.len(),
+                reverse,
+            };
+            for p in config::check_target(config, group, k.addr, k.port, weight, counts) {
+                problems.insert(match p.field {
+                    config::TargetField::HashTableSize | config::TargetField::Total => {
+                        format!("{}: {}", p.field.name(), p.message)
+                    }
+                    f => format!("{k}: {}: {}", f.name(), p.message),
+                });
+            }
+        }
+        if !problems.is_empty() {
+            bail!(
+                "the targets registered through the API do not fit the new config (deregister them first): {}",
+                problems.into_iter().collect::<Vec<_>>().join("; ")
+            );
         }
         Ok(())
     }

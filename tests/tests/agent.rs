@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_tests::{
     harness::{agent_bin, config, poll, Balancer, URL},
     topology::{backend_addr, Topology, CLIENT, VIP},
@@ -22,6 +22,26 @@ fn start(backends: usize, config: &str, args: &[&str]) -> Result<Balancer> {
         topo.backend(i)?;
     }
     Balancer::start(topo, config, args)
+}
+
+/// One control-API call over the socket, without the CLI: the status code and the answer.
+fn api_post(b: &Balancer, path: &str, body: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(b.api.trim_start_matches("unix:"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status line in {answer:?}"))?;
+    Ok((status, answer))
 }
 
 fn state(b: &Balancer, target: &str) -> Result<Option<String>> {
@@ -143,6 +163,32 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
         2,
         "bad input: exit 2"
     );
+    // A target the config could not list is refused as the config's would be, naming why: the
+    // API answers 400 for bad input, 409 for a conflict with the config or a limit; the CLI
+    // exits 2 on either.
+    let (code, text) = b.cli(&["targets", "register", "--group", "web", "127.0.0.1:8080"])?;
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("web/127.0.0.1:8080 refused: address: 127.0.0.1 is a loopback address; it cannot be a target"),
+        "{text}"
+    );
+    let on_vip = format!("{VIP}:8080");
+    let (code, text) = b.cli(&["targets", "register", "--group", "web", &on_vip])?;
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains(&format!("address: {VIP} is the VIP of listener \"web\"")),
+        "{text}"
+    );
+    let register = |target: &str| {
+        api_post(
+            &b,
+            "/v1/targets/register",
+            &format!(r#"{{"group":"web","target":"{target}"}}"#),
+        )
+    };
+    assert_eq!(register("127.0.0.1:8080")?.0, 400);
+    let (status, answer) = register(&on_vip)?;
+    assert_eq!(status, 409, "{answer}");
 
     // Deregister backend 3: draining (no new flows), then removed after 2s.
     let (code, text) = b.cli(&["targets", "deregister", "--group", "web", "10.0.2.13:8080"])?;

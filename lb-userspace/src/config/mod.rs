@@ -9,7 +9,12 @@
 mod document;
 mod values;
 
-use std::{collections::HashSet, fmt, net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeSet, HashSet},
+    fmt,
+    net::IpAddr,
+    path::Path,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -358,24 +363,11 @@ impl Config {
                     );
                 }
             }
-            match self.target_groups.iter().find(|g| g.name == l.target_group) {
-                None => problem(
+            if self.group(&l.target_group).is_none() {
+                problem(
                     at("target_group"),
                     format!("no target_group is named {:?}", l.target_group),
-                ),
-                Some(g) => {
-                    for (j, t) in g.targets.iter().enumerate() {
-                        if t.address.is_ipv4() != l.address.is_ipv4() {
-                            problem(
-                                at("target_group"),
-                                format!(
-                                    "VIP {} and target_group {:?} target[{j}] {} are of different address families (NAT cannot translate between them)",
-                                    l.address, g.name, t.address
-                                ),
-                            );
-                        }
-                    }
-                }
+                );
             }
             if l.allowed_sources.is_empty() {
                 problem(
@@ -403,9 +395,19 @@ impl Config {
             );
         }
 
-        let vips: HashSet<IpAddr> = self.listeners.iter().map(|l| l.address).collect();
+        // Every target is checked as `targets register` checks one (`check_target`), against
+        // the counts of the whole file; a group's or the file's limit is reported once.
+        let total: usize = self.target_groups.iter().map(|g| g.targets.len()).sum();
+        let reverse = reverse_entries(
+            self,
+            self.target_groups.iter().flat_map(|g| {
+                g.targets
+                    .iter()
+                    .map(move |t| (g.name.as_str(), t.address, t.port.0))
+            }),
+        );
+        let mut reported = HashSet::new();
         let mut names = HashSet::new();
-        let mut total_targets = 0;
         for (i, g) in self.target_groups.iter().enumerate() {
             let at = |f: &str| format!("target_group[{i}].{f}");
             if g.name.is_empty() {
@@ -428,15 +430,6 @@ impl Config {
                 problem(
                     at("hash_table_size"),
                     format!("{} is above 1000003", g.hash_table_size),
-                );
-            } else if (g.hash_table_size as usize) < g.targets.len() * 10 {
-                problem(
-                    at("hash_table_size"),
-                    format!(
-                        "{} slots for {} targets; use at least 10 slots per target (100 for even spread)",
-                        g.hash_table_size,
-                        g.targets.len()
-                    ),
                 );
             }
             let max = std::time::Duration::from_secs(3600);
@@ -470,38 +463,27 @@ impl Config {
                         ),
                     );
                 }
-                if !(1..=65535).contains(&t.weight) {
-                    problem(at("weight"), format!("{} is outside 1..=65535", t.weight));
-                }
-                if vips.contains(&t.address) {
-                    problem(
-                        at("address"),
-                        format!(
-                            "{} is a listener's VIP; a target must be another host",
-                            t.address
-                        ),
-                    );
-                }
-                if t.address.is_unspecified() || t.address.is_multicast() || t.address.is_loopback()
-                {
-                    problem(at("address"), format!("{} cannot be a target", t.address));
+                let counts = TargetCounts {
+                    group: g.targets.len(),
+                    total,
+                    reverse,
+                };
+                for p in check_target(self, g, t.address, t.port.0, t.weight, counts) {
+                    let path = match p.field {
+                        TargetField::HashTableSize => format!("target_group[{i}].hash_table_size"),
+                        TargetField::Total => "target_group".into(),
+                        f => at(f.name()),
+                    };
+                    if reported.insert((path.clone(), p.message.clone())) {
+                        problem(path, p.message);
+                    }
                 }
             }
-            total_targets += g.targets.len();
         }
         if self.target_groups.len() > MAX_GROUPS as usize {
             problem(
                 "target_group".into(),
                 format!("more than {MAX_GROUPS} target groups"),
-            );
-        }
-        if total_targets > MAX_TARGETS as usize / 2 {
-            problem(
-                "target_group".into(),
-                format!(
-                    "{total_targets} targets in all; at most {}",
-                    MAX_TARGETS / 2
-                ),
             );
         }
         out
@@ -528,6 +510,184 @@ impl Config {
 /// `addr:port`, with brackets for IPv6.
 pub fn endpoint(addr: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(addr, port).to_string()
+}
+
+/// Targets (not draining) of every group at most: half of the data plane's target slots
+/// (`MAX_TARGETS`), so that a reload replacing every target can drain the old ones.
+pub const MAX_LIVE_TARGETS: usize = MAX_TARGETS as usize / 2;
+/// `LB_REVERSE`'s `max_entries` (lb-ebpf/src/maps.rs): one entry per target endpoint and
+/// protocol, draining targets included.
+pub const REVERSE_ENTRIES: usize = MAX_TARGETS as usize;
+/// A group's consistent-hash table needs at least this many slots per target.
+pub const MIN_SLOTS_PER_TARGET: usize = 10;
+
+/// How many there would be with the target being checked, it included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetCounts {
+    /// Targets of its group that are not draining (from the config and the API).
+    pub group: usize,
+    /// Targets of every group that are not draining.
+    pub total: usize,
+    /// `LB_REVERSE` entries the desired state would write (`reverse_entries`).
+    pub reverse: usize,
+}
+
+/// What a target problem is about: one of the target's own fields, or its group's table size,
+/// or the limits of all targets together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetField {
+    Address,
+    Port,
+    Weight,
+    HashTableSize,
+    Total,
+}
+
+impl TargetField {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Address => "address",
+            Self::Port => "port",
+            Self::Weight => "weight",
+            Self::HashTableSize => "hash_table_size",
+            Self::Total => "targets",
+        }
+    }
+}
+
+/// One reason a target cannot be added.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetProblem {
+    pub field: TargetField,
+    /// The target itself is wrong, whatever else is set up (a port, a weight, an address that
+    /// can never be a target); else it conflicts with the rest of the config or a data-plane
+    /// limit (a VIP, the family of the group's listeners, table slots, target counts,
+    /// `LB_REVERSE` entries).
+    pub invalid: bool,
+    pub message: String,
+}
+
+/// The one check of a target, from the config (`target_group[i].target[j]`) or registered
+/// through the API: its address, port and weight, and whether its group (`group`, with
+/// `counts` including the target) and the data plane have room for it.
+pub fn check_target(
+    config: &Config,
+    group: &TargetGroupConfig,
+    addr: IpAddr,
+    port: u16,
+    weight: u32,
+    counts: TargetCounts,
+) -> Vec<TargetProblem> {
+    let mut out = Vec::new();
+    let mut problem = |field, invalid, message| {
+        out.push(TargetProblem {
+            field,
+            invalid,
+            message,
+        })
+    };
+    let kind = if addr.is_unspecified() {
+        Some("an unspecified")
+    } else if addr.is_loopback() {
+        Some("a loopback")
+    } else if addr.is_multicast() {
+        Some("a multicast")
+    } else {
+        None
+    };
+    if let Some(kind) = kind {
+        problem(
+            TargetField::Address,
+            true,
+            format!("{addr} is {kind} address; it cannot be a target"),
+        );
+    }
+    if port == 0 {
+        problem(
+            TargetField::Port,
+            true,
+            "port 0 is outside 1..=65535".into(),
+        );
+    }
+    if !(1..=65535).contains(&weight) {
+        problem(
+            TargetField::Weight,
+            true,
+            format!("{weight} is outside 1..=65535"),
+        );
+    }
+    if let Some(l) = config.listeners.iter().find(|l| l.address == addr) {
+        problem(
+            TargetField::Address,
+            false,
+            format!(
+                "{addr} is the VIP of listener {:?}; a target must be another host",
+                l.name
+            ),
+        );
+    }
+    let other_family = config
+        .listeners
+        .iter()
+        .find(|l| l.target_group == group.name && l.address.is_ipv4() != addr.is_ipv4());
+    if let Some(l) = other_family {
+        problem(
+            TargetField::Address,
+            false,
+            format!(
+                "{addr} and VIP {} of listener {:?} are of different address families (NAT cannot translate between them)",
+                l.address, l.name
+            ),
+        );
+    }
+    if (group.hash_table_size as usize) < counts.group.saturating_mul(MIN_SLOTS_PER_TARGET) {
+        problem(
+            TargetField::HashTableSize,
+            false,
+            format!(
+                "{} slots for {} targets in group {:?}; use at least {MIN_SLOTS_PER_TARGET} slots per target (100 for even spread)",
+                group.hash_table_size, counts.group, group.name
+            ),
+        );
+    }
+    if counts.total > MAX_LIVE_TARGETS {
+        problem(
+            TargetField::Total,
+            false,
+            format!(
+                "{} targets in all; at most {MAX_LIVE_TARGETS} (half of the data plane's {MAX_TARGETS} target slots; the other half is for draining)",
+                counts.total
+            ),
+        );
+    }
+    if counts.reverse > REVERSE_ENTRIES {
+        problem(
+            TargetField::Total,
+            false,
+            format!(
+                "{} reply entries (target endpoint × listener protocol, draining targets included); LB_REVERSE holds at most {REVERSE_ENTRIES}",
+                counts.reverse
+            ),
+        );
+    }
+    out
+}
+
+/// The `LB_REVERSE` entries the desired state writes for `targets` (group, address, port): one
+/// per distinct target endpoint and protocol of a listener of its group.
+pub fn reverse_entries<'a>(
+    config: &Config,
+    targets: impl IntoIterator<Item = (&'a str, IpAddr, u16)>,
+) -> usize {
+    let mut entries = BTreeSet::new();
+    for (group, addr, port) in targets {
+        for l in config.listeners.iter().filter(|l| l.target_group == group) {
+            for &proto in l.protocol.ip_protocols() {
+                entries.insert((addr, port, proto));
+            }
+        }
+    }
+    entries.len()
 }
 
 impl AgentConfig {

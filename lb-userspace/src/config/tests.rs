@@ -221,9 +221,9 @@ fn listener_naming_missing_group() {
 fn vip_and_target_of_different_families() {
     rejects(
         &BASE.replace("\"198.18.2.12\"", "\"fd00::12\""),
-        8,
-        "listener[0].target_group",
-        "different address families",
+        22,
+        "target_group[0].target[1].address",
+        "fd00::12 and VIP 198.18.100.10 of listener \"web\" are of different address families",
     );
 }
 
@@ -364,7 +364,87 @@ fn target_equal_to_vip() {
         &BASE.replace("198.18.2.12", "198.18.100.10"),
         22,
         "target_group[0].target[1].address",
-        "is a listener's VIP",
+        "198.18.100.10 is the VIP of listener \"web\"",
+    );
+}
+
+#[test]
+fn addresses_that_can_never_be_targets() {
+    for (addr, kind) in [
+        ("127.0.0.1", "a loopback"),
+        ("224.0.0.9", "a multicast"),
+        ("0.0.0.0", "an unspecified"),
+    ] {
+        rejects(
+            &BASE.replace("198.18.2.12", addr),
+            22,
+            "target_group[0].target[1].address",
+            &format!("{addr} is {kind} address; it cannot be a target"),
+        );
+    }
+}
+
+#[test]
+fn fewer_than_10_slots_per_target() {
+    // Two targets, 13 slots: one problem for the group, not one per target.
+    rejects(
+        &BASE.replace(
+            "name = \"web\"\n\n[target_group.health_check]",
+            "name = \"web\"\nhash_table_size = 13\n\n[target_group.health_check]",
+        ),
+        12,
+        "target_group[0].hash_table_size",
+        "13 slots for 2 targets in group \"web\"; use at least 10 slots per target",
+    );
+    let ok = BASE.replace(
+        "name = \"web\"\n\n[target_group.health_check]",
+        "name = \"web\"\nhash_table_size = 23\n\n[target_group.health_check]",
+    );
+    assert_eq!(problems(&ok), Vec::<String>::new());
+}
+
+/// BASE with `n` targets in its group (a table large enough for them), served over `protocol`.
+fn with_targets(n: u32, protocol: Protocol) -> Config {
+    let mut c = parse(BASE, "lb.toml").unwrap();
+    c.listeners[0].protocol = protocol;
+    let g = &mut c.target_groups[0];
+    g.hash_table_size = 1_000_003;
+    g.targets = (0..n)
+        .map(|i| TargetConfig {
+            address: IpAddr::from([10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8]),
+            port: Port(8080),
+            weight: DEFAULT_WEIGHT,
+            zone: None,
+        })
+        .collect();
+    c
+}
+
+#[test]
+fn at_most_half_the_target_slots_in_all() {
+    assert_eq!(with_targets(8192, Protocol::Tcp).validate(), []);
+    assert_eq!(
+        with_targets(8193, Protocol::Tcp).validate(),
+        [(
+            "target_group".to_string(),
+            "8193 targets in all; at most 8192 (half of the data plane's 16384 target slots; the other half is for draining)".to_string()
+        )]
+    );
+}
+
+#[test]
+fn reply_entries_fit_lb_reverse() {
+    // tcp_udp: two LB_REVERSE entries per target endpoint. From the file alone, 16384 entries
+    // need more targets than 8192, so both limits are named.
+    assert_eq!(with_targets(8192, Protocol::TcpUdp).validate(), []);
+    let problems = with_targets(8193, Protocol::TcpUdp).validate();
+    assert_eq!(problems.len(), 2, "{problems:#?}");
+    assert_eq!(problems[1].0, "target_group");
+    assert!(
+        problems[1]
+            .1
+            .starts_with("16386 reply entries (target endpoint × listener protocol, draining targets included); LB_REVERSE holds at most 16384"),
+        "{problems:#?}"
     );
 }
 

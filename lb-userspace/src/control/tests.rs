@@ -95,6 +95,18 @@ impl World {
 
     /// A checker's report that completes a transition of target `last` to `to`.
     fn transition(&mut self, last: u8, to: TargetState, ms: u64) {
+        let event = self.report(last, to, ms, 0);
+        self.c.record(&key(last), &event);
+    }
+
+    /// The report of checker `generation` that completes a transition of target `last` to `to`.
+    fn report(
+        &self,
+        last: u8,
+        to: TargetState,
+        ms: u64,
+        generation: u64,
+    ) -> HealthEvent<TargetKey> {
         let k = key(last);
         let from = self.c.model.targets[&k].health;
         let outcome = if to == TargetState::Healthy {
@@ -102,8 +114,9 @@ impl World {
         } else {
             Outcome::Fail(Reason::Timeout, "no connect within 500ms".into())
         };
-        let event = HealthEvent {
-            target: (),
+        HealthEvent {
+            target: k,
+            generation,
             outcome,
             latency: Duration::from_millis(3),
             at: tokio::time::Instant::from_std(self.at(ms)),
@@ -112,8 +125,7 @@ impl World {
                 to,
                 reason: (to == TargetState::Unhealthy).then_some(Reason::Timeout),
             }),
-        };
-        self.c.record(&k, &event);
+        }
     }
 
     fn id(&self, last: u8) -> u32 {
@@ -163,6 +175,63 @@ fn fails_open_until_a_target_is_healthy() {
     }
 }
 
+/// A checker restarted (its spec changed) may still have reports on their way: the old
+/// generation's report changes neither the model nor the desired state; the new one's applies.
+#[test]
+fn reports_of_a_restarted_or_stopped_checker_are_dropped() {
+    let mut w = World::new(|_| {});
+    let spec = |s: &str| {
+        (
+            s.to_string(),
+            crate::health::Schedule {
+                interval: Duration::from_secs(1),
+                healthy_threshold: 2,
+                unhealthy_threshold: 2,
+            },
+        )
+    };
+    let mut checkers = Checkers::default();
+    for l in [11, 12, 13] {
+        let g = checkers.start(key(l), spec("tcp :8080")).generation;
+        let e = w.report(l, TargetState::Healthy, 100, g);
+        assert!(w.c.record_current(&checkers, &e));
+    }
+    w.step(100);
+    assert_eq!(w.slots().len(), 3);
+    let old = checkers.generation(&key(11)).unwrap();
+    let new = checkers.start(key(11), spec("tcp :9090")).generation;
+
+    // The old checker's report: 11 unhealthy. Dropped.
+    let desired = w.c.desired(w.at(200));
+    let late = w.report(11, TargetState::Unhealthy, 200, old);
+    assert!(!w.c.record_current(&checkers, &late));
+    assert_eq!(w.c.model.targets[&key(11)].health, TargetState::Healthy);
+    let last = |w: &World| {
+        w.c.model.targets[&key(11)]
+            .last_check
+            .as_ref()
+            .map(|c| c.result)
+    };
+    assert_eq!(last(&w), Some("pass"));
+    assert_eq!(w.c.desired(w.at(200)), desired);
+    assert_eq!(w.step(200).applied, Applied::default());
+    assert_eq!(w.slots().len(), 3);
+
+    // The new checker's report applies.
+    let current = w.report(11, TargetState::Unhealthy, 300, new);
+    assert!(w.c.record_current(&checkers, &current));
+    assert_eq!(w.c.model.targets[&key(11)].health, TargetState::Unhealthy);
+    w.step(300);
+    assert_eq!(w.slots().iter().map(|s| s.0).collect::<Vec<_>>(), [12, 13]);
+
+    // A target whose checker was stopped: its last report is dropped too.
+    let g13 = checkers.generation(&key(13)).unwrap();
+    checkers.retain(|k, _| *k != key(13));
+    let late = w.report(13, TargetState::Unhealthy, 400, g13);
+    assert!(!w.c.record_current(&checkers, &late));
+    assert_eq!(w.c.model.targets[&key(13)].health, TargetState::Healthy);
+}
+
 #[test]
 fn nothing_is_written_when_nothing_changed() {
     let mut w = World::new(|_| {});
@@ -176,6 +245,7 @@ fn nothing_is_written_when_nothing_changed() {
     let before = w.maps.ops.len();
     let event = HealthEvent {
         target: (),
+        generation: 0,
         outcome: Outcome::Pass,
         latency: Duration::from_millis(1),
         at: tokio::time::Instant::from_std(w.at(700)),
@@ -676,4 +746,241 @@ fn reload_applies_only_the_reloadable_agent_keys() {
     assert_eq!(agent.target_interfaces, None);
     assert_eq!(agent.flow_insert_limit, 1000);
     assert_eq!(notes.len(), 2, "{notes:?}");
+}
+
+/// `register` refuses what config validation refuses (`config::check_target`): the status the
+/// API answers and the message, which names the field or limit.
+fn refused(w: &mut World, group: &str, target: &str, weight: u32) -> (u16, String) {
+    let addr: std::net::SocketAddr = target.parse().unwrap();
+    let key = TargetKey {
+        group: group.into(),
+        addr: addr.ip(),
+        port: addr.port(),
+    };
+    let before = w.c.model.targets.len();
+    let e =
+        w.c.register(key, weight, None)
+            .expect_err("registration accepted");
+    assert_eq!(
+        w.c.model.targets.len(),
+        before,
+        "a refused target was registered"
+    );
+    let r = e.downcast_ref::<Refused>().expect("a Refused");
+    (r.status, r.message.clone())
+}
+
+#[test]
+fn register_refuses_bad_targets_with_400() {
+    let mut w = World::new(|_| {});
+    for (group, target, weight, message) in [
+        ("nope", "10.2.0.14:8080", 100, "no target group is named \"nope\""),
+        (
+            "web",
+            "127.0.0.1:8080",
+            100,
+            "web/127.0.0.1:8080 refused: address: 127.0.0.1 is a loopback address; it cannot be a target",
+        ),
+        ("web", "224.0.0.9:8080", 100, "address: 224.0.0.9 is a multicast address"),
+        ("web", "0.0.0.0:8080", 100, "address: 0.0.0.0 is an unspecified address"),
+        ("web", "10.2.0.14:0", 100, "port: port 0 is outside 1..=65535"),
+        ("web", "10.2.0.14:8080", 0, "weight: 0 is outside 1..=65535"),
+        ("web", "10.2.0.14:8080", 65536, "weight: 65536 is outside 1..=65535"),
+    ] {
+        let (status, text) = refused(&mut w, group, target, weight);
+        assert_eq!(status, 400, "{target}: {text}");
+        assert!(text.contains(message), "{target}: {text}");
+    }
+    w.c.register(tkey("web", "10.2.0.14:8080"), 65535, None)
+        .unwrap();
+}
+
+fn tkey(group: &str, target: &str) -> TargetKey {
+    let addr: std::net::SocketAddr = target.parse().unwrap();
+    TargetKey {
+        group: group.into(),
+        addr: addr.ip(),
+        port: addr.port(),
+    }
+}
+
+#[test]
+fn register_refuses_conflicts_with_the_config_with_409() {
+    let mut w = World::new(|_| {});
+    let (status, text) = refused(&mut w, "web", "10.9.0.10:8080", 100);
+    assert_eq!(
+        (status, text.as_str()),
+        (
+            409,
+            "web/10.9.0.10:8080 refused: address: 10.9.0.10 is the VIP of listener \"web\"; a target must be another host"
+        )
+    );
+    let (status, text) = refused(&mut w, "web", "[fd00::14]:8080", 100);
+    assert_eq!(status, 409, "{text}");
+    assert!(
+        text.contains("address: fd00::14 and VIP 10.9.0.10 of listener \"web\" are of different address families"),
+        "{text}"
+    );
+    // A group no listener uses has no family yet.
+    w.c.register(tkey("spare", "[fd00::14]:8080"), 100, None)
+        .unwrap();
+}
+
+#[test]
+fn register_counts_the_group_against_its_table_size() {
+    // web: 1009 slots, 3 targets from the config; room for 100 at 10 slots per target.
+    let mut w = World::new(|_| {});
+    for i in 0..97u32 {
+        let t = format!("10.3.{}.{}:8080", i / 200, i % 200 + 1);
+        w.c.register(tkey("web", &t), 100, None).unwrap();
+    }
+    let (status, text) = refused(&mut w, "web", "10.4.0.1:8080", 100);
+    assert_eq!(status, 409, "{text}");
+    assert!(
+        text.contains("hash_table_size: 1009 slots for 101 targets in group \"web\"; use at least 10 slots per target"),
+        "{text}"
+    );
+    // Registering a target again (a new weight) adds none.
+    w.c.register(tkey("web", "10.3.0.1:8080"), 50, None)
+        .unwrap();
+    // A draining target is out of the table: it leaves room.
+    w.c.deregister(&key(11), w.at(0)).unwrap();
+    w.c.register(tkey("web", "10.4.0.1:8080"), 100, None)
+        .unwrap();
+}
+
+/// World with `n` targets from the config in "web" (1000003 slots), served over `protocol`;
+/// nothing written (the table would take long to build in a debug build).
+fn crowded(n: u32, protocol: crate::config::Protocol) -> World {
+    World::on(&[("eth0", 3)], |c| {
+        c.listeners[0].protocol = protocol;
+        let g = &mut c.target_groups[0];
+        g.hash_table_size = 1_000_003;
+        g.targets = (0..n)
+            .map(|i| crate::config::TargetConfig {
+                address: IpAddr::from([10, 5, (i >> 8) as u8, i as u8]),
+                port: crate::config::Port(8080),
+                weight: 100,
+                zone: None,
+            })
+            .collect();
+    })
+}
+
+#[test]
+fn register_counts_every_target_against_half_the_target_slots() {
+    // 8191 in web and 1 in spare: 8192 in all, the most there can be.
+    let mut w = crowded(8191, crate::config::Protocol::Tcp);
+    let (status, text) = refused(&mut w, "web", "10.6.0.1:8080", 100);
+    assert_eq!(
+        (status, text.as_str()),
+        (
+            409,
+            "web/10.6.0.1:8080 refused: targets: 8193 targets in all; at most 8192 (half of the data plane's 16384 target slots; the other half is for draining)"
+        )
+    );
+    // Any group counts.
+    let (status, _) = refused(&mut w, "spare", "10.6.0.1:8080", 100);
+    assert_eq!(status, 409);
+    let first = w.c.model.targets.keys().next().unwrap().clone();
+    w.c.deregister(&first, w.at(0)).unwrap();
+    w.c.register(tkey("web", "10.6.0.1:8080"), 100, None)
+        .unwrap();
+}
+
+#[test]
+fn register_counts_reply_entries_against_lb_reverse() {
+    // tcp_udp: every web endpoint takes two LB_REVERSE entries, draining ones included.
+    let mut w = crowded(8191, crate::config::Protocol::TcpUdp);
+    let web: Vec<TargetKey> =
+        w.c.model
+            .targets
+            .keys()
+            .filter(|k| k.group == "web")
+            .take(2)
+            .cloned()
+            .collect();
+    w.c.deregister(&web[0], w.at(0)).unwrap();
+    w.c.register(tkey("web", "10.6.0.1:8080"), 100, None)
+        .unwrap();
+    // What the check counted is what the desired state writes: LB_REVERSE is full.
+    assert_eq!(w.c.desired(w.at(0)).reverse.len(), 16384);
+    w.c.deregister(&web[1], w.at(0)).unwrap();
+    // 8192 targets not draining, but 8193 endpoints with entries.
+    let (status, text) = refused(&mut w, "web", "10.6.0.2:8080", 100);
+    assert_eq!(
+        (status, text.as_str()),
+        (
+            409,
+            "web/10.6.0.2:8080 refused: targets: 16386 reply entries (target endpoint × listener protocol, draining targets included); LB_REVERSE holds at most 16384"
+        )
+    );
+    // An endpoint in two groups that listeners serve has one entry per protocol: the count
+    // follows the desired state there too.
+    let mut both = crate::config::parse(CONFIG, "test.toml").unwrap();
+    both.listeners[0].protocol = crate::config::Protocol::TcpUdp;
+    both.listeners.push(crate::config::ListenerConfig {
+        name: "spare".into(),
+        address: "10.9.0.11".parse().unwrap(),
+        target_group: "spare".into(),
+        ..both.listeners[0].clone()
+    });
+    let mut w = World::on(&[("eth0", 3)], |c| *c = both.clone());
+    let shared = TargetKey {
+        group: "spare".into(),
+        ..key(11)
+    };
+    w.c.register(shared, 100, None).unwrap();
+    let counted = crate::config::reverse_entries(
+        &w.c.config,
+        w.c.model
+            .targets
+            .keys()
+            .map(|k| (k.group.as_str(), k.addr, k.port)),
+    );
+    assert_eq!((counted, w.c.desired(w.at(0)).reverse.len()), (8, 8));
+}
+
+#[test]
+fn reload_refuses_a_config_the_api_targets_do_not_fit() {
+    let mut w = World::new(|_| {});
+    let api = tkey("web", "10.2.0.14:8080");
+    w.c.register(api.clone(), 100, None).unwrap();
+    w.step(0);
+    let running = w.c.config.clone();
+    let with = |f: &dyn Fn(&mut Config)| {
+        let mut c = running.clone();
+        f(&mut c);
+        assert_eq!(c.validate(), [], "the file alone is valid");
+        c
+    };
+    // 3 targets from the file and 1 from the API: 37 slots are too few.
+    let small = with(&|c| c.target_groups[0].hash_table_size = 37);
+    let e = w.c.reload(small, w.at(0)).expect_err("reload accepted");
+    assert!(
+        format!("{e:#}").contains("hash_table_size: 37 slots for 4 targets in group \"web\""),
+        "{e:#}"
+    );
+    // A listener on the API target's address.
+    let vip = with(&|c| {
+        let mut l = c.listeners[0].clone();
+        l.name = "api".into();
+        l.address = api.addr;
+        c.listeners.push(l);
+    });
+    let e = w.c.reload(vip, w.at(0)).expect_err("reload accepted");
+    assert!(
+        format!("{e:#}")
+            .contains("web/10.2.0.14:8080: address: 10.2.0.14 is the VIP of listener \"api\""),
+        "{e:#}"
+    );
+    // The running config stays.
+    assert_eq!(w.c.config, running);
+    assert_eq!(w.step(0).applied, Applied::default());
+    // 41 slots are enough; once the API target drains, 37 are too.
+    w.c.reload(with(&|c| c.target_groups[0].hash_table_size = 41), w.at(0))
+        .unwrap();
+    w.c.deregister(&api, w.at(0)).unwrap();
+    w.c.reload(with(&|c| c.target_groups[0].hash_table_size = 37), w.at(0))
+        .unwrap();
 }

@@ -4,7 +4,7 @@
 
 mod probe;
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{collections::HashMap, fmt, hash::Hash, net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::Instant};
@@ -170,6 +170,9 @@ impl Tracker {
 #[derive(Clone, Debug)]
 pub struct HealthEvent<K> {
     pub target: K,
+    /// The generation of the checker that probed (`Checkers::start`): a report of a checker
+    /// stopped or restarted since is not the current checker's, and is dropped.
+    pub generation: u64,
     pub outcome: Outcome,
     pub latency: Duration,
     pub at: Instant,
@@ -186,9 +189,10 @@ pub struct Schedule {
 
 /// Probes one target every `interval` (±5%, and a first probe within the first tenth of an
 /// interval so that checkers started together spread out) until `cancel`, sending every
-/// result to `events`.
+/// result to `events`, tagged with `generation`.
 pub async fn run_checker<K: Clone, P: Probe>(
     target: K,
+    generation: u64,
     probe: P,
     schedule: Schedule,
     initial: TargetState,
@@ -216,6 +220,7 @@ pub async fn run_checker<K: Clone, P: Probe>(
         let transition = tracker.record(&outcome);
         let event = HealthEvent {
             target: target.clone(),
+            generation,
             outcome,
             latency: at - started,
             at,
@@ -229,6 +234,94 @@ pub async fn run_checker<K: Clone, P: Probe>(
         if next < Instant::now() {
             next = Instant::now();
         }
+    }
+}
+
+/// What a checker was started with: its probe (described) and schedule. A change restarts it.
+pub type CheckSpec = (String, Schedule);
+
+/// The running checkers, one per target, each with a generation of its own. A stopped checker
+/// may still have reports on their way (queued, or blocked on a full channel when it was
+/// stopped); only reports that carry the current generation of their target's checker count.
+#[derive(Debug)]
+pub struct Checkers<K> {
+    running: HashMap<K, Running>,
+    last_generation: u64,
+}
+
+#[derive(Debug)]
+struct Running {
+    spec: CheckSpec,
+    generation: u64,
+    cancel: CancellationToken,
+}
+
+/// A checker `Checkers::start` registered: the generation its reports must carry, and the
+/// token that stops it.
+#[derive(Debug)]
+pub struct Started {
+    pub generation: u64,
+    pub cancel: CancellationToken,
+}
+
+impl<K> Default for Checkers<K> {
+    fn default() -> Self {
+        Self {
+            running: HashMap::new(),
+            last_generation: 0,
+        }
+    }
+}
+
+impl<K: Eq + Hash> Checkers<K> {
+    /// Registers a new checker for `key` (stopping the one it replaces) under a generation no
+    /// checker had before; the caller runs it (`run_checker`) with what this returns.
+    pub fn start(&mut self, key: K, spec: CheckSpec) -> Started {
+        self.last_generation += 1;
+        let started = Started {
+            generation: self.last_generation,
+            cancel: CancellationToken::new(),
+        };
+        let running = Running {
+            spec,
+            generation: started.generation,
+            cancel: started.cancel.clone(),
+        };
+        if let Some(old) = self.running.insert(key, running) {
+            old.cancel.cancel();
+        }
+        started
+    }
+
+    /// Stops the checkers `keep` turns down (given the target and the spec it was started with).
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &CheckSpec) -> bool) {
+        self.running.retain(|key, r| {
+            let kept = keep(key, &r.spec);
+            if !kept {
+                r.cancel.cancel();
+            }
+            kept
+        });
+    }
+
+    pub fn contains(&self, key: &K) -> bool {
+        self.running.contains_key(key)
+    }
+
+    /// The generation of `key`'s running checker.
+    pub fn generation(&self, key: &K) -> Option<u64> {
+        self.running.get(key).map(|r| r.generation)
+    }
+
+    /// Does `event` come from the running checker of its target? Not when that checker was
+    /// stopped, or restarted (a new spec) since it probed.
+    pub fn is_current(&self, event: &HealthEvent<K>) -> bool {
+        self.generation(&event.target) == Some(event.generation)
+    }
+
+    /// Stops every checker.
+    pub fn stop_all(&mut self) {
+        self.retain(|_, _| false);
     }
 }
 

@@ -120,6 +120,7 @@ async fn checker_schedule_and_failure_detection_time() {
     let start = Instant::now();
     tokio::spawn(run_checker(
         7u32,
+        1,
         probe,
         schedule,
         TargetState::Initial,
@@ -171,6 +172,93 @@ async fn checker_schedule_and_failure_detection_time() {
         "the checker stops on cancellation"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
+
+/// A checker restarted (its spec changed) while its report is blocked on a full channel: the
+/// report still arrives after the restart, tagged with the old generation, and the registry
+/// does not count it; the new checker's reports do count.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_checkers_in_flight_report_carries_its_old_generation() {
+    let schedule = Schedule {
+        interval: Duration::from_secs(1),
+        healthy_threshold: 2,
+        unhealthy_threshold: 2,
+    };
+    let scripted = |outcome: Outcome, calls: &Arc<AtomicUsize>| Scripted {
+        script: Arc::new(Mutex::new(vec![outcome])),
+        calls: calls.clone(),
+        takes: Duration::from_millis(10),
+    };
+    // Room for one report: the old checker's second report waits in `send`.
+    let (tx, mut rx) = mpsc::channel(1);
+    let mut checkers = Checkers::default();
+    let old_calls = Arc::new(AtomicUsize::new(0));
+    let old = checkers.start(7u32, ("tcp old".into(), schedule));
+    tokio::spawn(run_checker(
+        7u32,
+        old.generation,
+        scripted(Outcome::Pass, &old_calls),
+        schedule,
+        TargetState::Initial,
+        tx.clone(),
+        old.cancel.clone(),
+    ));
+    // Two probes done: the first report fills the channel, the second waits to be sent.
+    while old_calls.load(Ordering::SeqCst) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::task::yield_now().await;
+
+    let new_calls = Arc::new(AtomicUsize::new(0));
+    let new = checkers.start(7u32, ("tcp new".into(), schedule));
+    assert!(
+        old.cancel.is_cancelled(),
+        "the restart stops the old checker"
+    );
+    assert_ne!(new.generation, old.generation);
+    tokio::spawn(run_checker(
+        7u32,
+        new.generation,
+        scripted(fail(Reason::Timeout), &new_calls),
+        schedule,
+        TargetState::Healthy,
+        tx,
+        new.cancel.clone(),
+    ));
+
+    let queued = rx.recv().await.unwrap();
+    let in_flight = rx.recv().await.unwrap();
+    for e in [&queued, &in_flight] {
+        assert_eq!(
+            (e.generation, &e.outcome),
+            (old.generation, &Outcome::Pass),
+            "{e:?}"
+        );
+        assert!(!checkers.is_current(e), "an old report counted: {e:?}");
+    }
+    // The second pass completed the old checker's transition to healthy: exactly what must not
+    // be applied after the restart.
+    assert_eq!(
+        in_flight.transition.map(|t| t.to),
+        Some(TargetState::Healthy)
+    );
+    let mut last = None;
+    for _ in 0..3 {
+        let e = rx.recv().await.unwrap();
+        assert_eq!(e.generation, new.generation, "{e:?}");
+        assert!(checkers.is_current(&e));
+        last = Some(e);
+    }
+    assert_eq!(
+        old_calls.load(Ordering::SeqCst),
+        2,
+        "the old checker probed on"
+    );
+    // A stopped checker's reports do not count either.
+    checkers.stop_all();
+    assert!(new.cancel.is_cancelled());
+    assert!(!checkers.is_current(&last.unwrap()));
+    assert!(rx.recv().await.is_none(), "both checkers stopped");
 }
 
 /// A loopback server that answers every connection with `behaviour`.
@@ -258,6 +346,7 @@ async fn settle<P: Probe>(probe: P) -> (TargetState, Option<Reason>, String) {
     let cancel = CancellationToken::new();
     tokio::spawn(run_checker(
         (),
+        1,
         probe,
         schedule,
         TargetState::Initial,
