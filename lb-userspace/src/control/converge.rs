@@ -196,6 +196,7 @@ impl Run {
                 }
                 let event = HealthEvent {
                     target: (),
+                    generation: 0,
                     outcome: if healthy {
                         Outcome::Pass
                     } else {
