@@ -87,6 +87,9 @@ struct Agent {
     builds: mpsc::Sender<BuiltTables>,
     /// A build is running.
     building: bool,
+    /// Reconciliations in which a write failed, and the last one's error.
+    failed_reconciliations: u64,
+    last_write_error: Option<String>,
     /// Answers to calls that changed the maps, held until the tables they wait for are
     /// published.
     held: Vec<(oneshot::Sender<Response>, Response)>,
@@ -224,6 +227,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         builds,
         building: false,
         held: Vec::new(),
+        failed_reconciliations: 0,
+        last_write_error: None,
     };
     agent.lookup_new_routes();
     agent.apply(now, "start");
@@ -398,6 +403,7 @@ impl Agent {
             Ok(step) => {
                 let took = started.elapsed();
                 self.retry_at = None;
+                self.last_write_error = None;
                 for c in &step.changes {
                     info!(
                         target = %c.target,
@@ -444,6 +450,8 @@ impl Agent {
             }
             Err(e) => {
                 error!(error = %format!("{e:#}"), "writing the maps failed; retrying in 1 s");
+                self.failed_reconciliations += 1;
+                self.last_write_error = Some(format!("{e:#}"));
                 self.retry_at = Some(now + RETRY_AFTER);
                 // What the agent intends survives a restart even when the maps lag: the next
                 // run reads the maps back and finishes the job.
@@ -792,6 +800,13 @@ impl Agent {
             "datapath": {
                 "pin_path": self.dp.pin_dir,
                 "interfaces": interfaces,
+                "maps": {
+                    "in_sync": self.retry_at.is_none() && !self.building,
+                    "entries_in_doubt": self.ctl.reconciler.in_doubt(),
+                    "tables_building": self.building,
+                    "failed_reconciliations": self.failed_reconciliations,
+                    "last_error": self.last_write_error,
+                },
             },
         })
     }
@@ -817,6 +832,10 @@ impl Agent {
             counters,
             active_flows: self.active_flows.clone(),
             health: &self.health_metrics,
+            writes: metrics::MapWrites {
+                failed_reconciliations: self.failed_reconciliations,
+                in_doubt: self.ctl.reconciler.in_doubt(),
+            },
         })
     }
 

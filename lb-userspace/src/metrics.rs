@@ -55,6 +55,16 @@ pub struct Inputs<'a> {
     /// Listener name → flow entries, as of the last sweep.
     pub active_flows: BTreeMap<String, u64>,
     pub health: &'a HealthMetrics,
+    pub writes: MapWrites,
+}
+
+/// How the map writes are going.
+#[derive(Clone, Debug, Default)]
+pub struct MapWrites {
+    /// Reconciliations in which a write failed.
+    pub failed_reconciliations: u64,
+    /// Entries the kernel may or may not hold (their last write failed).
+    pub in_doubt: usize,
 }
 
 pub fn render(i: &Inputs<'_>) -> String {
@@ -62,6 +72,24 @@ pub fn render(i: &Inputs<'_>) -> String {
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
+    family(
+        &mut o,
+        "lb_map_write_failures_total",
+        "counter",
+        "Reconciliations in which a map write failed (the rest were written; retried every second).",
+    );
+    let _ = writeln!(
+        o,
+        "lb_map_write_failures_total {}",
+        i.writes.failed_reconciliations
+    );
+    family(
+        &mut o,
+        "lb_map_entries_in_doubt",
+        "gauge",
+        "Map entries whose last write failed, waiting to be written again.",
+    );
+    let _ = writeln!(o, "lb_map_entries_in_doubt {}", i.writes.in_doubt);
     family(
         &mut o,
         "lb_packets_total",
@@ -273,12 +301,18 @@ mod tests {
             counters,
             active_flows: [("web".to_string(), 3)].into(),
             health: &health,
+            writes: MapWrites {
+                failed_reconciliations: 2,
+                in_doubt: 1,
+            },
         });
         for line in [
             "lb_packets_total{listener=\"web\",direction=\"in\"} 5",
             "lb_bytes_total{listener=\"web\",direction=\"out\"} 200",
             "lb_new_flows_total{listener=\"web\"} 2",
             "lb_active_flows{listener=\"web\"} 3",
+            "lb_map_write_failures_total 2",
+            "lb_map_entries_in_doubt 1",
             "lb_dropped_packets_total{reason=\"no_listener\"} 7",
             "lb_dropped_packets_total{reason=\"icmp_unmatched\"} 11",
             "lb_dataplane_events_total{event=\"flow_insert_skipped\"} 13",

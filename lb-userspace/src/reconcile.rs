@@ -195,6 +195,11 @@ impl Reconciler {
         self.built.insert(spec, table);
     }
 
+    /// Entries whose last write failed, and tables read back but not republished yet.
+    pub fn in_doubt(&self) -> usize {
+        self.in_doubt.len() + self.unknown_tables.len()
+    }
+
     /// The specs the last `apply` could not publish for want of a build.
     pub fn pending(&self) -> &[TableSpec] {
         &self.pending
