@@ -305,9 +305,18 @@ impl KernelMaps {
                     .with_context(|| format!("removing interface {ifindex} from LB_IFACES"))
             }
         }
-        self.devmap
-            .remove(ifindex)
-            .with_context(|| format!("removing interface {ifindex} from LB_DEVMAP"))
+        match self.devmap.remove(ifindex) {
+            Ok(()) => Ok(()),
+            // The kernel drops an interface's entry itself when the interface goes away.
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => {
+                Err(e).with_context(|| format!("removing interface {ifindex} from LB_DEVMAP"))
+            }
+        }
     }
 
     /// How the fragments of a datagram from a target are being translated, if tracked.
