@@ -23,10 +23,11 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::{self, Config},
     control::{self, Controller},
-    datapath::{self, Datapath},
+    datapath::{self, Datapath, LinkState},
     expiry::{self, ExpiryPlan, ListenerTimeouts, Sweep},
     health::{self, HealthEvent, Schedule, TargetState},
     http::{self, Request, Response},
+    links::{self, LinkWatcher, Watch},
     maps::FlowTable,
     metrics::{self, HealthMetrics},
     model::{Model, SavedModel, TargetKey},
@@ -93,6 +94,8 @@ struct Agent {
     /// Answers to calls that changed the maps, held until the tables they wait for are
     /// published.
     held: Vec<(oneshot::Sender<Response>, Response)>,
+    /// Link notifications for `agent.interfaces` (None: the socket could not be opened).
+    links: Option<LinkWatcher>,
 }
 
 /// Tables built off the runtime thread, by spec.
@@ -229,6 +232,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         held: Vec::new(),
         failed_reconciliations: 0,
         last_write_error: None,
+        links: LinkWatcher::open()
+            .map_err(|e| warn!(error = %format!("{e:#}"), "not watching interfaces: an interface deleted and made again is not re-attached"))
+            .ok(),
     };
     agent.lookup_new_routes();
     agent.apply(now, "start");
@@ -276,6 +282,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = route_recheck.tick() => agent.start_route_check(&rechecked_tx),
             Some(check) = rechecked.recv() => agent.route_check_done(check),
             Some(tables) = built.recv() => agent.tables_built(tables),
+            watch = links::next(agent.links.as_mut()) => {
+                if agent.on_links(watch) {
+                    agent.start_route_check(&rechecked_tx);
+                }
+            }
             _ = sighup.recv() => {
                 let r = agent.reload();
                 if r.status != 200 {
@@ -787,6 +798,7 @@ impl Agent {
                     });
                 json!({
                     "name": n, "ifindex": i, "mode": m,
+                    "reattachments": self.dp.reattachments.get(n).copied().unwrap_or(0),
                     "faces_targets": roles.targets.contains(i),
                     "role_source": roles.source,
                     "role": roles.source.describe(),
@@ -825,7 +837,7 @@ impl Agent {
             .maps
             .counters()
             .unwrap_or([0; lb_common::counter::COUNT as usize]);
-        metrics::render(&metrics::Inputs {
+        let mut page = metrics::render(&metrics::Inputs {
             config: &self.ctl.config,
             model: &self.ctl.model,
             listener_stats,
@@ -836,7 +848,10 @@ impl Agent {
                 failed_reconciliations: self.failed_reconciliations,
                 in_doubt: self.ctl.reconciler.in_doubt(),
             },
-        })
+        });
+        let interfaces = self.dp.attached.keys().map(String::as_str);
+        metrics::render_reattachments(&mut page, interfaces, &self.dp.reattachments);
+        page
     }
 
     /// Starts a sweep of the flow table on a blocking thread (unless one is still running);
@@ -914,6 +929,62 @@ impl Agent {
         log_route_notes(&notes, &self.ctl.interfaces);
         self.lookup_new_routes(); // targets registered while the check ran
         self.apply(Instant::now(), "routes");
+    }
+
+    /// Link notifications (or a resync): an interface of `agent.interfaces` that no longer runs
+    /// our program through its pin is attached afresh, and the maps follow its ifindex
+    /// (`LB_IFACES`, `LB_DEVMAP`); one that is gone is said once. True when the routes to the
+    /// targets are worth asking again (an attached interface changed).
+    fn on_links(&mut self, watch: Watch) -> bool {
+        let (names, touched): (BTreeSet<String>, bool) = match watch {
+            Watch::Events(events) => (
+                links::due(&events, &self.ctl.interfaces, self.dp.prog_id),
+                links::touches(&events, &self.ctl.interfaces),
+            ),
+            Watch::Resync(why) => {
+                debug!(why, "checking every interface's XDP link");
+                (self.ctl.interfaces.keys().cloned().collect(), false)
+            }
+        };
+        let mut moved = false;
+        for name in names {
+            let (index, fresh) = match self.dp.ensure_attached(&name) {
+                Ok(LinkState::Missing) => {
+                    if self.links.as_mut().is_some_and(|l| l.gone(&name)) {
+                        warn!(interface = %name, "interface gone: XDP is attached again when an interface of that name is back (its pin stays)");
+                    }
+                    continue;
+                }
+                Ok(LinkState::Serving(i)) => (i, false),
+                Ok(LinkState::Reattached(i)) => (i, true),
+                Err(e) => {
+                    error!(interface = %name, error = %format!("{e:#}"), "attaching XDP afresh failed; retrying in 1 s");
+                    if let Some(l) = self.links.as_mut() {
+                        l.recheck_after(RETRY_AFTER);
+                    }
+                    continue;
+                }
+            };
+            if self.links.as_mut().is_some_and(|l| l.back(&name)) {
+                info!(interface = %name, ifindex = index, "interface back");
+            }
+            let old = self.ctl.interfaces.insert(name.clone(), index);
+            if old != Some(index) {
+                moved = true;
+            } else if fresh {
+                // The same ifindex again (moved in from another namespace): the kernel dropped
+                // its LB_DEVMAP entry with the old interface; write it again.
+                if let Some(&v) = self.ctl.reconciler.shadow().interfaces.get(&index) {
+                    if let Err(e) = self.dp.maps.add_interface(index, v) {
+                        error!(interface = %name, error = %format!("{e:#}"), "rewriting the interface's map entries failed");
+                    }
+                }
+            }
+        }
+        if moved {
+            self.apply(Instant::now(), "interfaces");
+        }
+        touched || moved
     }
 
     fn sweep_done(&mut self, table: FlowTable, sweep: Sweep) {

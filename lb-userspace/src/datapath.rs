@@ -5,7 +5,10 @@
 //! - `maps/NAME`: every map of the object;
 //! - `prog`: the `lb_xdp` program;
 //! - `links/IFNAME`: the XDP link of each interface (a pinned link keeps the program attached
-//!   after the agent exits);
+//!   after the agent exits). An adopted link is checked first: it must still be attached to
+//!   the interface of that name (its ifindex now) and run our program; a link whose interface
+//!   was deleted (and perhaps made again) is replaced by a fresh attach. While the agent runs,
+//!   `ensure_attached` does the same when the link watcher (`links`) says so;
 //!
 //! bpffs holds only pins, so what the agent needs to carry on where it stopped (ids, target
 //! states, table layout, the config it applied) goes to a state file beside the API socket's
@@ -16,7 +19,13 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
     fs,
-    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::{
+            ffi::OsStrExt,
+            fs::{DirBuilderExt, PermissionsExt},
+        },
+    },
     path::{Path, PathBuf},
 };
 
@@ -44,6 +53,24 @@ pub struct Datapath {
     pub attached: BTreeMap<String, (u32, &'static str)>,
     /// Set when this run adopted an earlier run's pins.
     pub adopted: Option<serde_json::Value>,
+    /// Interface name → how often XDP was attached afresh because the interface no longer ran
+    /// our program through its pinned link (deleted and made again), since this run started.
+    pub reattachments: BTreeMap<String, u64>,
+    /// Our `lb_xdp`, for attaching again, and its kernel id.
+    prog: Xdp,
+    pub prog_id: u32,
+    xdp_mode: ConfiguredMode,
+}
+
+/// Where an interface stands after `Datapath::ensure_attached`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkState {
+    /// Its pinned link runs our program on it (the ifindex).
+    Serving(u32),
+    /// It did not; XDP is attached afresh (the ifindex).
+    Reattached(u32),
+    /// No interface has that name now; its pin stays until one does.
+    Missing,
 }
 
 /// Refuses to go on without the capabilities loading and attaching XDP needs.
@@ -117,6 +144,126 @@ pub fn ifindex(name: &str) -> Result<u32> {
         bail!("interface {name} not found (agent.interfaces)");
     }
     Ok(i)
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_XDP: u32 = 6;
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct InfoByFdAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` and, for an XDP link, its interface (the union starts at
+/// offset 16). The kernel fills as much as it is given.
+#[repr(C)]
+#[derive(Default)]
+struct XdpLinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    /// 0 once the interface is gone (the link is detached for good).
+    ifindex: u32,
+    _rest: u32,
+}
+
+/// What the kernel says about the link pinned at `path` (`BPF_OBJ_GET`, then
+/// `BPF_OBJ_GET_INFO_BY_FD`; aya 0.14's `LinkInfo` lacks the XDP interface).
+fn pinned_link_info(path: &Path) -> Result<XdpLinkInfo> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .with_context(|| format!("pin path {}", path.display()))?;
+    let get = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        ..ObjGetAttr::default()
+    };
+    // SAFETY: a BPF_OBJ_GET attribute of the size passed; `c_path` outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGetAttr,
+            size_of::<ObjGetAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening the pinned link {}", path.display()));
+    }
+    // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut info = XdpLinkInfo::default();
+    let attr = InfoByFdAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<XdpLinkInfo>() as u32,
+        info: &mut info as *mut XdpLinkInfo as u64,
+    };
+    // SAFETY: a BPF_OBJ_GET_INFO_BY_FD attribute of the size passed, pointing at `info` of
+    // `info_len` bytes; both outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoByFdAttr,
+            size_of::<InfoByFdAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the link pinned at {}", path.display()));
+    }
+    Ok(info)
+}
+
+/// Why the link pinned at `path` does not attach program `prog_id` to interface `ifindex`;
+/// None when it does.
+fn link_fault(path: &Path, ifindex: u32, prog_id: u32) -> Option<String> {
+    let info = match pinned_link_info(path) {
+        Ok(info) => info,
+        Err(e) if !path.exists() => return Some(format!("no pinned link ({e:#})")),
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    if info.link_type != BPF_LINK_TYPE_XDP {
+        Some(format!("link {} is not an XDP link", info.id))
+    } else if info.prog_id != prog_id {
+        Some(format!(
+            "link {} runs program {}, not ours ({prog_id})",
+            info.id, info.prog_id
+        ))
+    } else if info.ifindex == 0 {
+        Some(format!(
+            "link {} is detached (its interface was deleted)",
+            info.id
+        ))
+    } else if info.ifindex != ifindex {
+        Some(format!(
+            "link {} is attached to ifindex {}, the interface is ifindex {ifindex} now",
+            info.id, info.ifindex
+        ))
+    } else {
+        None
+    }
+}
+
+/// Removes a pin that no longer serves (dropping the last reference detaches the link, if it
+/// is attached at all).
+fn discard_link(path: &Path) -> Result<()> {
+    if detach_link(path).is_err() && path.exists() {
+        fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn attach(prog: &mut Xdp, iface: &str, mode: ConfiguredMode) -> Result<(FdLink, &'static str)> {
@@ -241,6 +388,8 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
         }
     };
 
+    let prog_id = prog.info().context("reading our program's id")?.id();
+    let mut reattachments = BTreeMap::new();
     let mut attached = BTreeMap::new();
     let pinned_modes: BTreeMap<String, String> = earlier
         .as_ref()
@@ -253,14 +402,23 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
         if link_path.exists() {
             PinnedLink::from_pin(&link_path)
                 .with_context(|| format!("opening the pinned link of {name}"))?;
-            let mode = if pinned_modes.get(name).map(String::as_str) == Some("generic") {
-                "generic"
-            } else {
-                "native"
-            };
-            info!(interface = %name, mode, "adopted the pinned XDP link");
-            attached.insert(name.clone(), (index, mode));
-            continue;
+            match link_fault(&link_path, index, prog_id) {
+                None => {
+                    let mode = if pinned_modes.get(name).map(String::as_str) == Some("generic") {
+                        "generic"
+                    } else {
+                        "native"
+                    };
+                    info!(interface = %name, mode, "adopted the pinned XDP link");
+                    attached.insert(name.clone(), (index, mode));
+                    continue;
+                }
+                Some(why) => {
+                    warn!(interface = %name, ifindex = index, why, "the pinned XDP link no longer serves the interface (deleted and made again?): attaching afresh");
+                    discard_link(&link_path)?;
+                    reattachments.insert(name.clone(), 1);
+                }
+            }
         }
         let attached_now =
             attach(&mut prog, name, config.agent.xdp_mode).and_then(|(link, mode)| {
@@ -278,7 +436,11 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
                 return Err(e);
             }
         };
-        info!(interface = %name, mode, "XDP attached");
+        if reattachments.contains_key(name) {
+            info!(interface = %name, ifindex = index, mode, "XDP re-attached");
+        } else {
+            info!(interface = %name, mode, "XDP attached");
+        }
         attached.insert(name.clone(), (index, mode));
     }
     // Links of interfaces the config no longer lists.
@@ -295,6 +457,10 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
         pin_dir,
         attached,
         adopted: earlier,
+        reattachments,
+        prog,
+        prog_id,
+        xdp_mode: config.agent.xdp_mode,
     })
 }
 
@@ -318,6 +484,42 @@ fn detach_link(path: &Path) -> Result<()> {
 }
 
 impl Datapath {
+    /// Makes sure interface `name` runs our program through the link pinned for it: when it
+    /// does not (it was deleted and made again: a new ifindex, no program, the old link
+    /// detached), the pin is replaced by a fresh attach, counted in `reattachments`. A missing
+    /// interface keeps its pin until it is back.
+    pub fn ensure_attached(&mut self, name: &str) -> Result<LinkState> {
+        let Ok(index) = ifindex(name) else {
+            return Ok(LinkState::Missing);
+        };
+        let path = self.pin_dir.join("links").join(name);
+        let Some(why) = link_fault(&path, index, self.prog_id) else {
+            if let Some(a) = self.attached.get_mut(name) {
+                a.0 = index;
+            }
+            return Ok(LinkState::Serving(index));
+        };
+        warn!(
+            interface = name,
+            ifindex = index,
+            why,
+            "XDP is not attached through our pin: attaching afresh"
+        );
+        discard_link(&path)?;
+        let (link, mode) = attach(&mut self.prog, name, self.xdp_mode)?;
+        link.pin(&path)
+            .with_context(|| format!("pinning the link of {name}"))?;
+        // The interface the kernel attached to (the name may have moved on meanwhile).
+        let index = pinned_link_info(&path)?.ifindex;
+        if index == 0 {
+            return Ok(LinkState::Missing); // gone again already
+        }
+        *self.reattachments.entry(name.to_string()).or_default() += 1;
+        self.attached.insert(name.to_string(), (index, mode));
+        info!(interface = name, ifindex = index, mode, "XDP re-attached");
+        Ok(LinkState::Reattached(index))
+    }
+
     /// Writes the state file (atomically).
     pub fn save_state(&self, mut state: serde_json::Value) -> Result<()> {
         state["owner"] = OWNER.into();

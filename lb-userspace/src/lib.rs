@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod expiry;
 pub mod health;
 pub mod http;
+pub mod links;
 pub mod maps;
 pub mod metrics;
 pub mod model;

@@ -263,6 +263,28 @@ pub fn render(i: &Inputs<'_>) -> String {
     o
 }
 
+/// `lb_xdp_reattachments_total{interface}`: for each attached interface (`interfaces`), how
+/// often XDP was attached to it afresh since the agent started (the interface was deleted and
+/// made again), appended to a page of `render`.
+pub fn render_reattachments<'a>(
+    o: &mut String,
+    interfaces: impl Iterator<Item = &'a str>,
+    counts: &BTreeMap<String, u64>,
+) {
+    let _ = writeln!(
+        o,
+        "# HELP lb_xdp_reattachments_total XDP attached afresh to an interface that no longer ran it (deleted and made again), since the agent started.\n# TYPE lb_xdp_reattachments_total counter"
+    );
+    for name in interfaces {
+        let n = counts.get(name).copied().unwrap_or(0);
+        let _ = writeln!(
+            o,
+            "lb_xdp_reattachments_total{{interface=\"{}\"}} {n}",
+            esc(name)
+        );
+    }
+}
+
 fn target_label(k: &TargetKey) -> String {
     crate::config::endpoint(k.addr, k.port)
 }
@@ -270,6 +292,21 @@ fn target_label(k: &TargetKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reattachments_are_counted_per_interface() {
+        let mut page = String::new();
+        let counts: BTreeMap<String, u64> = [("l1".to_string(), 2)].into();
+        render_reattachments(&mut page, ["l0", "l1"].into_iter(), &counts);
+        assert_eq!(
+            page.lines().skip(1).collect::<Vec<_>>(),
+            [
+                "# TYPE lb_xdp_reattachments_total counter",
+                "lb_xdp_reattachments_total{interface=\"l0\"} 0",
+                "lb_xdp_reattachments_total{interface=\"l1\"} 2",
+            ]
+        );
+    }
 
     #[test]
     fn page_has_every_family_and_counts() {

@@ -512,6 +512,44 @@ impl Topology {
         Ok(())
     }
 
+    /// Makes the balancer's target-side interface `l1` again, after it was deleted (`ip link
+    /// del l1` on `lb`: its peer `s0` on the switch goes with it), with the same name, addresses
+    /// and switch port: a new ifindex, no XDP program (routed topology; `balancer_target_mtu`
+    /// is not applied again).
+    pub fn remake_balancer_target_link(&self) -> Result<()> {
+        self.add_balancer_target_link()?;
+        self.configure_balancer_target_link()
+    }
+
+    /// The first half of `remake_balancer_target_link`: `l1` and its switch port, `l1` down
+    /// and without addresses.
+    pub fn add_balancer_target_link(&self) -> Result<()> {
+        let (lb, sw) = (self.ns("lb"), self.ns("sw"));
+        ip(&format!(
+            "link add l1 netns {lb} type veth peer name s0 netns {sw}"
+        ))?;
+        ip(&format!("-n {sw} link set s0 master br0 up"))?;
+        self.exec("sw", "ethtool -K s0 gro on")?;
+        Ok(())
+    }
+
+    /// The second half: `l1`'s addresses, and up.
+    pub fn configure_balancer_target_link(&self) -> Result<()> {
+        let lb = self.ns("lb");
+        ip(&format!("-n {lb} addr add 10.0.2.1/24 dev l1"))?;
+        ip(&format!("-n {lb} addr add fd00:2::1/64 dev l1 nodad"))?;
+        ip(&format!("-n {lb} link set l1 up"))?;
+        Ok(())
+    }
+
+    /// The ifindex of interface `dev` on host `name`.
+    pub fn ifindex(&self, name: &str, dev: &str) -> Result<u32> {
+        let out = self.exec(name, &format!("cat /sys/class/net/{dev}/ifindex"))?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("ifindex of {dev}: {out:?}"))
+    }
+
     /// Makes backend `i`'s `/health` answer 500 (`sick`) or 200.
     pub fn set_sick(&self, i: usize, sick: bool) -> Result<()> {
         let flag = self.dir.join(format!("b{i}/sick"));

@@ -350,6 +350,172 @@ fn keep_datapath_restart_adopts_the_pins_and_keeps_flows() -> Result<()> {
     Ok(())
 }
 
+/// The ifindex `/v1/status` shows for an attached interface, and its re-attachments.
+fn status_interface(b: &Balancer, name: &str) -> Result<(u64, u64)> {
+    let s = b.status()?;
+    let i = s["datapath"]["interfaces"]
+        .as_array()
+        .and_then(|is| is.iter().find(|i| i["name"] == name))
+        .cloned()
+        .unwrap_or_default();
+    Ok((
+        i["ifindex"].as_u64().unwrap_or(0),
+        i["reattachments"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// The keys of a pinned map keyed by ifindex (`LB_IFACES`, `LB_DEVMAP`), read with bpftool.
+fn ifindex_keys(b: &Balancer, map: &str) -> Result<BTreeSet<u32>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(b.topo.bpffs().join("lb/maps").join(map))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    entries
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["key"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| u8::from_str_radix(b.as_str().unwrap_or("").trim_start_matches("0x"), 16))
+                .collect::<Result<_, _>>()?;
+            let key: [u8; 4] = bytes[..]
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("{map}: a key of {} bytes", bytes.len()))?;
+            Ok(u32::from_ne_bytes(key))
+        })
+        .collect()
+}
+
+/// After `l1` was made again with ifindex `new` (it was `old`): XDP runs on it, the maps name
+/// the new ifindex and not the old, the metric and the status count one re-attachment, and
+/// traffic through the VIP works (the targets' checks recover on their own).
+fn assert_reattached(b: &Balancer, old: u32, new: u32) -> Result<()> {
+    assert_ne!(new, old, "l1 made again with its old ifindex");
+    assert_eq!(status_interface(b, "l1")?, (new as u64, 1));
+    assert_eq!(
+        b.metric("lb_xdp_reattachments_total{interface=\"l1\"}")?,
+        1.0
+    );
+    assert_eq!(
+        b.metric("lb_xdp_reattachments_total{interface=\"l0\"}")?,
+        0.0
+    );
+    assert!(
+        b.topo.exec("lb", "ip -d link show l1")?.contains(" xdp"),
+        "no XDP on the new l1"
+    );
+    for map in ["LB_IFACES", "LB_DEVMAP"] {
+        let keys = ifindex_keys(b, map)?;
+        assert!(
+            keys.contains(&new) && !keys.contains(&old),
+            "{map} holds {keys:?} (old l1 {old}, new {new})"
+        );
+    }
+    b.wait_healthy(2)?;
+    let (counts, _) = b.spread(URL, 10)?;
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
+    // The maps are in step: a call that writes them succeeds (removing the old ifindex, whose
+    // LB_DEVMAP entry the kernel dropped with the interface, did not wedge the reconciler).
+    let (code, text) = b.cli(&["targets", "register", "--group", "web", "10.0.2.14:8080"])?;
+    assert_eq!(code, 0, "{text}");
+    let log = b.agent_log();
+    assert!(!log.contains("writing the maps failed"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn agent_reattaches_an_interface_deleted_and_made_again() -> Result<()> {
+    let b = start(2, &config(2, "", "", "", ""), &[])?;
+    b.wait_healthy(2)?;
+    let old = b.topo.ifindex("lb", "l1")?;
+    assert_eq!(status_interface(&b, "l1")?, (old as u64, 0));
+    assert_eq!(
+        b.metric("lb_xdp_reattachments_total{interface=\"l1\"}")?,
+        0.0
+    );
+
+    // The target side goes away: said once, the pin stays.
+    b.topo.exec("lb", "ip link del l1")?;
+    poll(Duration::from_secs(5), "the agent saw l1 go", || {
+        Ok(b.agent_log().contains("interface gone").then_some(()))
+    })?;
+    assert!(b.topo.bpffs().join("lb/links/l1").exists(), "pin dropped");
+
+    // It comes back under the same name: a new ifindex, no XDP until the agent attaches; down
+    // and without addresses at first, so no route to the targets yet.
+    b.topo.add_balancer_target_link()?;
+    let new = b.topo.ifindex("lb", "l1")?;
+    poll(Duration::from_secs(5), "the agent re-attached l1", || {
+        Ok((status_interface(&b, "l1")?.0 == new as u64).then_some(()))
+    })?;
+    // Its addresses, and up: interface roles follow the routes out of the new l1 at once (not
+    // at the 30 s re-check), l1 alone facing targets again.
+    b.topo.configure_balancer_target_link()?;
+    poll(Duration::from_secs(5), "l1 alone facing targets", || {
+        let s = b.status()?;
+        let faces: Vec<bool> = ["l0", "l1"]
+            .iter()
+            .map(|n| {
+                s["datapath"]["interfaces"]
+                    .as_array()
+                    .and_then(|is| is.iter().find(|i| i["name"] == *n))
+                    .is_some_and(|i| i["faces_targets"] == true)
+            })
+            .collect();
+        Ok((faces == [false, true]).then_some(()))
+    })?;
+    assert_reattached(&b, old, new)?;
+    let log = b.agent_log();
+    assert!(log.contains("XDP re-attached"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn keep_datapath_restart_reattaches_an_interface_made_again() -> Result<()> {
+    let mut b = start(2, &config(2, "", "", "", ""), &["--keep-datapath"])?;
+    b.wait_healthy(2)?;
+    let old = b.topo.ifindex("lb", "l1")?;
+    let status = b.stop_agent(libc::SIGTERM)?;
+    assert!(status.success(), "{status}");
+
+    // While no agent runs, l1 is deleted and made again: the pinned link is detached for good.
+    b.topo.exec("lb", "ip link del l1")?;
+    b.topo.remake_balancer_target_link()?;
+    let new = b.topo.ifindex("lb", "l1")?;
+    assert!(!b.topo.exec("lb", "ip -d link show l1")?.contains(" xdp"));
+
+    // The next agent checks what it adopts and attaches afresh.
+    b.run_agent(&[])?;
+    poll(Duration::from_secs(10), "the second agent's API", || {
+        Ok(b.status().ok())
+    })?;
+    let log = b.agent_log();
+    assert!(
+        log.contains("the pinned XDP link no longer serves the interface"),
+        "{log}"
+    );
+    assert!(log.contains("adopted the pinned data plane"), "{log}");
+    assert_reattached(&b, old, new)?;
+
+    // A clean stop detaches from both.
+    let status = b.stop_agent(libc::SIGTERM)?;
+    assert!(status.success(), "{status}");
+    assert!(!b.topo.exec("lb", "ip -d link show")?.contains(" xdp"));
+    assert!(!b.topo.bpffs().join("lb").exists());
+    Ok(())
+}
+
 #[test]
 fn run_refuses_bad_setups_with_clear_errors() -> Result<()> {
     let topo = Topology::routed(0)?;
