@@ -361,71 +361,52 @@ impl Reconciler {
 
         // Removals, users before what they use. An entry in doubt that is not desired is
         // removed too (absent already counts as removed).
-        let doubtful = |f: &dyn Fn(&Entry) -> bool| -> Vec<Entry> {
-            self.in_doubt.iter().filter(|e| f(e)).cloned().collect()
-        };
-        let listeners: BTreeSet<EndpointKey> = gone(&self.shadow.listeners, &desired.listeners)
-            .into_iter()
-            .chain(
-                doubtful(
-                    &|e| matches!(e, Entry::Listener(k) if !desired.listeners.contains_key(k)),
-                )
-                .into_iter()
-                .filter_map(|e| match e {
-                    Entry::Listener(k) => Some(k),
-                    _ => None,
-                }),
-            )
-            .collect();
-        let sources: BTreeSet<(u32, Cidr)> = self
-            .shadow
-            .sources
-            .difference(&desired.sources)
-            .copied()
-            .chain(
-                doubtful(&|e| matches!(e, Entry::Source(k) if !desired.sources.contains(k)))
-                    .into_iter()
-                    .filter_map(|e| match e {
-                        Entry::Source(k) => Some(k),
-                        _ => None,
-                    }),
-            )
-            .collect();
-        let reverse: BTreeSet<EndpointKey> = gone(&self.shadow.reverse, &desired.reverse)
-            .into_iter()
-            .chain(
-                doubtful(&|e| matches!(e, Entry::Reverse(k) if !desired.reverse.contains_key(k)))
-                    .into_iter()
-                    .filter_map(|e| match e {
-                        Entry::Reverse(k) => Some(k),
-                        _ => None,
-                    }),
-            )
-            .collect();
-        let vips: BTreeSet<IpAddr> = gone(&self.shadow.vips, &desired.vips)
-            .into_iter()
-            .chain(
-                doubtful(&|e| matches!(e, Entry::Vip(k) if !desired.vips.contains_key(k)))
-                    .into_iter()
-                    .filter_map(|e| match e {
-                        Entry::Vip(k) => Some(k),
-                        _ => None,
-                    }),
-            )
-            .collect();
-        let interfaces: BTreeSet<u32> = gone(&self.shadow.interfaces, &desired.interfaces)
-            .into_iter()
-            .chain(
-                doubtful(
-                    &|e| matches!(e, Entry::Interface(k) if !desired.interfaces.contains_key(k)),
-                )
-                .into_iter()
-                .filter_map(|e| match e {
-                    Entry::Interface(k) => Some(k),
-                    _ => None,
-                }),
-            )
-            .collect();
+        let (s, doubt) = (&self.shadow, &self.in_doubt);
+        let listeners = leaving(
+            s.listeners.keys().copied(),
+            doubt,
+            |e| match e {
+                Entry::Listener(k) => Some(*k),
+                _ => None,
+            },
+            |k| desired.listeners.contains_key(k),
+        );
+        let sources = leaving(
+            s.sources.iter().copied(),
+            doubt,
+            |e| match e {
+                Entry::Source(k) => Some(*k),
+                _ => None,
+            },
+            |k| desired.sources.contains(k),
+        );
+        let reverse = leaving(
+            s.reverse.keys().copied(),
+            doubt,
+            |e| match e {
+                Entry::Reverse(k) => Some(*k),
+                _ => None,
+            },
+            |k| desired.reverse.contains_key(k),
+        );
+        let vips = leaving(
+            s.vips.keys().copied(),
+            doubt,
+            |e| match e {
+                Entry::Vip(k) => Some(*k),
+                _ => None,
+            },
+            |k| desired.vips.contains_key(k),
+        );
+        let interfaces = leaving(
+            s.interfaces.keys().copied(),
+            doubt,
+            |e| match e {
+                Entry::Interface(k) => Some(*k),
+                _ => None,
+            },
+            |k| desired.interfaces.contains_key(k),
+        );
 
         let s = &mut self.shadow;
         let doubt = &mut self.in_doubt;
@@ -521,15 +502,17 @@ impl Reconciler {
             })
             .map(|(&id, &v)| (id, v))
             .chain(
-                gone(&self.shadow.targets, &desired.targets)
-                    .into_iter()
-                    .chain(self.in_doubt.iter().filter_map(|e| match e {
-                        Entry::Target(id) if !desired.targets.contains_key(id) => Some(*id),
+                leaving(
+                    self.shadow.targets.keys().copied(),
+                    &self.in_doubt,
+                    |e| match e {
+                        Entry::Target(id) => Some(*id),
                         _ => None,
-                    }))
-                    .collect::<BTreeSet<u32>>()
-                    .into_iter()
-                    .map(|id| (id, TargetValue::default())),
+                    },
+                    |id| desired.targets.contains_key(id),
+                )
+                .into_iter()
+                .map(|id| (id, TargetValue::default())),
             )
             .collect();
         for (id, v) in changed {
@@ -573,9 +556,14 @@ impl Reconciler {
     }
 }
 
-fn gone<K: Ord + Copy, V>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> Vec<K> {
-    old.keys()
-        .filter(|k| !new.contains_key(k))
-        .copied()
+/// The keys to remove: those the maps hold or may hold (in doubt) that are not `wanted`.
+fn leaving<K: Ord>(
+    held: impl Iterator<Item = K>,
+    doubt: &BTreeSet<Entry>,
+    pick: impl Fn(&Entry) -> Option<K>,
+    wanted: impl Fn(&K) -> bool,
+) -> BTreeSet<K> {
+    held.chain(doubt.iter().filter_map(pick))
+        .filter(|k| !wanted(k))
         .collect()
 }
