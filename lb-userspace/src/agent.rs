@@ -135,7 +135,7 @@ pub fn hash_key(seed: &str) -> Result<[u32; 2]> {
 
 /// `LB_TABLES` slots for a config: both halves of every group, with room for groups a reload
 /// adds.
-fn table_slots(config: &Config) -> u32 {
+pub fn table_slots(config: &Config) -> u32 {
     let sum: u64 = config
         .target_groups
         .iter()

@@ -142,7 +142,8 @@ pub fn poll<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Option
 }
 
 pub struct Balancer {
-    pub topo: Topology,
+    /// The topology the agent runs on (`b.topo.exec(…)`); `into_topology` hands it back.
+    pub topo: Held,
     /// The running agent's handle in `topo`.
     pub agent: Option<usize>,
     pub config_path: PathBuf,
@@ -176,7 +177,7 @@ impl Balancer {
         let config_path = topo.dir().join("lb.toml");
         std::fs::write(&config_path, config.replace("DIR", &dir))?;
         let mut b = Self {
-            topo,
+            topo: Held(Some(topo)),
             agent: None,
             config_path,
             api: format!("unix:{dir}/api.sock"),
@@ -439,28 +440,52 @@ impl Balancer {
     /// Stops the agent (if running) and hands the topology back, for more runs on it.
     pub fn into_topology(mut self) -> Topology {
         self.shut_down();
-        let this = std::mem::ManuallyDrop::new(self);
-        // SAFETY: `this` is never dropped or used again, so `topo` is moved out exactly once;
-        // the other fields (paths and strings) are leaked.
-        unsafe { std::ptr::read(&this.topo) }
+        self.topo
+            .0
+            .take()
+            .expect("a balancer holds its topology until this call")
     }
 
     fn shut_down(&mut self) {
+        let log = self.log_name(self.runs);
+        let Some(topo) = self.topo.0.as_mut() else {
+            return; // handed back by `into_topology`, which shut the agent down first
+        };
         // Captured by the test harness: shown only when the test fails.
         if self.log_on_drop {
-            eprintln!("--- agent log ---\n{}", self.agent_log());
+            eprintln!("--- agent log ---\n{}", topo.log(&log));
         }
         if let Some(h) = self.agent.take() {
-            let _ = self.topo.stop(h, libc::SIGTERM);
+            let _ = topo.stop(h, libc::SIGTERM);
         }
-        let _ = std::fs::remove_file(lb_userspace::datapath::state_file(
-            &self.topo.bpffs().join("lb"),
-        ));
+        let _ = std::fs::remove_file(lb_userspace::datapath::state_file(&topo.bpffs().join("lb")));
     }
 }
 
 impl Drop for Balancer {
     fn drop(&mut self) {
         self.shut_down();
+    }
+}
+
+/// A balancer's topology, owned until `Balancer::into_topology` takes it; reads as the
+/// topology itself.
+pub struct Held(Option<Topology>);
+
+impl std::ops::Deref for Held {
+    type Target = Topology;
+
+    fn deref(&self) -> &Topology {
+        self.0
+            .as_ref()
+            .expect("a balancer holds its topology until into_topology")
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Topology {
+        self.0
+            .as_mut()
+            .expect("a balancer holds its topology until into_topology")
     }
 }

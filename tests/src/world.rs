@@ -1,27 +1,33 @@
-//! A loaded data plane with the fixture configuration, provisioned through the agent's map
-//! writer (`lb_userspace::maps::KernelMaps`) and its consistent-hash builder.
+//! A loaded data plane with the fixture configuration, provisioned as the agent provisions it:
+//! a config file's text through the agent's config loader, the agent's controller (target
+//! model, desired state) and its reconciler, writing through its map writer
+//! (`lb_userspace::maps::KernelMaps`). Predictions of where a flow goes are made independently
+//! of the agent: lb-common's Maglev and hash over the fixture constants.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, time::Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use aya::{
     programs::{TestRun, TestRunOptions},
     Ebpf,
 };
 use lb_common::{
-    addr, hash, maglev, maps::PROGRAM_XDP, DataplaneConfig, EndpointKey, FlowKey, IfaceValue,
-    ListenerValue, ReverseValue, TargetValue, VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE,
-    IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP,
-    REVERSE_F_AMBIGUOUS, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT,
+    addr, hash, maglev, maps::PROGRAM_XDP, EndpointKey, FlowKey, TargetValue,
+    GROUP_F_STICKY_SOURCE, PROTO_TCP, PROTO_UDP,
 };
 use lb_userspace::{
+    config,
+    control::Controller,
     dataplane::{self, MapSizes},
-    maps::{table_of_ids, KernelMaps, SourcePrefix},
+    maps::{table_of_ids, KernelMaps},
+    model::{Model, TargetKey},
     state,
 };
 
 pub const HASH_KEY: [u32; 2] = [0x1234_5678, 0x9abc_def0];
 pub const TABLE_SIZE: u32 = 97;
+/// Every fixture target's weight.
+pub const WEIGHT: u32 = 1;
 pub const VIP4: &str = "10.9.0.10";
 pub const VIP4B: &str = "10.9.0.11";
 pub const VIP6: &str = "fd00:9::10";
@@ -60,6 +66,10 @@ pub const LISTENERS: [ListenerRow; 12] = [
 pub const STICKY_GROUP: u32 = 3;
 pub const GROUPS: u32 = 9;
 
+/// The interface that faces clients, and the one replies from targets arrive on.
+pub const CLIENT_IFACE: &str = "cli0";
+pub const TARGET_IFACE: &str = "bk0";
+
 /// The listener/reverse key of a fixture endpoint (the agent's own `state::endpoint_key`).
 pub fn endpoint(ip: &str, port: u16, protocol: u8) -> EndpointKey {
     state::endpoint_key(ip.parse().expect("address"), port, protocol)
@@ -70,9 +80,104 @@ pub fn identity(addr: &str, port: u16) -> Vec<u8> {
     state::identity(addr.parse().expect("address"), port)
 }
 
+/// The config file's name of fixture group `group`.
+pub fn group_name(group: u32) -> String {
+    format!("g{group}")
+}
+
+/// The config file's name of fixture listener `id`.
+pub fn listener_name(id: u32) -> String {
+    format!("l{id}")
+}
+
+/// The fixture world as an agent config file: listeners, groups and targets in the order that
+/// gives them the fixture ids.
+pub fn config_text() -> String {
+    let mut c = format!(
+        "[agent]\ninterfaces = [\"{CLIENT_IFACE}\", \"{TARGET_IFACE}\"]\ntarget_interfaces = [\"{TARGET_IFACE}\"]\nflow_insert_limit = 0\n"
+    );
+    for &(id, vip, port, protocol, group, allowed) in &LISTENERS {
+        let protocol = match protocol {
+            PROTO_TCP => "tcp",
+            PROTO_UDP => "udp",
+            other => panic!("fixture listener {id}: protocol {other}"),
+        };
+        let _ = write!(
+            c,
+            "\n[[listener]]\nname = \"{}\"\naddress = \"{vip}\"\nport = {port}\nprotocol = \"{protocol}\"\ntarget_group = \"{}\"\n",
+            listener_name(id),
+            group_name(group)
+        );
+        if let Some(cidr) = allowed {
+            let _ = writeln!(c, "allowed_sources = [\"{cidr}\"]");
+        }
+    }
+    for group in 0..GROUPS {
+        let _ = write!(
+            c,
+            "\n[[target_group]]\nname = \"{}\"\nhash_table_size = {TABLE_SIZE}\n",
+            group_name(group)
+        );
+        if group == STICKY_GROUP {
+            c.push_str("stickiness = \"source_ip\"\n");
+        }
+        for &(_, taddr, tport, _) in TARGETS.iter().filter(|t| t.3 == group) {
+            let _ = write!(
+                c,
+                "\n[[target_group.target]]\naddress = \"{taddr}\"\nport = {tport}\nweight = {WEIGHT}\n"
+            );
+        }
+    }
+    c
+}
+
+/// Fails unless the model gave every fixture listener, group and target the id the fixtures
+/// use.
+fn check_ids(model: &Model) -> Result<()> {
+    let mut wrong = Vec::new();
+    for &(id, ..) in &LISTENERS {
+        let got = model.listener_ids.get(&listener_name(id));
+        if got != Some(id) {
+            wrong.push(format!(
+                "listener {}: {got:?}, want {id}",
+                listener_name(id)
+            ));
+        }
+    }
+    for group in 0..GROUPS {
+        let got = model.group_ids.get(&group_name(group));
+        if got != Some(group) {
+            wrong.push(format!(
+                "group {}: {got:?}, want {group}",
+                group_name(group)
+            ));
+        }
+    }
+    for &(id, taddr, tport, group) in &TARGETS {
+        let key = TargetKey {
+            group: group_name(group),
+            addr: taddr.parse()?,
+            port: tport,
+        };
+        let got = model.target_ids.get(&key);
+        if got != Some(id) {
+            wrong.push(format!("target {key}: {got:?}, want {id}"));
+        }
+    }
+    if !wrong.is_empty() {
+        bail!(
+            "the agent's model gave the fixture world other ids than the fixtures use:\n  {}",
+            wrong.join("\n  ")
+        );
+    }
+    Ok(())
+}
+
 pub struct World {
     pub ebpf: Ebpf,
     pub maps: KernelMaps,
+    /// The agent's controller that provisioned the maps (from `config_text`).
+    pub controller: Controller,
     /// Target id → cookie, as last written.
     pub cookies: BTreeMap<u32, u32>,
 }
@@ -89,110 +194,20 @@ impl World {
             flow_table,
             table_slots: GROUPS * 2 * TABLE_SIZE,
         })?;
-        let maps = KernelMaps::new(&mut ebpf)?;
-        let mut w = Self {
+        let mut maps = KernelMaps::new(&mut ebpf)?;
+        let controller = provision(&mut maps)?;
+        let cookies = controller
+            .model
+            .targets
+            .values()
+            .map(|t| (t.id, t.cookie))
+            .collect();
+        Ok(Self {
             ebpf,
             maps,
-            cookies: BTreeMap::new(),
-        };
-        w.provision()?;
-        Ok(w)
-    }
-
-    fn provision(&mut self) -> Result<()> {
-        self.maps.set_config(&DataplaneConfig {
-            hash_key: HASH_KEY,
-            flags: CONFIG_F_READY,
-            flow_insert_limit: 0,
-        })?;
-        for vip in [VIP4, VIP4B, VIP6] {
-            self.maps
-                .put_vip(vip.parse()?, VipValue { listener_count: 1 })?;
-        }
-        // Which listeners each target endpoint serves decides how replies find their VIP.
-        let mut served: BTreeMap<EndpointKey, Vec<(u32, &str, u16, u32)>> = BTreeMap::new();
-        for &(lid, vip, port, proto, group, allowed) in &LISTENERS {
-            let family_flag = if vip.contains(':') {
-                LISTENER_F_ALLOW_ALL_V6
-            } else {
-                LISTENER_F_ALLOW_ALL_V4
-            };
-            let flags = if allowed.is_none() { family_flag } else { 0 };
-            self.maps.put_listener(
-                endpoint(vip, port, proto),
-                ListenerValue {
-                    listener_id: lid,
-                    group_id: group,
-                    flags,
-                },
-            )?;
-            if let Some(cidr) = allowed {
-                let (a, len) = cidr.split_once('/').expect("cidr");
-                self.maps.allow_source(
-                    lid,
-                    SourcePrefix {
-                        addr: a.parse()?,
-                        len: len.parse()?,
-                    },
-                )?;
-            }
-            for &(_, taddr, tport, tgroup) in &TARGETS {
-                if tgroup == group {
-                    served
-                        .entry(endpoint(taddr, tport, proto))
-                        .or_default()
-                        .push((lid, vip, port, flags));
-                }
-            }
-        }
-        for (key, listeners) in &served {
-            let (lid, vip, port, listener_flags) = listeners[0];
-            let (vip_addr, _) = addr::to_words(vip.parse()?);
-            let ambiguous = listeners.len() > 1;
-            self.maps.put_reverse(
-                *key,
-                ReverseValue {
-                    vip_addr,
-                    vip_port_be: port.to_be(),
-                    _pad: 0,
-                    listener_id: lid,
-                    flags: if ambiguous {
-                        REVERSE_F_AMBIGUOUS
-                    } else {
-                        state::reverse_allow_flags(listener_flags)
-                    },
-                },
-            )?;
-        }
-        for &(id, taddr, tport, _) in &TARGETS {
-            let shared = served
-                .iter()
-                .any(|(k, l)| l.len() > 1 && *k == endpoint(taddr, tport, k.protocol));
-            self.set_target(
-                id,
-                TARGET_FORWARD,
-                if shared { TARGET_F_SHARED_ENDPOINT } else { 0 },
-                1,
-            )?;
-        }
-        for group in 0..GROUPS {
-            let members: Vec<u32> = TARGETS
-                .iter()
-                .filter(|t| t.3 == group)
-                .map(|t| t.0)
-                .collect();
-            self.publish(group, &members)?;
-        }
-        // The client side faces clients only; replies from targets arrive on bk0.
-        self.maps
-            .add_interface(crate::lab::ifindex("cli0")?, IfaceValue { flags: 0 })?;
-        self.maps.add_interface(
-            crate::lab::ifindex("bk0")?,
-            IfaceValue {
-                flags: IFACE_F_TARGETS,
-            },
-        )?;
-        Ok(())
+            controller,
+            cookies,
+        })
     }
 
     /// Sets `flow_insert_limit` (new entries per CPU per second; 0: none).
@@ -202,7 +217,7 @@ impl World {
         Ok(self.maps.set_config(&config)?)
     }
 
-    /// Writes target `id` with `state`, `flags` and `cookie`.
+    /// Writes target `id` with `state`, `flags` and `cookie` (behind the controller's back).
     pub fn set_target(&mut self, id: u32, state: u8, flags: u32, cookie: u32) -> Result<()> {
         let &(_, taddr, tport, _) = TARGETS.iter().find(|t| t.0 == id).context("target id")?;
         let (addr, family) = addr::to_words(taddr.parse()?);
@@ -222,7 +237,8 @@ impl World {
         Ok(())
     }
 
-    /// Builds and publishes `group`'s table over `members` (target ids).
+    /// Builds and publishes `group`'s table over `members` (target ids), behind the
+    /// controller's back.
     pub fn publish(&mut self, group: u32, members: &[u32]) -> Result<()> {
         let table = group_table(members)?;
         let flags = if group == STICKY_GROUP {
@@ -230,13 +246,12 @@ impl World {
         } else {
             0
         };
-        Ok(self
-            .maps
-            .publish_table(group, flags, &table_of_ids(&table, members))?)
+        Ok(self.maps.publish_table(group, flags, &table)?)
     }
 
-    /// The target id the group's current table gives a new flow (predicted from lb-common's
-    /// hash, the function the program runs).
+    /// The target id the group's table over `members` gives a new flow: predicted from the
+    /// fixture constants with lb-common's Maglev and hash (the function the program runs),
+    /// not from the agent's desired state.
     pub fn predict(&self, group: u32, members: &[u32], key: &FlowKey) -> u32 {
         let table = group_table(members).expect("table");
         let h = if group == STICKY_GROUP {
@@ -244,7 +259,7 @@ impl World {
         } else {
             hash::flow_hash(HASH_KEY, key)
         };
-        members[table[(h % TABLE_SIZE) as usize] as usize]
+        table[(h % TABLE_SIZE) as usize]
     }
 
     /// Runs one frame through `lb_xdp` as if received on `ingress`: (action, output frame).
@@ -254,23 +269,52 @@ impl World {
     }
 }
 
-/// The Maglev table (indices into `members`) of a group of fixture targets, weight 1 each.
+/// Provisions the fixture world through the agent's config loader, controller and reconciler.
+fn provision(maps: &mut KernelMaps) -> Result<Controller> {
+    let text = config_text();
+    let config = config::parse(&text, "fixtures.toml")
+        .with_context(|| format!("the fixture config:\n{text}"))?;
+    let interfaces = BTreeMap::from([
+        (CLIENT_IFACE.to_string(), crate::lab::ifindex(CLIENT_IFACE)?),
+        (TARGET_IFACE.to_string(), crate::lab::ifindex(TARGET_IFACE)?),
+    ]);
+    let now = Instant::now();
+    let mut controller = Controller::new(config, HASH_KEY, interfaces, now)?;
+    check_ids(&controller.model)?;
+    // No health checks run: every target stays initial, and each group fails open over all
+    // its targets.
+    controller
+        .reconcile(maps, now)
+        .context("provisioning the fixture world")?;
+    Ok(controller)
+}
+
+/// The seed tables are built with: the hash key's two words, high word first.
+pub fn table_seed() -> u64 {
+    (HASH_KEY[0] as u64) << 32 | HASH_KEY[1] as u64
+}
+
+/// The table (target id per slot) of a group of fixture targets, built as every node must build
+/// it: members sorted by identity, weight `WEIGHT`, `TABLE_SIZE` slots, seed `table_seed`.
 fn group_table(members: &[u32]) -> Result<Vec<u32>> {
-    let ids: Vec<Vec<u8>> = members
+    let mut members: Vec<(Vec<u8>, u32)> = members
         .iter()
         .map(|id| {
-            let t = TARGETS.iter().find(|t| t.0 == *id).expect("target id");
-            identity(t.1, t.2)
+            let t = TARGETS.iter().find(|t| t.0 == *id).context("target id")?;
+            Ok((identity(t.1, t.2), *id))
         })
-        .collect();
-    let backends: Vec<maglev::Backend> = ids
+        .collect::<Result<_>>()?;
+    members.sort();
+    let backends: Vec<maglev::Backend> = members
         .iter()
-        .map(|i| maglev::Backend {
-            identity: i,
-            weight: 1,
+        .map(|(identity, _)| maglev::Backend {
+            identity,
+            weight: WEIGHT,
         })
         .collect();
-    Ok(maglev::build(&backends, TABLE_SIZE, 0)?)
+    let ids: Vec<u32> = members.iter().map(|&(_, id)| id).collect();
+    let indices = maglev::build(&backends, TABLE_SIZE, table_seed())?;
+    Ok(table_of_ids(&indices, &ids))
 }
 
 /// One `BPF_PROG_TEST_RUN` of an XDP program with `ingress` as the receiving interface.

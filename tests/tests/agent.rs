@@ -288,14 +288,21 @@ fn keep_datapath_restart_adopts_the_pins_and_keeps_flows() -> Result<()> {
             &format!("http://{VIP}/stream?seconds=4&rate=1000000"),
         ],
     )?;
-    poll(Duration::from_secs(5), "the download's flow", || {
+    let (flow, entry) = poll(Duration::from_secs(5), "the download's flow", || {
         let maps = b.maps()?;
-        let found = maps
+        let key = maps
             .flow_keys()
             .filter_map(Result::ok)
-            .any(|k| k.protocol == lb_common::PROTO_TCP && u16::from_be(k.dst_port_be) == 80);
-        Ok(found.then_some(()))
+            .find(|k| k.protocol == lb_common::PROTO_TCP && u16::from_be(k.dst_port_be) == 80);
+        Ok(match key {
+            Some(k) => maps.flow(&k)?.map(|v| (k, v)),
+            None => None,
+        })
     })?;
+    let new_flows = |b: &Balancer| -> Result<u64> {
+        Ok(b.maps()?.listener_stats(entry.listener_id)?.new_flows)
+    };
+    let new_flows_before = new_flows(&b)?;
 
     // The agent exits and leaves the data plane running.
     let status = b.stop_agent(libc::SIGTERM)?;
@@ -311,6 +318,12 @@ fn keep_datapath_restart_adopts_the_pins_and_keeps_flows() -> Result<()> {
     poll(Duration::from_secs(10), "the second agent's API", || {
         Ok(b.status().ok())
     })?;
+    let after = b.maps()?.flow(&flow)?;
+    assert_eq!(
+        after.map(|v| (v.target_id, v.target_cookie, v.listener_id)),
+        Some((entry.target_id, entry.target_cookie, entry.listener_id)),
+        "the download's flow entry did not survive the restart"
+    );
     assert_eq!(
         b.states()?.values().filter(|s| *s == "healthy").count(),
         3,
@@ -324,10 +337,17 @@ fn keep_datapath_restart_adopts_the_pins_and_keeps_flows() -> Result<()> {
         "states must not flap on adoption: {log}"
     );
 
-    // The download completes, whole.
+    // The download completes, whole, on the flow entry made before the restart: had the
+    // entry been lost, its next packet would have made a new one (a new flow in the stats),
+    // even on the same target and with the same cookie.
     let done = b.topo.stop_wait(download, Duration::from_secs(30))?;
     assert!(done.success(), "curl: {done}");
     assert_eq!(b.topo.log("download"), "200 4000000");
+    assert_eq!(
+        new_flows(&b)?,
+        new_flows_before,
+        "the download was scheduled again after the restart: its flow entry was lost"
+    );
 
     // SIGHUP reloads: a weight change shows in the status.
     let text = std::fs::read_to_string(&b.config_path)?;

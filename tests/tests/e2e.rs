@@ -1,15 +1,24 @@
 //! End to end: the real `lb-agent` and XDP program between real clients and servers, each test
 //! on its own topology of network namespaces (see `lb_tests::topology`).
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use lb_common::{hash, PROTO_TCP};
 use lb_tests::{
     harness::{config, poll, Balancer, URL},
     topology::{
         backend_addr, backend_addr6, Options, Topology, CLIENT, CLIENT6, CLIENT_B, ONE_ARM_CLIENT,
         VIP, VIP6,
     },
+    world::flow_key,
+};
+use lb_userspace::{
+    reconcile::build_table,
+    state::{self, Member, TableSpec},
 };
 
 fn start(backends: usize, options: Options, config: &str) -> Result<Balancer> {
@@ -265,6 +274,53 @@ fn deregistered_target_drains_then_goes() -> Result<()> {
     Ok(())
 }
 
+/// The table the agent builds for the `config()` group "web" over backends `members` (weight
+/// 100, 4099 slots, the tables' seed from `hash_key`): backend number per slot. Built with the
+/// agent's own table code (`reconcile::build_table`).
+fn web_table(hash_key: [u32; 2], members: &[usize]) -> Result<Vec<u32>> {
+    let mut members: Vec<Member> = members
+        .iter()
+        .map(|&i| {
+            Ok(Member {
+                target_id: i as u32,
+                identity: state::identity(backend_addr(i).parse()?, 8080),
+                weight: lb_userspace::config::DEFAULT_WEIGHT,
+            })
+        })
+        .collect::<Result<_>>()?;
+    members.sort_by(|a, b| a.identity.cmp(&b.identity));
+    build_table(&TableSpec {
+        flags: 0,
+        size: 4099,
+        seed: (hash_key[0] as u64) << 32 | hash_key[1] as u64,
+        members,
+    })
+}
+
+/// Group 0's live table as backend numbers per slot.
+fn live_web_table(b: &Balancer) -> Result<Vec<u32>> {
+    let maps = b.maps()?;
+    let backend_of: BTreeMap<u32, u32> = maps
+        .active_table(0)?
+        .into_iter()
+        .collect::<BTreeSet<u32>>()
+        .into_iter()
+        .map(|id| {
+            let t = maps.target(id)?;
+            let ip = lb_common::addr::from_words(&t.addr, t.family).context("target address")?;
+            let n = (1..=4)
+                .find(|&i| backend_addr(i) == ip.to_string())
+                .with_context(|| format!("target {id} ({ip}) is no backend"))?;
+            Ok((id, n as u32))
+        })
+        .collect::<Result<_>>()?;
+    Ok(maps
+        .active_table(0)?
+        .into_iter()
+        .map(|id| backend_of[&id])
+        .collect())
+}
+
 #[test]
 fn a_long_transfer_survives_targets_added_and_removed() -> Result<()> {
     // b4 is up but not registered; the group starts with b1..b3.
@@ -275,14 +331,60 @@ fn a_long_transfer_survives_targets_added_and_removed() -> Result<()> {
     for i in 1..=4 {
         topo.backend(i)?;
     }
-    let b = Balancer::start(topo, &config(3, "", "", "", ""), &[])?;
+    let mut b = Balancer::start(topo, &config(3, "", "", "", ""), &[])?;
     b.wait_healthy(3)?;
-    let stream = b.topo.dir().join("stream.log");
-    let cmd = format!("curl -s -o /dev/null -w '%{{http_code}} %{{size_download}}' 'http://{VIP}/stream?seconds=5&rate=400000' > {} &", stream.display());
-    b.topo.exec("cli", &cmd)?;
-    let i = poll(Duration::from_secs(5), "the stream's backend", || {
-        Ok(stream_backend(&b, 3))
+    // A client port whose flow the changes move: b4 joins and another backend than the
+    // stream's leaves, and afterwards the flow's slot belongs to another backend. Only the
+    // flow table keeps the transfer on its backend.
+    let hash_key = b.maps()?.config()?.hash_key;
+    let before = web_table(hash_key, &[1, 2, 3])?;
+    assert_eq!(
+        live_web_table(&b)?,
+        before,
+        "the predicted table is not the agent's"
+    );
+    let afters: Vec<(usize, Vec<u32>)> = (1..=3)
+        .map(|gone| {
+            let left: Vec<usize> = (1..=4).filter(|&j| j != gone).collect();
+            Ok((gone, web_table(hash_key, &left)?))
+        })
+        .collect::<Result<_>>()?;
+    let (port, serving, other, slot) = (40_000u16..41_000)
+        .find_map(|port| {
+            let key = flow_key(CLIENT, port, VIP, 80, PROTO_TCP);
+            let slot = (hash::flow_hash(hash_key, &key) % 4099) as usize;
+            let serving = before[slot];
+            afters
+                .iter()
+                .find(|(gone, after)| *gone as u32 != serving && after[slot] != serving)
+                .map(|(gone, _)| (port, serving as usize, *gone, slot))
+        })
+        .context("no client port whose slot moves")?;
+    let stream = b.topo.spawn(
+        "cli",
+        "stream",
+        std::path::Path::new("curl"),
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "--local-port",
+            &port.to_string(),
+            "-w",
+            "%{http_code} %{size_download}",
+            &format!("http://{VIP}/stream?seconds=8&rate=400000"),
+        ],
+    )?;
+    let key = flow_key(CLIENT, port, VIP, 80, PROTO_TCP);
+    let entry = poll(Duration::from_secs(5), "the stream's flow entry", || {
+        b.maps()?.flow(&key)
     })?;
+    let recorded = b.maps()?.target(entry.target_id)?;
+    assert_eq!(
+        lb_common::addr::from_words(&recorded.addr, recorded.family).map(|a| a.to_string()),
+        Some(backend_addr(serving)),
+        "the stream's flow is not on the backend its slot gave"
+    );
     // Add a target, and take away another one (not the stream's).
     let (code, text) = b.cli(&[
         "targets",
@@ -293,7 +395,6 @@ fn a_long_transfer_survives_targets_added_and_removed() -> Result<()> {
     ])?;
     assert_eq!(code, 0, "{text}");
     b.wait_healthy(4)?;
-    let other = (1..=3).find(|&j| j != i).unwrap();
     let (code, text) = b.cli(&[
         "targets",
         "deregister",
@@ -302,15 +403,28 @@ fn a_long_transfer_survives_targets_added_and_removed() -> Result<()> {
         &format!("{}:8080", backend_addr(other)),
     ])?;
     assert_eq!(code, 0, "{text}");
-    poll(Duration::from_secs(15), "the stream's end", || {
-        Ok(std::fs::read_to_string(&stream)
-            .ok()
-            .filter(|s| !s.is_empty()))
-    })?;
+    let gone = format!("{}:8080", backend_addr(other));
+    poll(
+        Duration::from_secs(5),
+        "the deregistered target out of the table",
+        || Ok((!b.table_targets(0)?.contains(&gone)).then_some(())),
+    )?;
+    let now = live_web_table(&b)?;
+    assert_ne!(
+        now[slot] as usize, serving,
+        "the stream's slot {slot} did not move off b{serving}: the test proves nothing"
+    );
+    match b.topo.log("stream").as_str() {
+        "" => {}
+        "200 3200000" => panic!("the stream ended before its slot moved: the test proves nothing"),
+        cut => panic!("the transfer was cut ({cut:?}) while the table changed"),
+    }
+    let done = b.topo.stop_wait(stream, Duration::from_secs(20))?;
     assert_eq!(
-        std::fs::read_to_string(&stream)?,
-        "200 2000000",
-        "the transfer was cut"
+        (done.success(), b.topo.log("stream").as_str()),
+        (true, "200 3200000"),
+        "the transfer was cut (its slot moved from b{serving} to b{})",
+        now[slot]
     );
     Ok(())
 }
