@@ -11,9 +11,11 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Result;
 use lb_common::{FlowKey, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+use tracing::warn;
 
-use crate::maps::FlowTable;
+use crate::maps::{FlowTable, FLOW_CHUNK};
 
 /// A flow that has seen a FIN or RST is forgotten after this long without packets.
 pub const CLOSING_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,43 +61,65 @@ fn ticks(d: Duration) -> u32 {
     (d.as_nanos() >> FLOW_TICK_SHIFT) as u32 + 1
 }
 
-/// One pass over the flow table at tick `now`.
+/// One pass over the flow table at tick `now`, a chunk of `FLOW_CHUNK` entries at a time: each
+/// chunk's expired entries and their reply-flow entries go with one `BPF_MAP_DELETE_BATCH` each.
+/// A map error ends the pass (logged); what was counted until then is returned.
 pub fn sweep(table: &mut FlowTable, plan: &ExpiryPlan, now: u32) -> Sweep {
     let mut out = Sweep::default();
-    for (key, v) in table.flows() {
-        let listener = plan.listeners.get(&v.listener_id);
-        let idle = match listener {
-            Some(l) if key.protocol == PROTO_UDP => l.udp,
-            Some(l) => l.tcp,
-            None if key.protocol == PROTO_UDP => Duration::from_secs(120),
-            None => Duration::from_secs(350),
-        };
-        let idle = if v.flags & FLOW_F_CLOSING != 0 {
-            idle.min(CLOSING_FLOW_TIMEOUT)
-        } else {
-            idle
-        };
-        if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
-            match table.remove_flow(&key) {
-                Ok(true) => out.expired += 1,
-                Ok(false) => {}
-                Err(_) => continue,
-            }
-            if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
-                let reply = FlowKey {
-                    src_addr: addr,
-                    dst_addr: key.src_addr,
-                    src_port_be: port_be,
-                    dst_port_be: key.src_port_be,
-                    protocol: key.protocol,
-                    family: key.family,
-                    _pad: 0,
-                };
-                let _ = table.remove_reply(&reply);
-            }
-        } else if let Some(l) = listener {
-            *out.active.entry(l.name.clone()).or_default() += 1;
-        }
+    if let Err(e) = sweep_chunks(table, plan, now, FLOW_CHUNK, &mut out) {
+        warn!("idle-flow sweep stopped: {e:#}");
     }
     out
+}
+
+fn sweep_chunks(
+    table: &mut FlowTable,
+    plan: &ExpiryPlan,
+    now: u32,
+    chunk: usize,
+    out: &mut Sweep,
+) -> Result<()> {
+    let mut cursor = table.cursor(chunk);
+    let mut expired = Vec::new();
+    let mut replies = Vec::new();
+    loop {
+        expired.clear();
+        replies.clear();
+        let Some((keys, values)) = cursor.next(table)? else {
+            return Ok(());
+        };
+        for (key, v) in keys.iter().zip(values) {
+            let listener = plan.listeners.get(&v.listener_id);
+            let idle = match listener {
+                Some(l) if key.protocol == PROTO_UDP => l.udp,
+                Some(l) => l.tcp,
+                None if key.protocol == PROTO_UDP => Duration::from_secs(120),
+                None => Duration::from_secs(350),
+            };
+            let idle = if v.flags & FLOW_F_CLOSING != 0 {
+                idle.min(CLOSING_FLOW_TIMEOUT)
+            } else {
+                idle
+            };
+            if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
+                expired.push(*key);
+                if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
+                    replies.push(FlowKey {
+                        src_addr: addr,
+                        dst_addr: key.src_addr,
+                        src_port_be: port_be,
+                        dst_port_be: key.src_port_be,
+                        protocol: key.protocol,
+                        family: key.family,
+                        _pad: 0,
+                    });
+                }
+            } else if let Some(l) = listener {
+                *out.active.entry(l.name.clone()).or_default() += 1;
+            }
+        }
+        // The walk has left these entries' buckets: removing them does not disturb it.
+        out.expired += table.remove_flows(&expired)?;
+        table.remove_replies(&replies)?;
+    }
 }
