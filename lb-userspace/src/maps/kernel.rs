@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap as StdHashMap, net::IpAddr, os::fd::AsFd, path::Path};
 
-use super::{flows::FlowTable, typed_map, SourcePrefix};
+use super::{batch, flows::FlowTable, typed_map, SourcePrefix};
 use anyhow::{bail, ensure, Context, Result};
 use aya::{
     maps::{
@@ -49,6 +49,19 @@ pub struct KernelMaps {
     written: StdHashMap<u32, Vec<u32>>,
     next_free_slot: u32,
     table_slots: u32,
+}
+
+/// Writes `target_id` at slot `base + offset` for each `(offset, target_id)` of `slots`, with
+/// one `BPF_MAP_UPDATE_BATCH` (not a syscall per slot).
+pub(crate) fn write_slots(
+    tables: &mut Array<MapData, u32>,
+    base: u32,
+    slots: &[(u32, u32)],
+) -> Result<()> {
+    let keys: Vec<u32> = slots.iter().map(|&(offset, _)| base + offset).collect();
+    let values: Vec<u32> = slots.iter().map(|&(_, target_id)| target_id).collect();
+    batch::update_batch(tables, &keys, &values)
+        .with_context(|| format!("writing {} slots of LB_TABLES from {base}", slots.len()))
 }
 
 /// Opens a pinned map with the variant its kernel type calls for.
@@ -350,14 +363,14 @@ impl KernelMaps {
         // Only the slots that differ from what this half already holds: a consistent-hash
         // table changes in few slots when one target comes or goes.
         let before = self.written.remove(&half_base).unwrap_or_default();
-        for (i, &target_id) in table.iter().enumerate() {
-            if before.get(i) == Some(&target_id) {
-                continue;
-            }
-            self.tables
-                .set(half_base + i as u32, target_id, 0)
-                .with_context(|| format!("writing slot {i} of group {group_id}'s table"))?;
-        }
+        let changed: Vec<(u32, u32)> = table
+            .iter()
+            .enumerate()
+            .filter(|&(i, t)| before.get(i) != Some(t))
+            .map(|(i, &t)| (i as u32, t))
+            .collect();
+        write_slots(&mut self.tables, half_base, &changed)
+            .with_context(|| format!("writing group {group_id}'s table"))?;
         self.written.insert(half_base, table.to_vec());
         // 1: the inactive half's place and size (nothing reads them yet).
         group.table_base[inactive] = half_base;
