@@ -7,7 +7,7 @@
 //! thread: a big flow table never stalls health transitions or API calls.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
 
@@ -61,15 +61,32 @@ fn ticks(d: Duration) -> u32 {
     (d.as_nanos() >> FLOW_TICK_SHIFT) as u32 + 1
 }
 
-/// One pass over the flow table at tick `now`, a chunk of `FLOW_CHUNK` entries at a time: each
-/// chunk's expired entries and their reply-flow entries go with one `BPF_MAP_DELETE_BATCH` each.
-/// A map error ends the pass (logged); what was counted until then is returned.
+/// One pass over the flow table at tick `now`, a chunk of `FLOW_CHUNK` entries at a time, each
+/// chunk's expired entries removed with one `BPF_MAP_DELETE_BATCH`; their reply-flow entries
+/// as `Replies` says. A map error ends the pass (logged); what was counted until then is
+/// returned.
 pub fn sweep(table: &mut FlowTable, plan: &ExpiryPlan, now: u32) -> Sweep {
     let mut out = Sweep::default();
     if let Err(e) = sweep_chunks(table, plan, now, FLOW_CHUNK, &mut out) {
         warn!("idle-flow sweep stopped: {e:#}");
     }
     out
+}
+
+/// Reply-flow keys tried before the sweep picks how to remove them.
+const REPLY_PROBE: usize = 256;
+
+/// How the sweep removes the reply-flow entries of expired flows. Only flows to a target
+/// endpoint that serves several listeners have one, and `BPF_MAP_DELETE_BATCH` stops at each
+/// key that is not there (one more syscall per missing key). So the sweep tries every expired
+/// flow's reply key while most are there; once `REPLY_PROBE` keys showed that most are not, it
+/// walks `LB_REPLY_FLOWS` once for the endpoints that have entries (cheap: the table is then
+/// mostly empty) and tries only the keys of those from then on.
+enum Replies {
+    /// Every key: (keys tried, entries removed).
+    All(usize, usize),
+    /// Only keys from these (target address, port, protocol).
+    Endpoints(HashSet<([u32; 4], u16, u8)>),
 }
 
 fn sweep_chunks(
@@ -82,15 +99,17 @@ fn sweep_chunks(
     let mut cursor = table.cursor(chunk);
     let mut expired = Vec::new();
     let mut replies = Vec::new();
+    let mut mode = Replies::All(0, 0);
+    // Live entries by listener id (names at the end).
+    let mut active: HashMap<u32, u64> = HashMap::new();
     loop {
         expired.clear();
         replies.clear();
         let Some((keys, values)) = cursor.next(table)? else {
-            return Ok(());
+            break;
         };
         for (key, v) in keys.iter().zip(values) {
-            let listener = plan.listeners.get(&v.listener_id);
-            let idle = match listener {
+            let idle = match plan.listeners.get(&v.listener_id) {
                 Some(l) if key.protocol == PROTO_UDP => l.udp,
                 Some(l) => l.tcp,
                 None if key.protocol == PROTO_UDP => Duration::from_secs(120),
@@ -114,12 +133,30 @@ fn sweep_chunks(
                         _pad: 0,
                     });
                 }
-            } else if let Some(l) = listener {
-                *out.active.entry(l.name.clone()).or_default() += 1;
+            } else {
+                *active.entry(v.listener_id).or_default() += 1;
             }
         }
         // The walk has left these entries' buckets: removing them does not disturb it.
         out.expired += table.remove_flows(&expired)?;
-        table.remove_replies(&replies)?;
+        match &mut mode {
+            Replies::All(tried, removed) => {
+                *tried += replies.len();
+                *removed += table.remove_replies(&replies)?;
+                if *tried >= REPLY_PROBE && *removed * 2 < *tried {
+                    mode = Replies::Endpoints(table.reply_endpoints()?);
+                }
+            }
+            Replies::Endpoints(endpoints) => {
+                replies.retain(|k| endpoints.contains(&(k.src_addr, k.src_port_be, k.protocol)));
+                table.remove_replies(&replies)?;
+            }
+        }
     }
+    for (id, n) in active {
+        if let Some(l) = plan.listeners.get(&id) {
+            *out.active.entry(l.name.clone()).or_default() += n;
+        }
+    }
+    Ok(())
 }

@@ -36,7 +36,7 @@ fn key(n: u32) -> FlowKey {
 
 fn value(n: u32, last_seen_ticks: u32) -> FlowValue {
     FlowValue {
-        target_id: n % 4,
+        target_id: (n / 2) % 4,
         target_cookie: n,
         listener_id: n % 2,
         last_seen_ticks,
@@ -276,9 +276,20 @@ fn published_big_tables_read_back_exactly() {
 }
 
 /// The sweep over more than one chunk: idle entries go with their reply-flow entries (where
-/// there is one), live ones stay and are counted per listener.
+/// there is one), live ones stay and are counted per listener. Whether most expired flows have
+/// a reply-flow entry (removed chunk by chunk) or few do (looked up in one walk at the end).
 #[test]
 fn sweep_removes_idle_flows_and_their_reply_flows_across_chunks() {
+    sweep_case("every flow", |_| true);
+    sweep_case("one flow in 3", |i| i % 3 == 0);
+    sweep_case("flows to target 1", |i| (i / 2) % 4 == 1);
+    sweep_case("one flow in 4,096 (to target 0)", |i| i % 4096 == 0);
+    sweep_case("no flow", |_| false);
+}
+
+/// Flows `i` for which `has_reply(i)` have a reply-flow entry (flow `i` goes to target
+/// `(i / 2) % 4`, idle when `i` is even).
+fn sweep_case(what: &str, has_reply: fn(usize) -> bool) {
     let (_ebpf, maps) = load(65_536, 1024);
     let mut table = maps.flow_table().expect("flow table");
     let now = expiry::now_ticks();
@@ -291,7 +302,7 @@ fn sweep_removes_idle_flows_and_their_reply_flows_across_chunks() {
         })
         .unzip();
     table.insert_flows(&keys, &values).expect("insert");
-    // Targets 0..4; a reply-flow entry for every flow that has one in three.
+    // Targets 0..4.
     let targets: HashMap<u32, ([u32; 4], u16)> = (0..4)
         .map(|t| {
             (
@@ -315,7 +326,7 @@ fn sweep_removes_idle_flows_and_their_reply_flows_across_chunks() {
             _pad: 0,
         }
     };
-    let with_reply: Vec<usize> = (0..n as usize).filter(|i| i % 3 == 0).collect();
+    let with_reply: Vec<usize> = (0..n as usize).filter(|&i| has_reply(i)).collect();
     let rkeys: Vec<FlowKey> = with_reply
         .iter()
         .map(|&i| reply_key(&keys[i], &values[i]))
@@ -369,7 +380,11 @@ fn sweep_removes_idle_flows_and_their_reply_flows_across_chunks() {
         .filter(|&&i| i % 2 == 1)
         .map(|&i| reply_key(&keys[i], &values[i]))
         .collect();
-    assert_same_keys(&replies_left, &want, "reply-flow entries left");
+    assert_same_keys(
+        &replies_left,
+        &want,
+        &format!("reply-flow entries left ({what} with one)"),
+    );
     // Nothing more to expire.
     assert_eq!(expiry::sweep(&mut table, &plan, now + 1).expired, 0);
 }

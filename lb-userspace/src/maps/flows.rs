@@ -1,5 +1,7 @@
 //! The sweep's own handles on the flow table and the reply-flow table.
 
+use std::collections::HashSet;
+
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
 use lb_common::{FlowKey, FlowValue, ReverseValue};
@@ -55,6 +57,20 @@ impl FlowTable {
     /// Every reply-flow entry.
     pub fn replies(&self) -> Result<Vec<(FlowKey, ReverseValue)>> {
         batch::lookup_all(&self.replies, FLOW_CHUNK).context("reading LB_REPLY_FLOWS")
+    }
+
+    /// The (address, port, protocol) of every target endpoint that has reply-flow entries
+    /// (one walk of the reply-flow table, `FLOW_CHUNK` entries per call).
+    pub fn reply_endpoints(&self) -> Result<HashSet<([u32; 4], u16, u8)>> {
+        let mut cursor = BatchCursor::<FlowKey, ReverseValue>::new(FLOW_CHUNK);
+        let mut out = HashSet::new();
+        while let Some((keys, _)) = cursor
+            .next(&self.replies)
+            .context("reading LB_REPLY_FLOWS")?
+        {
+            out.extend(keys.iter().map(|k| (k.src_addr, k.src_port_be, k.protocol)));
+        }
+        Ok(out)
     }
 
     /// Writes flow entries (`BPF_MAP_UPDATE_BATCH`), for tests and benchmarks.
