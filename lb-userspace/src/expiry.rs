@@ -7,13 +7,15 @@
 //! thread: a big flow table never stalls health transitions or API calls.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
 
+use anyhow::Result;
 use lb_common::{FlowKey, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+use tracing::warn;
 
-use crate::maps::FlowTable;
+use crate::maps::{FlowTable, FLOW_CHUNK};
 
 /// A flow that has seen a FIN or RST is forgotten after this long without packets.
 pub const CLOSING_FLOW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,43 +61,102 @@ fn ticks(d: Duration) -> u32 {
     (d.as_nanos() >> FLOW_TICK_SHIFT) as u32 + 1
 }
 
-/// One pass over the flow table at tick `now`.
+/// One pass over the flow table at tick `now`, a chunk of `FLOW_CHUNK` entries at a time, each
+/// chunk's expired entries removed with one `BPF_MAP_DELETE_BATCH`; their reply-flow entries
+/// as `Replies` says. A map error ends the pass (logged); what was counted until then is
+/// returned.
 pub fn sweep(table: &mut FlowTable, plan: &ExpiryPlan, now: u32) -> Sweep {
     let mut out = Sweep::default();
-    for (key, v) in table.flows() {
-        let listener = plan.listeners.get(&v.listener_id);
-        let idle = match listener {
-            Some(l) if key.protocol == PROTO_UDP => l.udp,
-            Some(l) => l.tcp,
-            None if key.protocol == PROTO_UDP => Duration::from_secs(120),
-            None => Duration::from_secs(350),
-        };
-        let idle = if v.flags & FLOW_F_CLOSING != 0 {
-            idle.min(CLOSING_FLOW_TIMEOUT)
-        } else {
-            idle
-        };
-        if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
-            match table.remove_flow(&key) {
-                Ok(true) => out.expired += 1,
-                Ok(false) => {}
-                Err(_) => continue,
-            }
-            if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
-                let reply = FlowKey {
-                    src_addr: addr,
-                    dst_addr: key.src_addr,
-                    src_port_be: port_be,
-                    dst_port_be: key.src_port_be,
-                    protocol: key.protocol,
-                    family: key.family,
-                    _pad: 0,
-                };
-                let _ = table.remove_reply(&reply);
-            }
-        } else if let Some(l) = listener {
-            *out.active.entry(l.name.clone()).or_default() += 1;
-        }
+    if let Err(e) = sweep_chunks(table, plan, now, FLOW_CHUNK, &mut out) {
+        warn!("idle-flow sweep stopped: {e:#}");
     }
     out
+}
+
+/// Reply-flow keys tried before the sweep picks how to remove them.
+const REPLY_PROBE: usize = 256;
+
+/// How the sweep removes the reply-flow entries of expired flows. Only flows to a target
+/// endpoint that serves several listeners have one, and `BPF_MAP_DELETE_BATCH` stops at each
+/// key that is not there (one more syscall per missing key). So the sweep tries every expired
+/// flow's reply key while most are there; once `REPLY_PROBE` keys showed that most are not, it
+/// walks `LB_REPLY_FLOWS` once for the endpoints that have entries (cheap: the table is then
+/// mostly empty) and tries only the keys of those from then on.
+enum Replies {
+    /// Every key: (keys tried, entries removed).
+    All(usize, usize),
+    /// Only keys from these (target address, port, protocol).
+    Endpoints(HashSet<([u32; 4], u16, u8)>),
+}
+
+fn sweep_chunks(
+    table: &mut FlowTable,
+    plan: &ExpiryPlan,
+    now: u32,
+    chunk: usize,
+    out: &mut Sweep,
+) -> Result<()> {
+    let mut cursor = table.cursor(chunk);
+    let mut expired = Vec::new();
+    let mut replies = Vec::new();
+    let mut mode = Replies::All(0, 0);
+    // Live entries by listener id (names at the end).
+    let mut active: HashMap<u32, u64> = HashMap::new();
+    loop {
+        expired.clear();
+        replies.clear();
+        let Some((keys, values)) = cursor.next(table)? else {
+            break;
+        };
+        for (key, v) in keys.iter().zip(values) {
+            let idle = match plan.listeners.get(&v.listener_id) {
+                Some(l) if key.protocol == PROTO_UDP => l.udp,
+                Some(l) => l.tcp,
+                None if key.protocol == PROTO_UDP => Duration::from_secs(120),
+                None => Duration::from_secs(350),
+            };
+            let idle = if v.flags & FLOW_F_CLOSING != 0 {
+                idle.min(CLOSING_FLOW_TIMEOUT)
+            } else {
+                idle
+            };
+            if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
+                expired.push(*key);
+                if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
+                    replies.push(FlowKey {
+                        src_addr: addr,
+                        dst_addr: key.src_addr,
+                        src_port_be: port_be,
+                        dst_port_be: key.src_port_be,
+                        protocol: key.protocol,
+                        family: key.family,
+                        _pad: 0,
+                    });
+                }
+            } else {
+                *active.entry(v.listener_id).or_default() += 1;
+            }
+        }
+        // The walk has left these entries' buckets: removing them does not disturb it.
+        out.expired += table.remove_flows(&expired)?;
+        match &mut mode {
+            Replies::All(tried, removed) => {
+                *tried += replies.len();
+                *removed += table.remove_replies(&replies)?;
+                if *tried >= REPLY_PROBE && *removed * 2 < *tried {
+                    mode = Replies::Endpoints(table.reply_endpoints()?);
+                }
+            }
+            Replies::Endpoints(endpoints) => {
+                replies.retain(|k| endpoints.contains(&(k.src_addr, k.src_port_be, k.protocol)));
+                table.remove_replies(&replies)?;
+            }
+        }
+    }
+    for (id, n) in active {
+        if let Some(l) = plan.listeners.get(&id) {
+            *out.active.entry(l.name.clone()).or_default() += n;
+        }
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ use std::{
 };
 
 use super::{
+    batch,
     flows::FlowTable,
     regions::{NoRoom, TableSpace},
     typed_map, MapView, SourcePrefix, WriteError,
@@ -66,6 +67,19 @@ impl<T> Written<T> for Result<T, aya::maps::MapError> {
     fn written(self, what: impl FnOnce() -> String) -> Result<T, WriteError> {
         self.map_err(|e| WriteError::from_kernel(what(), e))
     }
+}
+
+/// Writes `target_id` at slot `base + offset` for each `(offset, target_id)` of `slots`, with
+/// one `BPF_MAP_UPDATE_BATCH` (not a syscall per slot).
+pub(crate) fn write_slots(
+    tables: &mut Array<MapData, u32>,
+    base: u32,
+    slots: &[(u32, u32)],
+) -> Result<()> {
+    let keys: Vec<u32> = slots.iter().map(|&(offset, _)| base + offset).collect();
+    let values: Vec<u32> = slots.iter().map(|&(_, target_id)| target_id).collect();
+    batch::update_batch(tables, &keys, &values)
+        .with_context(|| format!("writing {} slots of LB_TABLES from {base}", slots.len()))
 }
 
 /// Opens a pinned map with the variant its kernel type calls for.
@@ -404,14 +418,14 @@ impl KernelMaps {
             Some((b, slots)) if b == base => slots,
             _ => Vec::new(),
         };
-        for (i, &target_id) in table.iter().enumerate() {
-            if before.get(i) == Some(&target_id) {
-                continue;
-            }
-            self.tables
-                .set(base + i as u32, target_id, 0)
-                .written(|| format!("writing slot {i} of group {group_id}'s table"))?;
-        }
+        let changed: Vec<(u32, u32)> = table
+            .iter()
+            .enumerate()
+            .filter(|&(i, t)| before.get(i) != Some(t))
+            .map(|(i, &t)| (i as u32, t))
+            .collect();
+        write_slots(&mut self.tables, base, &changed)
+            .with_context(|| format!("writing group {group_id}'s table"))?;
         self.written
             .insert((group_id, inactive), (base, table.to_vec()));
         // 1: the inactive half's place and size (nothing reads them yet).

@@ -1,7 +1,8 @@
 //! The one owner of the data plane's maps: everything that reads or writes them through aya is
 //! here. The reconciler writes through `MapWriter`, implemented by the kernel's maps
 //! (`KernelMaps`) and, for tests, by an in-memory copy (`FakeMaps`); the idle-flow sweep uses
-//! its own handles on the flow tables (`FlowTable`).
+//! its own handles on the flow tables (`FlowTable`). `batch` does many entries per syscall,
+//! which aya lacks.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,6 +16,7 @@ use lb_common::{
     NO_TARGET,
 };
 
+pub mod batch;
 mod fake;
 mod faulty;
 mod flows;
@@ -23,7 +25,7 @@ pub mod regions;
 
 pub use fake::{Capacities, FakeMaps};
 pub use faulty::{Fault, FaultyMaps};
-pub use flows::FlowTable;
+pub use flows::{FlowCursor, FlowTable, FLOW_CHUNK};
 pub use kernel::KernelMaps;
 
 /// An `allowed_sources` prefix of one listener.

@@ -1,12 +1,16 @@
 //! `cargo xtask bench [--quick]`: per-packet cost of the XDP program, end to end against
-//! nftables DNAT and HAProxy on one namespace topology, control-plane figures, and the
-//! failover picture. Prints every table; a full run rewrites BENCHMARKS.md and
+//! nftables DNAT and HAProxy on one namespace topology, control-plane figures, map-writing
+//! figures, and the failover picture. Prints every table; a full run rewrites BENCHMARKS.md and
 //! docs/failover.png.
+//!
+//! `cargo xtask bench --only maps [--per-syscall]`: the map-writing figures alone (printed,
+//! BENCHMARKS.md left as it is); `--per-syscall` adds the one-syscall-per-entry way once, for
+//! comparison.
 
 use std::{fmt::Write as _, fs, path::Path, time::Instant};
 
-use anyhow::{Context, Result};
-use lb_tests::bench::{control, e2e, packet, plot};
+use anyhow::{bail, Context, Result};
+use lb_tests::bench::{control, e2e, maps, packet, plot};
 
 fn machine() -> (String, String) {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -67,8 +71,43 @@ fn metric_table(
     Ok(())
 }
 
+/// The flows to one target in this many have reply-flow entries in the sweep figure (a target
+/// endpoint shared between listeners has them; most have none).
+const REPLY_EVERY: u32 = 8;
+
+/// The map-writing figures as a table, and the batched sweep's median in ms.
+fn map_figures(per_syscall: bool) -> Result<(String, f64)> {
+    eprintln!("map writes: 1,048,576-flow sweep × 5, 65,537-slot publishes …");
+    let mut rows = maps::sweep(REPLY_EVERY, per_syscall)?;
+    let sweep_ms = rows[0].1;
+    rows.extend(maps::publish(per_syscall)?);
+    let mut t = String::new();
+    writeln!(t, "| figure | median | min–max |")?;
+    writeln!(t, "|---|---:|---:|")?;
+    for (what, median, min, max) in &rows {
+        writeln!(t, "| {what} | {median:.1} ms | {min:.1}–{max:.1} ms |")?;
+    }
+    Ok((t, sweep_ms))
+}
+
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let per_syscall = args.iter().any(|a| a == "--per-syscall");
+    if let Some(i) = args.iter().position(|a| a == "--only") {
+        match args.get(i + 1).map(String::as_str) {
+            Some("maps") => {
+                let (t, _) = map_figures(per_syscall)?;
+                println!("\nMap writes\n{t}");
+                println!("(--only: BENCHMARKS.md left as it is; a full run rewrites it)");
+                return Ok(());
+            }
+            other => bail!(
+                "--only {}: the section that runs alone is `maps`",
+                other.unwrap_or("")
+            ),
+        }
+    }
     let began = Instant::now();
     let (kernel, cpu) = machine();
     let mode = if quick {
@@ -279,7 +318,24 @@ fn main() -> Result<()> {
          backend 2's death and return (same run as above):\n\n![failover](docs/failover.png)\n"
     )?;
 
-    // 4. Against the targets.
+    // 4. Map writes.
+    let (t, sweep_ms) = map_figures(per_syscall)?;
+    println!("\nMap writes\n{t}");
+    write!(
+        doc,
+        "\n## Map writes\n\nThe agent reads and writes many map entries per `bpf(2)` call \
+         (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`). The sweep: \
+         1,048,576 flows (the default flow table size; the object loaded with 16,384 entries to \
+         spare, so that the LRU map evicts none of them), filled with UPDATE_BATCH before each run, every \
+         other flow idle past its timeout, the flows to one target in {REPLY_EVERY} (of 100) with \
+         reply-flow entries (as a target endpoint shared between listeners has them); \
+         `lb_userspace::expiry::sweep` as the agent runs it, median of 5 runs. The publishes: \
+         `KernelMaps::publish_table` of a 65,537-slot Maglev table over 100 targets, a \
+         group's first table (every slot), then with one target gone (the slots that \
+         changed).\n\n{t}"
+    )?;
+
+    // 5. Against the targets.
     let of = |name: &str| {
         rows.iter()
             .find(|r| r.0.starts_with(name))
@@ -365,6 +421,11 @@ fn main() -> Result<()> {
         "| agent RSS, 1,000 targets < 40 MiB | {:.1} MiB | {} |",
         scale.rss_mib,
         yes(scale.rss_mib < 40.0)
+    )?;
+    writeln!(
+        t,
+        "| idle-flow sweep, 1,048,576 flows < 1 s | {sweep_ms:.0} ms | {} |",
+        yes(sweep_ms < 1000.0)
     )?;
     println!("\nAgainst the targets\n{t}");
     write!(doc, "\n## Against the targets\n\n{t}")?;
