@@ -400,16 +400,16 @@ impl Agent {
         }
     }
 
-    /// Reconciles, logs state changes, and keeps checkers and the state file in step. A failed
-    /// write is logged and retried.
+    /// Reconciles, logs state changes, and keeps checkers and the state file in step; then
+    /// starts building the tables the maps wait for. A failed write is logged and retried.
     fn apply(&mut self, now: Instant, why: &str) -> Option<Duration> {
-        let started = Instant::now();
-        let result = self.reconcile_now(now, why, started);
+        let result = self.reconcile_now(now, why);
         self.start_builds();
         result
     }
 
-    fn reconcile_now(&mut self, now: Instant, why: &str, started: Instant) -> Option<Duration> {
+    fn reconcile_now(&mut self, now: Instant, why: &str) -> Option<Duration> {
+        let started = Instant::now();
         match self.ctl.reconcile(&mut self.dp.maps, now) {
             Ok(step) => {
                 let took = started.elapsed();
