@@ -30,9 +30,10 @@ use crate::{
     http::{self, Request, Response},
     maps::FlowTable,
     metrics::{self, HealthMetrics},
-    model::{Model, SavedModel, TargetKey},
+    model::{Model, TargetKey},
     routes::{Answer, NetlinkRoutes, RouteNote},
     state::RoleSource,
+    statefile::{self, StateFile},
 };
 
 /// How often idle flows are looked for at most: a quarter of the shortest idle timeout, but
@@ -160,8 +161,19 @@ async fn bind_api(path: &Path) -> Result<UnixListener> {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    // Signals first: one that comes during start-up is taken once the agent runs, and it stops
+    // as usual (detached and unpinned, or with --keep-datapath its state saved), instead of
+    // dying half-way with links pinned and no state file.
+    let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut sighup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+    info!("signal handlers installed (SIGTERM, SIGINT: stop; SIGHUP: reload)");
     let config = config::load(&opts.config_path)?;
     datapath::check_privileges()?;
+    // One agent per pin path, for its whole life; taken before anything is touched.
+    let pin_dir = PathBuf::from(&config.agent.pin_path);
+    let _lock = statefile::lock(Path::new(statefile::STATE_DIR), &pin_dir)?;
+    datapath::check_pin_path_outlives(&pin_dir, opts.keep_datapath)?;
     // The API socket first: it is how a second agent on the same config finds the first.
     let api = bind_api(&api_path(&config)).await?;
     let metrics_listener = match config.agent.metrics.as_str() {
@@ -230,9 +242,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Some(l) = metrics_listener {
         tokio::spawn(serve_metrics(l, calls_tx));
     }
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut sweep = tokio::time::interval(sweep_interval(&agent.ctl.config));
     let (swept_tx, mut swept) = mpsc::channel(1);
     let mut route_recheck =
@@ -282,22 +291,24 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// table layout, with a shadow of what it wrote, then moves to `config`.
 fn adopt(
     dp: &mut Datapath,
-    state: serde_json::Value,
+    state: StateFile,
     config: Config,
     interfaces: BTreeMap<String, u32>,
     now: Instant,
 ) -> Result<Controller> {
-    let old_config: Config =
-        serde_json::from_value(state["config"].clone()).context("the state file's config")?;
-    let saved: SavedModel =
-        serde_json::from_value(state["model"].clone()).context("the state file's model")?;
-    let layout =
-        serde_json::from_value(state["tables"].clone()).context("the state file's table layout")?;
-    let old_interfaces = saved_interfaces(&state["interfaces"]);
+    let old_config = state.config;
+    let layout = state
+        .tables
+        .context("the state file has no table layout: cannot adopt its tables")?;
+    let old_interfaces: BTreeMap<u32, IfaceValue> = state
+        .interfaces
+        .into_iter()
+        .map(|(i, flags)| (i, IfaceValue { flags }))
+        .collect();
     dp.maps.restore_table_layout(&layout);
     let pinned = dp.maps.config()?;
     let hash_key = pinned.hash_key;
-    let model = Model::restore(saved, now);
+    let model = Model::restore(state.model, now);
     // What the earlier run wrote: the shadow the diff starts from.
     let mut shadow = crate::state::desired(&old_config, &model, hash_key, &old_interfaces, now);
     shadow.config = pinned;
@@ -309,24 +320,6 @@ fn adopt(
         "adopted the pinned data plane (flows, tables and target states carry on)"
     );
     Ok(ctl)
-}
-
-/// The `LB_IFACES` values an earlier run wrote, from its state file's `interfaces`: ifindex →
-/// flags; or, from a build before interface roles, the attached ifindexes (each was written as
-/// facing targets).
-fn saved_interfaces(value: &serde_json::Value) -> BTreeMap<u32, IfaceValue> {
-    if let Ok(flags) = serde_json::from_value::<BTreeMap<u32, u32>>(value.clone()) {
-        return flags
-            .into_iter()
-            .map(|(i, flags)| (i, IfaceValue { flags }))
-            .collect();
-    }
-    let attached: BTreeSet<u32> = serde_json::from_value(value.clone()).unwrap_or_default();
-    let flags = lb_common::IFACE_F_TARGETS;
-    attached
-        .into_iter()
-        .map(|i| (i, IfaceValue { flags }))
-        .collect()
 }
 
 /// An interface's name for the log, from its ifindex.
@@ -454,21 +447,21 @@ impl Agent {
     }
 
     fn save_state(&self, now: Instant) {
-        let state = json!({
-            "config": self.ctl.config,
-            "model": self.ctl.model.save(now),
-            "tables": self.dp.maps.table_layout(),
-            // ifindex → LB_IFACES flags, as written.
-            "interfaces": self
-                .ctl
-                .reconciler
-                .shadow()
-                .interfaces
-                .iter()
-                .map(|(&i, v)| (i, v.flags))
-                .collect::<BTreeMap<u32, u32>>(),
-        });
-        if let Err(e) = self.dp.save_state(state) {
+        // ifindex → LB_IFACES flags, as written.
+        let interfaces = self
+            .ctl
+            .reconciler
+            .shadow()
+            .interfaces
+            .iter()
+            .map(|(&i, v)| (i, v.flags))
+            .collect();
+        if let Err(e) = self.dp.save_state(
+            self.ctl.config.clone(),
+            self.ctl.model.save(now),
+            Some(self.dp.maps.table_layout()),
+            interfaces,
+        ) {
             warn!(error = %format!("{e:#}"), "could not write the state file");
         }
     }
@@ -926,25 +919,4 @@ async fn forward(calls: &mpsc::Sender<Call>, request: Request) -> Response {
     answer
         .await
         .unwrap_or_else(|_| Response::json(500, &json!({"error": "the agent dropped the call"})))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn state_file_interfaces_read_back_with_their_flags() {
-        let written: BTreeMap<u32, u32> = [(3, 0), (4, lb_common::IFACE_F_TARGETS)].into();
-        let state = json!({ "interfaces": written });
-        let flags = |m: BTreeMap<u32, IfaceValue>| -> Vec<(u32, u32)> {
-            m.into_iter().map(|(i, v)| (i, v.flags)).collect()
-        };
-        assert_eq!(
-            flags(saved_interfaces(&state["interfaces"])),
-            [(3, 0), (4, 1)]
-        );
-        // A state file from before interface roles: every attached interface faced targets.
-        assert_eq!(flags(saved_interfaces(&json!([3, 4]))), [(3, 1), (4, 1)]);
-        assert!(saved_interfaces(&serde_json::Value::Null).is_empty());
-    }
 }

@@ -16,3 +16,4 @@ pub mod model;
 pub mod reconcile;
 pub mod routes;
 pub mod state;
+pub mod statefile;
