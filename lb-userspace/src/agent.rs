@@ -30,11 +30,11 @@ use crate::{
     links::{self, LinkWatcher, Watch},
     maps::FlowTable,
     metrics::{self, HealthMetrics},
-    model::{Model, SavedModel, TargetKey},
+    model::{Model, TargetKey},
     reconcile::{build_table, Reconciler},
     routes::{Answer, NetlinkRoutes, RouteNote},
-    state::RoleSource,
-    state::TableSpec,
+    state::{RoleSource, TableSpec},
+    statefile::{self, StateFile},
 };
 
 /// How often idle flows are looked for at most: a quarter of the shortest idle timeout, but
@@ -172,8 +172,19 @@ async fn bind_api(path: &Path) -> Result<UnixListener> {
 }
 
 pub async fn run(opts: RunOptions) -> Result<()> {
+    // Signals first: one that comes during start-up is taken once the agent runs, and it stops
+    // as usual (detached and unpinned, or with --keep-datapath its state saved), instead of
+    // dying half-way with links pinned and no state file.
+    let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let mut sighup = signal(SignalKind::hangup()).context("handling SIGHUP")?;
+    info!("signal handlers installed (SIGTERM, SIGINT: stop; SIGHUP: reload)");
     let config = config::load(&opts.config_path)?;
     datapath::check_privileges()?;
+    // One agent per pin path, for its whole life; taken before anything is touched.
+    let pin_dir = PathBuf::from(&config.agent.pin_path);
+    let _lock = statefile::lock(Path::new(statefile::STATE_DIR), &pin_dir)?;
+    datapath::check_pin_path_outlives(&pin_dir, opts.keep_datapath)?;
     // The API socket first: it is how a second agent on the same config finds the first.
     let api = bind_api(&api_path(&config)).await?;
     let metrics_listener = match config.agent.metrics.as_str() {
@@ -253,9 +264,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Some(l) = metrics_listener {
         tokio::spawn(serve_metrics(l, calls_tx));
     }
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     let mut sweep = tokio::time::interval(sweep_interval(&agent.ctl.config));
     let (swept_tx, mut swept) = mpsc::channel(1);
     let mut route_recheck =
@@ -311,20 +319,17 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// table layout, with a shadow of what it wrote, then moves to `config`.
 fn adopt(
     dp: &mut Datapath,
-    state: serde_json::Value,
+    state: StateFile,
     config: Config,
     interfaces: BTreeMap<String, u32>,
     now: Instant,
 ) -> Result<Controller> {
-    let old_config: Config =
-        serde_json::from_value(state["config"].clone()).context("the state file's config")?;
-    let saved: SavedModel =
-        serde_json::from_value(state["model"].clone()).context("the state file's model")?;
+    let old_config = state.config;
     // What the earlier run wrote, read back: the shadow the diff starts from, whatever was
     // half-written when it stopped.
     let view = dp.maps.view().context("reading the pinned maps back")?;
     let hash_key = view.config.hash_key;
-    let model = Model::restore(saved, now);
+    let model = Model::restore(state.model, now);
     let reconciler = Reconciler::from_view(&view);
     let mut ctl = Controller::adopted(old_config, model, hash_key, interfaces, reconciler);
     ctl.reload(config, now)?;
@@ -519,20 +524,10 @@ impl Agent {
     }
 
     fn save_state(&self, now: Instant) {
-        let state = json!({
-            "config": self.ctl.config,
-            "model": self.ctl.model.save(now),
-            // ifindex → LB_IFACES flags, as written.
-            "interfaces": self
-                .ctl
-                .reconciler
-                .shadow()
-                .interfaces
-                .iter()
-                .map(|(&i, v)| (i, v.flags))
-                .collect::<BTreeMap<u32, u32>>(),
-        });
-        if let Err(e) = self.dp.save_state(state) {
+        if let Err(e) = self
+            .dp
+            .save_state(self.ctl.config.clone(), self.ctl.model.save(now))
+        {
             warn!(error = %format!("{e:#}"), "could not write the state file");
         }
     }

@@ -12,8 +12,8 @@
 //!
 //! bpffs holds only pins, so what the agent needs to carry on where it stopped (ids, target
 //! states, table layout, the config it applied) goes to a state file beside the API socket's
-//! default directory, `/run/lb-agent/<pin path>.state.json`, written after every change. Like the
-//! pins, it lasts until reboot.
+//! default directory, `/run/lb-agent/<pin path>.state.json` (see [`crate::statefile`]), written
+//! after every change. Like the pins, it lasts until reboot.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -38,12 +38,11 @@ use crate::{
     config::{Config, XdpMode as ConfiguredMode},
     dataplane::{self, MapSizes},
     maps::KernelMaps,
+    model::SavedModel,
+    statefile::{self, StateFile, STATE_DIR},
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-const STATE_DIR: &str = "/run/lb-agent";
-/// Identifies our pins: a pin path whose `state.json` lacks it is someone else's.
-const OWNER: &str = "lb-agent";
 
 /// The data plane as the agent holds it.
 pub struct Datapath {
@@ -52,7 +51,7 @@ pub struct Datapath {
     /// Interface name → (ifindex, the mode it is attached in).
     pub attached: BTreeMap<String, (u32, &'static str)>,
     /// Set when this run adopted an earlier run's pins.
-    pub adopted: Option<serde_json::Value>,
+    pub adopted: Option<StateFile>,
     /// Interface name → how often XDP was attached afresh because the interface no longer ran
     /// our program through its pinned link (deleted and made again), since this run started.
     pub reattachments: BTreeMap<String, u64>,
@@ -73,21 +72,44 @@ pub enum LinkState {
     Missing,
 }
 
-/// Refuses to go on without the capabilities loading and attaching XDP needs.
-pub fn check_privileges() -> Result<()> {
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// What `run` needs, and all it needs, once a bpffs holds `pin_path`: CAP_BPF to load the
+/// object and to create, pin and open maps, programs and links; CAP_NET_ADMIN to load XDP
+/// programs and attach them; CAP_PERFMON because without it the verifier hardens programs
+/// against Spectre v1 and refuses pointer arithmetic `lb_xdp` does ("pointer arithmetic with
+/// it prohibited for !root"). Mounting bpffs needs CAP_SYS_ADMIN besides (`ensure_bpffs`).
+const NEEDED: [(u32, &str); 3] = [
+    (CAP_BPF, "CAP_BPF"),
+    (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    (CAP_PERFMON, "CAP_PERFMON"),
+];
+
+/// This process's effective capabilities (`CapEff`, a bit per capability).
+fn effective_caps() -> Result<u64> {
     let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let caps = status
+    status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| caps & (1 << bit) != 0;
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    if !(has(CAP_NET_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))) {
+        .context("no CapEff in /proc/self/status")
+}
+
+/// Refuses to go on without the capabilities `run` needs, naming the missing ones.
+pub fn check_privileges() -> Result<()> {
+    let caps = effective_caps()?;
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(bit, _)| caps & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if !missing.is_empty() {
         bail!(
-            "lb-agent run needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN (this process has CapEff={caps:#x}); try sudo"
+            "lb-agent run needs the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (root has them); this process lacks {} (CapEff={caps:#x})",
+            missing.join(", ")
         );
     }
     Ok(())
@@ -115,6 +137,12 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
             pin_path.display()
         );
     }
+    if effective_caps().is_ok_and(|caps| caps & (1 << CAP_SYS_ADMIN) == 0) {
+        bail!(
+            "agent.pin_path {} is not on a bpffs, and mounting one at /sys/fs/bpf needs CAP_SYS_ADMIN, which this process lacks: mount it beforehand (mount -t bpf bpf /sys/fs/bpf), or give lb-agent CAP_SYS_ADMIN",
+            pin_path.display()
+        );
+    }
     fs::create_dir_all(mount_point).context("creating /sys/fs/bpf")?;
     let c = |s: &str| CString::new(s).expect("no NUL");
     let (src, target, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
@@ -133,6 +161,79 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<()> {
     }
     info!("mounted bpffs at /sys/fs/bpf");
     Ok(())
+}
+
+/// Checks that the bpffs holding `pin_dir` (mounted by `ensure_bpffs` if need be) outlives this
+/// process when `keep` (`--keep-datapath`) needs it to: a bpffs mounted only in this process's
+/// mount namespace — `ip netns exec` gives a process one, with a /sys of its own, and the agent
+/// mounts its bpffs there — goes away with the process, and the pinned data plane with it.
+/// Refuses `keep` then, before anything is attached.
+pub fn check_pin_path_outlives(pin_dir: &Path, keep: bool) -> Result<()> {
+    ensure_bpffs(pin_dir)?;
+    match bpffs_in_pid1_namespace(pin_dir) {
+        Ok(true) => Ok(()),
+        Ok(false) if keep => bail!(
+            "--keep-datapath: agent.pin_path {} is on a bpffs mounted only in this process's mount namespace, not in PID 1's (as under `ip netns exec`, which gives the process a /sys of its own): it goes away when lb-agent exits, and the data plane with it. Mount bpffs in the root mount namespace (on the host: mount -t bpf bpf /sys/fs/bpf; under `ip netns exec`, on a directory outside /sys) and set agent.pin_path into it, or run without --keep-datapath",
+            pin_dir.display()
+        ),
+        Ok(false) => {
+            info!(
+                pin_path = %pin_dir.display(),
+                "the bpffs of agent.pin_path is mounted only in this process's mount namespace: the data plane will not outlive this process"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            warn!(
+                pin_path = %pin_dir.display(),
+                error = %format!("{e:#}"),
+                "cannot tell whether the bpffs of agent.pin_path outlives this process"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Whether the bpffs holding `path` is mounted in PID 1's mount namespace too: the device
+/// number of its superblock (`stat` of its nearest existing ancestor) among the bpffs mounts of
+/// `/proc/1/mountinfo`.
+fn bpffs_in_pid1_namespace(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let existing = path
+        .ancestors()
+        .find(|a| a.exists())
+        .context("no ancestor of agent.pin_path exists")?;
+    let dev = fs::metadata(existing)
+        .with_context(|| format!("stat {}", existing.display()))?
+        .dev();
+    let device = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    let init = fs::read_to_string("/proc/1/mountinfo").context("reading /proc/1/mountinfo")?;
+    Ok(mountinfo(&init)
+        .iter()
+        .any(|m| m.fstype == "bpf" && m.device == device))
+}
+
+/// One line of a `mountinfo` file: what `bpffs_in_pid1_namespace` needs of it.
+#[derive(Debug, PartialEq)]
+struct Mount {
+    /// `major:minor`: the superblock's device number.
+    device: String,
+    fstype: String,
+}
+
+/// The mounts of a `/proc/PID/mountinfo` (see proc(5)); malformed lines are skipped. Fields
+/// are separated by single spaces (a space in a mount point is escaped as `\040`); optional
+/// fields end at ` - `, before the filesystem type.
+fn mountinfo(text: &str) -> Vec<Mount> {
+    text.lines()
+        .filter_map(|line| {
+            let (head, tail) = line.split_once(" - ")?;
+            Some(Mount {
+                device: head.split(' ').nth(2)?.to_string(),
+                fstype: tail.split(' ').next()?.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// The ifindex of `name`.
@@ -291,18 +392,14 @@ fn attach(prog: &mut Xdp, iface: &str, mode: ConfiguredMode) -> Result<(FdLink, 
     }
 }
 
-/// Reads the state file of an earlier run; None when there are no pins at all. Errors when the
-/// directory holds pins that are not ours.
 /// Where the state of the data plane pinned at `pin_dir` is kept.
 pub fn state_file(pin_dir: &Path) -> PathBuf {
-    let name = pin_dir
-        .to_string_lossy()
-        .trim_matches('/')
-        .replace('/', "_");
-    Path::new(STATE_DIR).join(format!("{name}.state.json"))
+    statefile::path_in(Path::new(STATE_DIR), pin_dir)
 }
 
-fn earlier_state(pin_dir: &Path) -> Result<Option<serde_json::Value>> {
+/// Reads the state file of an earlier run; None when there are no pins at all. Errors when the
+/// directory holds pins that are not ours.
+fn earlier_state(pin_dir: &Path) -> Result<Option<StateFile>> {
     if !pin_dir.exists()
         || fs::read_dir(pin_dir)
             .map(|mut d| d.next().is_none())
@@ -310,34 +407,7 @@ fn earlier_state(pin_dir: &Path) -> Result<Option<serde_json::Value>> {
     {
         return Ok(None);
     }
-    let path = state_file(pin_dir);
-    let text = fs::read_to_string(&path).with_context(|| {
-        format!(
-            "agent.pin_path {} is in use by a foreign program, or by an lb-agent whose state file {} is gone; choose another pin_path, or remove the pins (this drops their flows)",
-            pin_dir.display(),
-            path.display()
-        )
-    })?;
-    let state: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not an lb-agent state file", path.display()))?;
-    if state.get("owner").and_then(|o| o.as_str()) != Some(OWNER) {
-        bail!(
-            "agent.pin_path {} is in use by a foreign program",
-            pin_dir.display()
-        );
-    }
-    let object = state
-        .get("object")
-        .and_then(|o| o.as_str())
-        .unwrap_or_default();
-    if object != dataplane::object_digest() {
-        bail!(
-            "the data plane pinned at {} was loaded by a different lb-agent build (object {object}, this build {}); stop it with that build, or remove the pins to start afresh (this drops every flow)",
-            pin_dir.display(),
-            dataplane::object_digest()
-        );
-    }
-    Ok(Some(state))
+    statefile::read(&state_file(pin_dir), pin_dir).map(Some)
 }
 
 /// Loads and attaches the data plane, or adopts the one an earlier run left pinned.
@@ -391,10 +461,7 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
     let prog_id = prog.info().context("reading our program's id")?.id();
     let mut reattachments = BTreeMap::new();
     let mut attached = BTreeMap::new();
-    let pinned_modes: BTreeMap<String, String> = earlier
-        .as_ref()
-        .and_then(|s| serde_json::from_value(s["attached"].clone()).ok())
-        .unwrap_or_default();
+    let pinned_modes = earlier.as_ref().map(|s| &s.attached);
     let wanted: BTreeSet<&String> = config.agent.interfaces.iter().collect();
     for name in &config.agent.interfaces {
         let link_path = pin_dir.join("links").join(name);
@@ -404,7 +471,9 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
                 .with_context(|| format!("opening the pinned link of {name}"))?;
             match link_fault(&link_path, index, prog_id) {
                 None => {
-                    let mode = if pinned_modes.get(name).map(String::as_str) == Some("generic") {
+                    let mode = if pinned_modes.and_then(|m| m.get(name)).map(String::as_str)
+                        == Some("generic")
+                    {
                         "generic"
                     } else {
                         "native"
@@ -520,25 +589,16 @@ impl Datapath {
         Ok(LinkState::Reattached(index))
     }
 
-    /// Writes the state file (atomically).
-    pub fn save_state(&self, mut state: serde_json::Value) -> Result<()> {
-        state["owner"] = OWNER.into();
-        state["object"] = dataplane::object_digest().into();
-        state["attached"] = self
+    /// Writes the state file (atomically, 0600): what the next run needs to adopt the data
+    /// plane and the maps cannot say, with the modes of the links attached.
+    pub fn save_state(&self, config: Config, model: SavedModel) -> Result<()> {
+        let attached = self
             .attached
             .iter()
-            .map(|(n, (_, m))| (n.clone(), serde_json::Value::from(*m)))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-        let path = state_file(&self.pin_dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(STATE_DIR)
-            .with_context(|| format!("creating {STATE_DIR}"))?;
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec(&state)?).context("writing the state file")?;
-        fs::rename(&tmp, &path).context("replacing the state file")?;
+            .map(|(n, (_, m))| (n.clone(), m.to_string()))
+            .collect();
+        let state = StateFile::new(attached, config, model);
+        statefile::write(Path::new(STATE_DIR), &self.pin_dir, &state)?;
         Ok(())
     }
 
@@ -555,5 +615,28 @@ impl Datapath {
             .with_context(|| format!("removing {}", self.pin_dir.display()))?;
         info!("XDP detached from every interface; pins removed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_give_device_and_type() {
+        let text = "\
+22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw
+30 22 0:27 / /sys/fs/bpf rw,relatime shared:9 master:2 - bpf bpf rw
+41 1 0:40 / /tmp/lb\\040x/bpf rw - bpf none rw,mode=700
+garbage
+";
+        let m = |device: &str, fstype: &str| Mount {
+            device: device.into(),
+            fstype: fstype.into(),
+        };
+        assert_eq!(
+            mountinfo(text),
+            [m("0:21", "sysfs"), m("0:27", "bpf"), m("0:40", "bpf")]
+        );
     }
 }

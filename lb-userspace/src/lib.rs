@@ -17,3 +17,4 @@ pub mod model;
 pub mod reconcile;
 pub mod routes;
 pub mod state;
+pub mod statefile;

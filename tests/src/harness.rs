@@ -167,6 +167,16 @@ impl Balancer {
     /// Writes `config` (every `DIR` replaced by the topology's scratch directory) and starts
     /// `lb-agent run` on the balancer with `args`.
     pub fn start(topo: Topology, config: &str, args: &[&str]) -> Result<Self> {
+        Self::start_via(topo, config, &[], args)
+    }
+
+    /// As [`Balancer::start`], with the agent run by `wrapper` (`setpriv … --`, say).
+    pub fn start_via(
+        topo: Topology,
+        config: &str,
+        wrapper: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
         let bin = agent_bin();
         anyhow::ensure!(
             bin.exists(),
@@ -184,18 +194,30 @@ impl Balancer {
             runs: 0,
             log_on_drop: true,
         };
-        b.run_agent(args)?;
+        b.run_agent_via(wrapper, args)?;
         Ok(b)
     }
 
     /// Starts (another) `lb-agent run`; its log is `agent` for the first, then `agent2`, ….
     pub fn run_agent(&mut self, args: &[&str]) -> Result<()> {
+        self.run_agent_via(&[], args)
+    }
+
+    /// As [`Balancer::run_agent`], with the agent run by `wrapper` (a command and its
+    /// arguments, the agent's command line after them).
+    pub fn run_agent_via(&mut self, wrapper: &[&str], args: &[&str]) -> Result<()> {
         self.runs += 1;
         let log = self.log_name(self.runs);
+        let bin = agent_bin().to_string_lossy().into_owned();
         let config = self.config_path.to_string_lossy().into_owned();
-        let mut all = vec!["run", "--config", &config];
+        let mut all: Vec<&str> = wrapper.iter().skip(1).copied().collect();
+        if !wrapper.is_empty() {
+            all.push(&bin);
+        }
+        all.extend(["run", "--config", &config]);
         all.extend_from_slice(args);
-        self.agent = Some(self.topo.spawn("lb", &log, &agent_bin(), &all)?);
+        let program = wrapper.first().map_or(bin.as_str(), |w| w);
+        self.agent = Some(self.topo.spawn("lb", &log, Path::new(program), &all)?);
         Ok(())
     }
 

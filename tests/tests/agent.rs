@@ -44,6 +44,26 @@ fn api_post(b: &Balancer, path: &str, body: &str) -> Result<(u16, String)> {
     Ok((status, answer))
 }
 
+/// The capabilities `lb-agent run` needs (`caps_only`).
+const AGENT_CAPS: &str = "bpf,+net_admin,+perfmon";
+
+/// `setpriv` arguments that run the agent (as root) with only the capabilities `caps`
+/// (`bpf,+net_admin`): effective, permitted, inheritable, ambient and bounding sets alike.
+fn caps_only(caps: &str) -> Vec<String> {
+    let set = format!("-all,+{caps}");
+    vec![
+        "setpriv".into(),
+        format!("--inh-caps={set}"),
+        format!("--ambient-caps={set}"),
+        format!("--bounding-set={set}"),
+        "--".into(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
 fn state(b: &Balancer, target: &str) -> Result<Option<String>> {
     Ok(b.states()?.get(&format!("web/{target}")).cloned())
 }
@@ -590,7 +610,31 @@ fn run_refuses_bad_setups_with_clear_errors() -> Result<()> {
     )?;
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN"),
+        err.contains("needs the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (root has them); this process lacks CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON (CapEff=0x0)"),
+        "{err}"
+    );
+    // Root with some of them: the message names what is missing.
+    let (code, err) = run(&good, &strs(&caps_only("bpf")))?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("this process lacks CAP_NET_ADMIN, CAP_PERFMON (CapEff=0x8000000000)"),
+        "{err}"
+    );
+    let (code, err) = run(&good, &strs(&caps_only("bpf,+net_admin")))?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("this process lacks CAP_PERFMON (CapEff="),
+        "{err}"
+    );
+    // bpffs to mount (under `ip netns exec`, /sys/fs/bpf is a fresh directory), without the
+    // CAP_SYS_ADMIN mounting needs.
+    let (code, err) = run(
+        &good.replace("DIR/bpf/lb", &format!("/sys/fs/bpf/{}", topo.ns("lb"))),
+        &strs(&caps_only(AGENT_CAPS)),
+    )?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("mounting one at /sys/fs/bpf needs CAP_SYS_ADMIN, which this process lacks"),
         "{err}"
     );
     // A pin path holding someone else's pins.
@@ -663,5 +707,242 @@ fn validate_prints_a_summary_or_every_problem() -> Result<()> {
     let out = Command::new(agent_bin()).args(["validate"]).output()?;
     assert_eq!(out.status.code(), Some(2));
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Sends `signal` to the running agent as soon as its log says `line`, and waits for its exit;
+/// also the log as it was right after the signal was sent.
+fn signal_at(
+    b: &mut Balancer,
+    line: &str,
+    signal: i32,
+) -> Result<(std::process::ExitStatus, String)> {
+    let handle = b.agent.take().expect("an agent runs");
+    poll(Duration::from_secs(10), line, || {
+        Ok(b.agent_log().contains(line).then_some(()))
+    })?;
+    // SAFETY: signalling the agent this test started.
+    unsafe { libc::kill(b.topo.pid(handle) as i32, signal) };
+    let at_signal = b.agent_log();
+    let status = b.topo.stop_wait(handle, Duration::from_secs(30))?;
+    Ok((status, at_signal))
+}
+
+#[test]
+fn a_signal_during_start_up_ends_in_a_clean_stop() -> Result<()> {
+    const INSTALLED: &str = "signal handlers installed";
+    let mut b = start(0, &config(2, "", "", "", ""), &[])?;
+    let pins = b.topo.bpffs().join("lb");
+    let state_file = lb_userspace::datapath::state_file(&pins);
+
+    // SIGTERM while the agent still loads its object: it finishes starting, then stops as on
+    // any SIGTERM (exit 0, detached, unpinned).
+    let (status, at_signal) = signal_at(&mut b, INSTALLED, libc::SIGTERM)?;
+    assert!(
+        !at_signal.contains("XDP attached"),
+        "the agent had attached before the signal: start-up not probed\n{at_signal}"
+    );
+    let log = b.agent_log();
+    assert!(status.success(), "agent exit: {status}\n{log}");
+    assert!(
+        log.contains("XDP attached") && log.contains("lb-agent running"),
+        "{log}"
+    );
+    assert!(log.contains("XDP detached from every interface"), "{log}");
+    assert!(!pins.exists(), "pins left behind");
+    assert!(!state_file.exists(), "state file left behind");
+    assert!(!b.topo.exec("lb", "ip -d link show")?.contains(" xdp"));
+
+    // With --keep-datapath: it finishes starting, saves its state and leaves the data plane
+    // running, which the next agent adopts.
+    b.run_agent(&["--keep-datapath"])?;
+    let (status, at_signal) = signal_at(&mut b, INSTALLED, libc::SIGTERM)?;
+    assert!(!at_signal.contains("XDP attached"), "{at_signal}");
+    let log = b.agent_log();
+    assert!(status.success(), "agent exit: {status}\n{log}");
+    assert!(
+        log.contains("the data plane stays attached and pinned"),
+        "{log}"
+    );
+    assert!(b.topo.exec("lb", "ip -d link show l0")?.contains(" xdp"));
+    assert!(pins.join("links/l0").exists());
+    assert!(state_file.exists());
+    b.run_agent(&[])?;
+    poll(Duration::from_secs(10), "the third agent's API", || {
+        Ok(b.status().ok())
+    })?;
+    assert!(
+        b.agent_log().contains("adopted the pinned data plane"),
+        "{}",
+        b.agent_log()
+    );
+    let status = b.stop_agent(libc::SIGTERM)?;
+    assert!(status.success(), "{status}");
+    assert!(!pins.exists());
+    Ok(())
+}
+
+#[test]
+fn a_second_agent_on_the_same_pin_path_is_refused() -> Result<()> {
+    let mut b = start(0, &config(2, "", "", "", ""), &[])?;
+    poll(Duration::from_secs(10), "the first agent's API", || {
+        Ok(b.status().ok())
+    })?;
+    let first = b.topo.pid(b.agent.expect("running"));
+    let pins = b.topo.bpffs().join("lb");
+    let lock = lb_userspace::statefile::lock_path_in(
+        std::path::Path::new(lb_userspace::statefile::STATE_DIR),
+        &pins,
+    );
+    assert_eq!(std::fs::read_to_string(&lock)?, format!("{first}\n"));
+
+    // Another API socket and metrics port, the same pin path.
+    let dir = b.topo.dir().to_path_buf();
+    let second = std::fs::read_to_string(&b.config_path)?
+        .replace("api.sock", "api2.sock")
+        .replace("127.0.0.1:9900", "127.0.0.1:9901");
+    let second_path = dir.join("second.toml");
+    std::fs::write(&second_path, second)?;
+    let config = second_path.to_string_lossy().into_owned();
+    let h = b
+        .topo
+        .spawn("lb", "second", &agent_bin(), &["run", "--config", &config])?;
+    let status = b.topo.stop_wait(h, Duration::from_secs(20))?;
+    let log = b.topo.log("second");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "another lb-agent (pid {first}) runs on agent.pin_path {}",
+            pins.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        !dir.join("api2.sock").exists(),
+        "the second agent bound its API"
+    );
+
+    // The first runs on, and releases the lock when it stops.
+    assert!(!b.status()?["datapath"]["interfaces"][0].is_null());
+    let status = b.stop_agent(libc::SIGTERM)?;
+    assert!(status.success(), "{status}");
+    assert!(!lock.exists(), "the lock file goes with the agent");
+    assert!(!pins.exists());
+    Ok(())
+}
+
+#[test]
+fn keep_datapath_refuses_a_bpffs_that_dies_with_the_agent() -> Result<()> {
+    let mut topo = Topology::routed(0)?;
+    // Under `ip netns exec` /sys is the namespace's own: the agent mounts a bpffs at
+    // /sys/fs/bpf in its private mount namespace, which goes away with it.
+    let pin_path = format!("/sys/fs/bpf/{}", topo.ns("lb"));
+    let dir = topo.dir().to_string_lossy().into_owned();
+    let path = topo.dir().join("lb.toml");
+    std::fs::write(
+        &path,
+        config(2, "", "", "", "")
+            .replace("DIR/bpf/lb", &pin_path)
+            .replace("DIR", &dir),
+    )?;
+    let config = path.to_string_lossy().into_owned();
+    let bin = agent_bin();
+    let h = topo.spawn(
+        "lb",
+        "keep",
+        &bin,
+        &["run", "--config", &config, "--keep-datapath"],
+    )?;
+    let status = topo.stop_wait(h, Duration::from_secs(20))?;
+    let log = topo.log("keep");
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("mounted bpffs at /sys/fs/bpf"), "{log}");
+    assert!(
+        log.contains(&format!("--keep-datapath: agent.pin_path {pin_path} is on a bpffs mounted only in this process's mount namespace, not in PID 1's")),
+        "{log}"
+    );
+    assert!(
+        log.contains("Mount bpffs in the root mount namespace")
+            && log.contains("set agent.pin_path into it"),
+        "{log}"
+    );
+    assert!(!log.contains("XDP attached"), "{log}");
+    assert!(!topo.exec("lb", "ip -d link show")?.contains(" xdp"));
+
+    // Without --keep-datapath the same pin path serves, and the agent says it will not last.
+    let h = topo.spawn("lb", "nokeep", &bin, &["run", "--config", &config])?;
+    poll(Duration::from_secs(20), "the agent running", || {
+        Ok(topo
+            .log("nokeep")
+            .contains("lb-agent running")
+            .then_some(()))
+    })?;
+    let log = topo.log("nokeep");
+    assert!(
+        log.contains("the data plane will not outlive this process"),
+        "{log}"
+    );
+    let status = topo.stop(h, libc::SIGTERM)?;
+    assert!(status.success(), "{status}\n{}", topo.log("nokeep"));
+    assert!(!topo.exec("lb", "ip -d link show")?.contains(" xdp"));
+    Ok(())
+}
+
+#[test]
+fn run_needs_only_cap_bpf_cap_net_admin_and_cap_perfmon() -> Result<()> {
+    let mut c = config(2, "", "", "", "");
+    c.push_str("\n[[listener]]\nname = \"echo\"\naddress = \"10.0.100.10\"\nport = 5300\nprotocol = \"udp\"\ntarget_group = \"echo\"\nidle_timeout = \"2s\"\n\n[[target_group]]\nname = \"echo\"\nhash_table_size = 251\n\n[target_group.health_check]\nport = 8080\ninterval = \"1s\"\ntimeout = \"500ms\"\nhealthy_threshold = 2\n\n[[target_group.target]]\naddress = \"10.0.2.11\"\nport = 5300\n");
+    let mut topo = Topology::routed(2)?;
+    for i in 1..=2 {
+        topo.backend(i)?;
+    }
+    // Every other capability dropped, bpffs mounted (the topology's).
+    let wrapper = caps_only(AGENT_CAPS);
+    let mut b = Balancer::start_via(topo, &c, &strs(&wrapper), &[])?;
+
+    // Attached, checking, serving TCP and UDP.
+    b.wait_healthy(3)?;
+    // The agent (its API answers) has only those capabilities.
+    let pid = b.topo.pid(b.agent.expect("running"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    assert!(status.starts_with("Name:\tlb-agent\n"), "{status}");
+    let cap = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    // CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN
+    let only = format!("{:016x}", (1u64 << 39) | (1 << 38) | (1 << 12));
+    assert_eq!(
+        (cap("CapEff:"), cap("CapPrm:"), cap("CapBnd:")),
+        (Some(only.clone()), Some(only.clone()), Some(only)),
+        "{status}"
+    );
+    let (counts, _) = b.spread(URL, 20)?;
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "{counts:?}"
+    );
+    std::fs::write(b.topo.dir().join("udp_client.py"), UDP_CLIENT)?;
+    let reply = b.topo.exec(
+        "cli",
+        &format!("python3 {}/udp_client.py", b.topo.dir().display()),
+    )?;
+    assert!(reply.starts_with(&format!("{VIP} 5300 b1 saw")), "{reply}");
+    // The sweep expires the idle UDP flow.
+    assert_eq!(udp_flows(&b.maps()?), 1);
+    poll(Duration::from_secs(8), "idle UDP flow expired", || {
+        Ok((udp_flows(&b.maps()?) == 0).then_some(()))
+    })?;
+
+    // And stops cleanly.
+    let status = b.stop_agent(libc::SIGTERM)?;
+    assert!(status.success(), "{status}\n{}", b.agent_log());
+    assert!(!b.topo.exec("lb", "ip -d link show")?.contains(" xdp"));
+    assert!(!b.topo.bpffs().join("lb").exists());
+    let log = b.agent_log();
+    assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
     Ok(())
 }
