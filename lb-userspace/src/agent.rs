@@ -315,8 +315,8 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Takes over the data plane an earlier run left pinned: its hash key, ids, target states and
-/// table layout, with a shadow of what it wrote, then moves to `config`.
+/// Takes over the data plane an earlier run left pinned: its hash key and what its maps hold
+/// (read back), its ids and target states (from the state file), then moves to `config`.
 fn adopt(
     dp: &mut Datapath,
     state: StateFile,

@@ -114,8 +114,8 @@ impl Controller {
         })
     }
 
-    /// A controller that carries on from an earlier run: its config, model and the shadow of
-    /// what it wrote. No state change is reported for what the earlier run already showed.
+    /// A controller that carries on from an earlier run: its config and model, and a reconciler
+    /// that knows what the maps hold (`Reconciler::from_view`). No state change is reported for what the earlier run already showed.
     pub fn adopted(
         config: Config,
         model: Model,

@@ -10,8 +10,8 @@
 //!   was deleted (and perhaps made again) is replaced by a fresh attach. While the agent runs,
 //!   `ensure_attached` does the same when the link watcher (`links`) says so;
 //!
-//! bpffs holds only pins, so what the agent needs to carry on where it stopped (ids, target
-//! states, table layout, the config it applied) goes to a state file beside the API socket's
+//! bpffs holds only pins and the maps are read back, so what else the agent needs to carry on
+//! where it stopped (ids, target states, the config it applied) goes to a state file beside the API socket's
 //! default directory, `/run/lb-agent/<pin path>.state.json` (see [`crate::statefile`]), written
 //! after every change. Like the pins, it lasts until reboot.
 
