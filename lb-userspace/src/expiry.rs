@@ -61,6 +61,20 @@ fn ticks(d: Duration) -> u32 {
     (d.as_nanos() >> FLOW_TICK_SHIFT) as u32 + 1
 }
 
+/// The reply-flow key of flow `key` (client → VIP) forwarded to the target at `addr`,
+/// `port_be`: target → client.
+pub fn reply_key(key: &FlowKey, addr: [u32; 4], port_be: u16) -> FlowKey {
+    FlowKey {
+        src_addr: addr,
+        dst_addr: key.src_addr,
+        src_port_be: port_be,
+        dst_port_be: key.src_port_be,
+        protocol: key.protocol,
+        family: key.family,
+        _pad: 0,
+    }
+}
+
 /// One pass over the flow table at tick `now`, a chunk of `FLOW_CHUNK` entries at a time, each
 /// chunk's expired entries removed with one `BPF_MAP_DELETE_BATCH`; their reply-flow entries
 /// as `Replies` says. A map error ends the pass (logged); what was counted until then is
@@ -123,15 +137,7 @@ fn sweep_chunks(
             if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
                 expired.push(*key);
                 if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
-                    replies.push(FlowKey {
-                        src_addr: addr,
-                        dst_addr: key.src_addr,
-                        src_port_be: port_be,
-                        dst_port_be: key.src_port_be,
-                        protocol: key.protocol,
-                        family: key.family,
-                        _pad: 0,
-                    });
+                    replies.push(reply_key(key, addr, port_be));
                 }
             } else {
                 *active.entry(v.listener_id).or_default() += 1;

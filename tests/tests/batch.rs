@@ -316,15 +316,7 @@ fn sweep_case(what: &str, has_reply: fn(usize) -> bool) {
         .collect();
     let reply_key = |k: &FlowKey, v: &FlowValue| {
         let (addr, port_be) = targets[&v.target_id];
-        FlowKey {
-            src_addr: addr,
-            dst_addr: k.src_addr,
-            src_port_be: port_be,
-            dst_port_be: k.src_port_be,
-            protocol: k.protocol,
-            family: k.family,
-            _pad: 0,
-        }
+        expiry::reply_key(k, addr, port_be)
     };
     let with_reply: Vec<usize> = (0..n as usize).filter(|&i| has_reply(i)).collect();
     let rkeys: Vec<FlowKey> = with_reply

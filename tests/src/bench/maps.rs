@@ -106,15 +106,7 @@ fn replies(keys: &[FlowKey], values: &[FlowValue], every: u32) -> Vec<FlowKey> {
         .filter(|(_, v)| v.target_id.is_multiple_of(every))
         .map(|(k, v)| {
             let (addr, port_be) = plan.targets[&v.target_id];
-            FlowKey {
-                src_addr: addr,
-                dst_addr: k.src_addr,
-                src_port_be: port_be,
-                dst_port_be: k.src_port_be,
-                protocol: k.protocol,
-                family: k.family,
-                _pad: 0,
-            }
+            lb_userspace::expiry::reply_key(k, addr, port_be)
         })
         .collect()
 }
@@ -148,15 +140,7 @@ fn sweep_per_syscall(maps: &mut KernelMaps, plan: &ExpiryPlan, now: u32) -> Resu
             maps.remove_flow(&k)?;
             expired += 1;
             let (addr, port_be) = plan.targets[&v.target_id];
-            let reply = FlowKey {
-                src_addr: addr,
-                dst_addr: k.src_addr,
-                src_port_be: port_be,
-                dst_port_be: k.src_port_be,
-                protocol: k.protocol,
-                family: k.family,
-                _pad: 0,
-            };
+            let reply = lb_userspace::expiry::reply_key(&k, addr, port_be);
             let _ = maps.remove_reply_flow(&reply);
         }
     }
