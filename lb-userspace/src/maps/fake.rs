@@ -46,20 +46,20 @@ impl Default for Capacities {
 pub struct FakeMaps {
     /// Every successful write, in order (`put_target 3 state=1`, `publish 0`, …).
     pub ops: Vec<String>,
-    pub config: DataplaneConfig,
-    pub vips: BTreeMap<IpAddr, VipValue>,
-    pub listeners: BTreeMap<EndpointKey, ListenerValue>,
-    pub sources: BTreeSet<(u32, SourcePrefix)>,
-    pub reverse: BTreeMap<EndpointKey, ReverseValue>,
-    /// Target slots that are not all zero.
-    pub targets: BTreeMap<u32, TargetValue>,
-    /// Published groups: (flags, table).
-    pub tables: BTreeMap<u32, (u32, Vec<u32>)>,
-    pub interfaces: BTreeMap<u32, IfaceValue>,
+    /// What the maps hold; `tables` also keeps published empty tables, `devmap` follows
+    /// `interfaces`.
+    pub held: MapView,
     pub capacities: Capacities,
     /// With `checking`, every write that left a dangling reference (`check_references`).
     pub violations: Vec<String>,
     pub checking: bool,
+}
+
+impl std::ops::Deref for FakeMaps {
+    type Target = MapView;
+    fn deref(&self) -> &MapView {
+        &self.held
+    }
 }
 
 fn put<K: Ord, V>(
@@ -114,25 +114,25 @@ impl FakeMaps {
     /// missing, a table slot naming a target that does not forward.
     pub fn check_references(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (k, l) in &self.listeners {
+        for (k, l) in &self.held.listeners {
             let vip = addr::from_words(&k.addr, k.family);
-            if !vip.is_some_and(|ip| self.vips.contains_key(&ip)) {
+            if !vip.is_some_and(|ip| self.held.vips.contains_key(&ip)) {
                 out.push(format!(
                     "listener {} on {vip:?}: VIP missing",
                     l.listener_id
                 ));
             }
-            if !self.tables.contains_key(&l.group_id) {
+            if !self.held.tables.contains_key(&l.group_id) {
                 out.push(format!(
                     "listener {}: group {} has no table",
                     l.listener_id, l.group_id
                 ));
             }
         }
-        for (gid, (_, table)) in &self.tables {
+        for (gid, (_, table)) in &self.held.tables {
             let ids: BTreeSet<u32> = table.iter().copied().collect();
             for id in ids {
-                let state = self.targets.get(&id).map(|t| t.state);
+                let state = self.held.targets.get(&id).map(|t| t.state);
                 if state != Some(TARGET_FORWARD) {
                     out.push(format!(
                         "group {gid}'s table names target {id}, whose state is {state:?}"
@@ -156,22 +156,22 @@ impl FakeMaps {
 
 impl MapWriter for FakeMaps {
     fn set_config(&mut self, config: &DataplaneConfig) -> Result<(), WriteError> {
-        self.config = *config;
+        self.held.config = *config;
         self.done("config".into())
     }
     fn put_vip(&mut self, ip: IpAddr, value: VipValue) -> Result<(), WriteError> {
-        put(&mut self.vips, self.capacities.vips, ip, value, || {
+        put(&mut self.held.vips, self.capacities.vips, ip, value, || {
             format!("adding VIP {ip}")
         })?;
         self.done(format!("put_vip {ip}"))
     }
     fn remove_vip(&mut self, ip: IpAddr) -> Result<(), WriteError> {
-        remove(&mut self.vips, &ip, || format!("removing VIP {ip}"))?;
+        remove(&mut self.held.vips, &ip, || format!("removing VIP {ip}"))?;
         self.done(format!("remove_vip {ip}"))
     }
     fn put_listener(&mut self, key: EndpointKey, v: ListenerValue) -> Result<(), WriteError> {
         put(
-            &mut self.listeners,
+            &mut self.held.listeners,
             self.capacities.listeners,
             key,
             v,
@@ -180,7 +180,9 @@ impl MapWriter for FakeMaps {
         self.done(format!("put_listener {}", v.listener_id))
     }
     fn remove_listener(&mut self, key: &EndpointKey) -> Result<(), WriteError> {
-        remove(&mut self.listeners, key, || "removing a listener".into())?;
+        remove(&mut self.held.listeners, key, || {
+            "removing a listener".into()
+        })?;
         self.done("remove_listener".into())
     }
     fn allow_source(&mut self, id: u32, p: SourcePrefix) -> Result<(), WriteError> {
@@ -189,14 +191,14 @@ impl MapWriter for FakeMaps {
             .iter()
             .filter(|(_, q)| q.addr.is_ipv4() == p.addr.is_ipv4())
             .count();
-        if !self.sources.contains(&(id, p)) && family >= self.capacities.sources {
+        if !self.held.sources.contains(&(id, p)) && family >= self.capacities.sources {
             return Err(WriteError::Full(format!("allowing {}/{}", p.addr, p.len)));
         }
-        self.sources.insert((id, p));
+        self.held.sources.insert((id, p));
         self.done(format!("allow {id} {}/{}", p.addr, p.len))
     }
     fn disallow_source(&mut self, id: u32, p: SourcePrefix) -> Result<(), WriteError> {
-        if !self.sources.remove(&(id, p)) {
+        if !self.held.sources.remove(&(id, p)) {
             return Err(WriteError::NotFound(format!(
                 "disallowing {}/{}",
                 p.addr, p.len
@@ -209,65 +211,61 @@ impl MapWriter for FakeMaps {
             return Err(WriteError::Full(format!("writing target {id}")));
         }
         if *v == TargetValue::default() {
-            self.targets.remove(&id);
+            self.held.targets.remove(&id);
         } else {
-            self.targets.insert(id, *v);
+            self.held.targets.insert(id, *v);
         }
         self.done(format!("put_target {id} state={}", v.state))
     }
     fn put_reverse(&mut self, key: EndpointKey, v: ReverseValue) -> Result<(), WriteError> {
-        put(&mut self.reverse, self.capacities.reverse, key, v, || {
-            "writing LB_REVERSE".into()
-        })?;
+        put(
+            &mut self.held.reverse,
+            self.capacities.reverse,
+            key,
+            v,
+            || "writing LB_REVERSE".into(),
+        )?;
         self.done("put_reverse".into())
     }
     fn remove_reverse(&mut self, key: &EndpointKey) -> Result<(), WriteError> {
-        remove(&mut self.reverse, key, || "removing from LB_REVERSE".into())?;
+        remove(&mut self.held.reverse, key, || {
+            "removing from LB_REVERSE".into()
+        })?;
         self.done("remove_reverse".into())
     }
     fn add_interface(&mut self, i: u32, v: IfaceValue) -> Result<(), WriteError> {
         put(
-            &mut self.interfaces,
+            &mut self.held.interfaces,
             self.capacities.interfaces,
             i,
             v,
             || format!("adding interface {i}"),
         )?;
+        self.held.devmap.insert(i);
         self.done(format!("add_interface {i} {:#x}", v.flags))
     }
     fn remove_interface(&mut self, i: u32) -> Result<(), WriteError> {
-        remove(&mut self.interfaces, &i, || {
+        remove(&mut self.held.interfaces, &i, || {
             format!("removing interface {i}")
         })?;
+        self.held.devmap.remove(&i);
         self.done(format!("remove_interface {i}"))
     }
     fn publish_table(&mut self, gid: u32, flags: u32, table: &[u32]) -> Result<(), WriteError> {
         if gid >= self.capacities.groups {
             return Err(anyhow!("group id {gid} ≥ {}", self.capacities.groups).into());
         }
-        self.tables.insert(gid, (flags, table.to_vec()));
+        self.held.tables.insert(gid, (flags, table.to_vec()));
         self.done(format!("publish {gid}"))
     }
     fn remove_table(&mut self, gid: u32) -> Result<(), WriteError> {
-        self.tables.remove(&gid);
+        self.held.tables.remove(&gid);
         self.done(format!("remove_table {gid}"))
     }
     fn view(&self) -> Result<MapView> {
-        Ok(MapView {
-            config: self.config,
-            vips: self.vips.clone(),
-            listeners: self.listeners.clone(),
-            sources: self.sources.clone(),
-            reverse: self.reverse.clone(),
-            targets: self.targets.clone(),
-            tables: self
-                .tables
-                .iter()
-                .filter(|(_, (flags, t))| *flags != 0 || !t.is_empty())
-                .map(|(&g, t)| (g, t.clone()))
-                .collect(),
-            interfaces: self.interfaces.clone(),
-            devmap: self.interfaces.keys().copied().collect(),
-        })
+        let mut v = self.held.clone();
+        v.tables
+            .retain(|_, (flags, t)| *flags != 0 || !t.is_empty());
+        Ok(v)
     }
 }
