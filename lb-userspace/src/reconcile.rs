@@ -344,9 +344,17 @@ impl Reconciler {
             }
             let vip_written = addr::from_words(&key.addr, key.family)
                 .is_some_and(|ip| s.vips.contains_key(&ip) && !doubt.contains(&Entry::Vip(ip)));
-            let table_ready = s.tables.contains_key(&v.group_id)
-                && s.tables.get(&v.group_id) == desired.tables.get(&v.group_id)
-                && !self.unknown_tables.contains_key(&v.group_id);
+            // The group's table as desired; or, for a listener that stays on its group (a
+            // change of its flags), whatever complete table the group has now.
+            let published =
+                s.tables.contains_key(&v.group_id) || self.unknown_tables.contains_key(&v.group_id);
+            let table_ready = (s.tables.get(&v.group_id) == desired.tables.get(&v.group_id)
+                && published
+                && !self.unknown_tables.contains_key(&v.group_id))
+                || (published
+                    && s.listeners
+                        .get(key)
+                        .is_some_and(|l| l.group_id == v.group_id));
             if !(vip_written && table_ready) {
                 continue;
             }
@@ -420,7 +428,18 @@ impl Reconciler {
                 doubt.insert(e);
             }
         }
+        // A listener not written as desired yet keeps its old sources: narrowing them before
+        // it allows everyone would refuse its clients meanwhile.
+        let unsettled: BTreeSet<u32> = desired
+            .listeners
+            .iter()
+            .filter(|(k, v)| s.listeners.get(k) != Some(v) || doubt.contains(&Entry::Listener(**k)))
+            .map(|(_, v)| v.listener_id)
+            .collect();
         for src in sources {
+            if unsettled.contains(&src.0) {
+                continue;
+            }
             let e = Entry::Source(src);
             if done(w.disallow_source(src.0, prefix(&src.1)), true, &mut errors) {
                 s.sources.remove(&src);

@@ -984,3 +984,36 @@ fn reload_refuses_a_config_the_api_targets_do_not_fit() {
     w.c.reload(with(&|c| c.target_groups[0].hash_table_size = 37), w.at(0))
         .unwrap();
 }
+
+/// A reload that opens a listener to every source while its group's table is still being
+/// built: at every moment the listener's clients are allowed, by the old prefix or the new
+/// flags (the old prefix goes only once the listener is written).
+#[test]
+fn a_listener_opening_up_while_its_table_builds_keeps_its_clients() {
+    let mut w =
+        World::new(|c| c.listeners[0].allowed_sources = vec!["10.1.0.0/24".parse().unwrap()]);
+    let allowed = |m: &FakeMaps| {
+        let open = m
+            .listeners
+            .values()
+            .all(|l| l.flags & lb_common::LISTENER_F_ALLOW_ALL_V4 != 0);
+        let prefix = m.sources.iter().any(|(_, p)| p.len == 24);
+        open || prefix
+    };
+    assert!(allowed(&w.maps));
+    w.c.reconciler.build_inline = false;
+    let mut config = w.c.config.clone();
+    config.listeners[0].allowed_sources = vec!["0.0.0.0/0".parse().unwrap()];
+    config.target_groups[0].targets[0].weight = 300; // the table changes too
+    w.c.reload(config, w.at(1000)).unwrap();
+    let s = w.step(1000);
+    assert_eq!(s.applied.pending, 1, "the table waits for its build");
+    assert!(allowed(&w.maps), "clients refused while the table builds");
+    for spec in w.c.reconciler.pending().to_vec() {
+        let table = crate::reconcile::build_table(&spec).unwrap();
+        w.c.reconciler.add_built(spec, table);
+    }
+    w.step(1000);
+    assert!(w.maps.sources.is_empty());
+    assert!(allowed(&w.maps));
+}
