@@ -136,3 +136,17 @@ fn table_slots_are_given_back_and_reused() {
         std::thread::sleep(QUARANTINE); // freed slots wait out the quarantine
     }
 }
+
+/// A group whose table becomes empty keeps no slots: a restart that reads the layout back
+/// finds none to hold for it.
+#[test]
+fn an_empty_table_keeps_no_slots() {
+    let (_ebpf, mut k) = kernel(4096);
+    let table: Vec<u32> = (0..97).map(|i| i % 3).collect();
+    k.publish_table(4, 0, &table).expect("publish");
+    k.publish_table(4, 0, &table)
+        .expect("publish again: both halves hold it");
+    k.publish_table(4, 0, &[]).expect("publish empty");
+    let g = k.group(4).expect("group");
+    assert_eq!(g.table_size, [0, 0], "{g:?}");
+}

@@ -143,6 +143,7 @@ impl KernelMaps {
             let g = maps.group(gid)?;
             groups.push((
                 gid,
+                g.active as usize & 1,
                 [
                     (g.table_base[0], g.table_size[0]),
                     (g.table_base[1], g.table_size[1]),
@@ -396,8 +397,8 @@ impl KernelMaps {
         let size = u32::try_from(table.len()).context("table too large")?;
         let mut group = self.group(group_id)?;
         let inactive = (group.active as usize & 1) ^ 1;
-        let base = match self.space.place(group_id, inactive, size, Instant::now()) {
-            Ok(base) => base,
+        let placed = match self.space.place(group_id, inactive, size, Instant::now()) {
+            Ok(p) => p,
             Err(NoRoom::NotYet { free_at }) => {
                 return Err(anyhow!(
                     "LB_TABLES: no room for group {group_id}'s table of {size} slots until freed slots come out of quarantine in {:?}",
@@ -407,14 +408,50 @@ impl KernelMaps {
             }
             Err(NoRoom::Exhausted { wanted, free, total }) => {
                 return Err(anyhow!(
-                    "LB_TABLES has {total} slots, {free} free; group {group_id}'s table needs {wanted} in one piece (the budget is sized at start from the groups' hash_table_size: restart the agent to grow it)"
+                    "LB_TABLES has {total} slots, {free} free; group {group_id}'s table needs {wanted} in one piece (the budget is sized when the data plane is loaded, from the groups' hash_table_size: a restart without --keep-datapath sizes it anew)"
                 )
                 .into())
             }
         };
+        let base = placed.base;
+        let written = self.write_half(group_id, inactive, base, flags, table, &mut group);
+        if let Err(e) = written {
+            self.space.undo(group_id, inactive, placed);
+            return Err(e);
+        }
+        self.space.settle(placed, Instant::now());
+        // 2: the flip.
+        let old_active = group.active as usize & 1;
+        group.active = inactive as u32;
+        self.groups
+            .set(group_id, group, 0)
+            .written(|| format!("flipping group {group_id}"))?;
+        if size == 0 {
+            // An empty table: the half it replaced gives its slots back.
+            group.table_size[old_active] = 0;
+            self.groups
+                .set(group_id, group, 0)
+                .written(|| format!("writing group {group_id}"))?;
+            self.space.free_half(group_id, old_active, Instant::now());
+            self.written.remove(&(group_id, old_active));
+        }
+        Ok(())
+    }
+
+    /// Writes a half's slots (those that changed), then its place and size in `LB_GROUPS`
+    /// (step 1 of a publish: nothing reads the half yet).
+    fn write_half(
+        &mut self,
+        group_id: u32,
+        half: usize,
+        base: u32,
+        flags: u32,
+        table: &[u32],
+        group: &mut GroupValue,
+    ) -> Result<(), WriteError> {
         // Only the slots that differ from what this half already holds: a consistent-hash
         // table changes in few slots when one target comes or goes.
-        let before = match self.written.remove(&(group_id, inactive)) {
+        let before = match self.written.remove(&(group_id, half)) {
             Some((b, slots)) if b == base => slots,
             _ => Vec::new(),
         };
@@ -427,31 +464,18 @@ impl KernelMaps {
         write_slots(&mut self.tables, base, &changed)
             .with_context(|| format!("writing group {group_id}'s table"))?;
         self.written
-            .insert((group_id, inactive), (base, table.to_vec()));
-        // 1: the inactive half's place and size (nothing reads them yet).
-        group.table_base[inactive] = base;
-        group.table_size[inactive] = size;
+            .insert((group_id, half), (base, table.to_vec()));
+        group.table_base[half] = base;
+        group.table_size[half] = table.len() as u32;
         group.flags = flags;
         self.groups
-            .set(group_id, group, 0)
-            .written(|| format!("writing group {group_id}"))?;
-        // 2: the flip.
-        group.active = inactive as u32;
-        self.groups
-            .set(group_id, group, 0)
-            .written(|| format!("flipping group {group_id}"))
+            .set(group_id, *group, 0)
+            .written(|| format!("writing group {group_id}"))
     }
 
     /// Publishes an empty table for a group no listener uses, then gives its slots back.
     pub fn remove_table(&mut self, group_id: u32) -> Result<(), WriteError> {
         self.publish_table(group_id, 0, &[])?;
-        let mut group = self.group(group_id)?;
-        // The now inactive half keeps pointing at slots that are about to be reused.
-        let inactive = (group.active as usize & 1) ^ 1;
-        group.table_size[inactive] = 0;
-        self.groups
-            .set(group_id, group, 0)
-            .written(|| format!("writing group {group_id}"))?;
         self.space.release(group_id, Instant::now());
         self.written.retain(|(g, _), _| *g != group_id);
         Ok(())
