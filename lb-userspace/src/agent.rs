@@ -93,7 +93,13 @@ struct Agent {
     last_write_error: Option<String>,
     /// Answers to calls that changed the maps, held until the tables they wait for are
     /// published.
-    held: Vec<(oneshot::Sender<Response>, Response)>,
+    /// Each with the build round that publishes its tables.
+    held: Vec<(u64, oneshot::Sender<Response>, Response)>,
+    /// Builds started so far, and the specs of the last one.
+    build_round: u64,
+    round_specs: Vec<TableSpec>,
+    /// When a build last failed (the next waits a second).
+    build_failed_at: Option<Instant>,
     /// Link notifications for `agent.interfaces` (None: the socket could not be opened).
     links: Option<LinkWatcher>,
 }
@@ -241,6 +247,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         builds,
         building: false,
         held: Vec::new(),
+        build_round: 0,
+        round_specs: Vec::new(),
+        build_failed_at: None,
         failed_reconciliations: 0,
         last_write_error: None,
         links: LinkWatcher::open()
@@ -328,7 +337,13 @@ fn adopt(
     // What the earlier run wrote, read back: the shadow the diff starts from, whatever was
     // half-written when it stopped.
     let view = dp.maps.view().context("reading the pinned maps back")?;
-    let hash_key = view.config.hash_key;
+    // The key the flows were hashed with; if the earlier run never got to write LB_CONFIG,
+    // no flow was, and the key comes from the seed as at a fresh start.
+    let hash_key = if view.config.flags & lb_common::CONFIG_F_READY != 0 {
+        view.config.hash_key
+    } else {
+        hash_key(&old_config.agent.hash_seed)?
+    };
     let model = Model::restore(state.model, now);
     let reconciler = Reconciler::from_view(&view);
     let mut ctl = Controller::adopted(old_config, model, hash_key, interfaces, reconciler);
@@ -480,16 +495,23 @@ impl Agent {
     /// Builds the tables the last reconciliation is waiting for, on a blocking thread.
     fn start_builds(&mut self) {
         let specs = self.ctl.reconciler.pending().to_vec();
-        if self.building || specs.is_empty() {
+        let backing_off = self
+            .build_failed_at
+            .is_some_and(|t| t.elapsed() < RETRY_AFTER);
+        if self.building || specs.is_empty() || backing_off {
             return;
         }
         self.building = true;
+        self.build_round += 1;
+        self.round_specs = specs.clone();
         let done = self.builds.clone();
         tokio::task::spawn_blocking(move || {
             let tables = specs
                 .into_iter()
                 .map(|spec| {
-                    let table = build_table(&spec);
+                    // A panic in a build must not leave the agent waiting for it for ever.
+                    let table = std::panic::catch_unwind(|| build_table(&spec))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("building the table panicked")));
                     (spec, table)
                 })
                 .collect();
@@ -499,17 +521,26 @@ impl Agent {
 
     fn tables_built(&mut self, tables: BuiltTables) {
         self.building = false;
+        let round = self.build_round;
         for (spec, table) in tables {
             match table {
                 Ok(t) => self.ctl.reconciler.add_built(spec, t),
-                Err(e) => error!(error = %format!("{e:#}"), "building a table failed"),
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "building a table failed; retrying in 1 s");
+                    self.build_failed_at = Some(Instant::now());
+                    self.retry_at = Some(Instant::now() + RETRY_AFTER);
+                }
             }
         }
         self.apply(Instant::now(), "tables built");
-        if !self.building {
-            for (reply, response) in self.held.drain(..) {
-                let _ = reply.send(response);
-            }
+        // Calls whose tables were in this round (or a failed one) are answered now, even if
+        // later changes keep the builder busy.
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(needs, _, _)| *needs <= round || !self.building);
+        self.held = waiting;
+        for (_, reply, response) in ready {
+            let _ = reply.send(response);
         }
     }
 
@@ -517,7 +548,15 @@ impl Agent {
     /// (a caller that registers or deregisters a target can rely on the tables following).
     fn reply(&mut self, call: Call, response: Response) {
         if call.request.method == "POST" && self.building {
-            self.held.push((call.reply, response));
+            // Its tables are in the running round, or in the next one.
+            let in_round = self
+                .ctl
+                .reconciler
+                .pending()
+                .iter()
+                .all(|s| self.round_specs.contains(s));
+            let needs = self.build_round + u64::from(!in_round);
+            self.held.push((needs, call.reply, response));
         } else {
             let _ = call.reply.send(response);
         }
@@ -968,12 +1007,9 @@ impl Agent {
                 moved = true;
             } else if fresh {
                 // The same ifindex again (moved in from another namespace): the kernel dropped
-                // its LB_DEVMAP entry with the old interface; write it again.
-                if let Some(&v) = self.ctl.reconciler.shadow().interfaces.get(&index) {
-                    if let Err(e) = self.dp.maps.add_interface(index, v) {
-                        error!(interface = %name, error = %format!("{e:#}"), "rewriting the interface's map entries failed");
-                    }
-                }
+                // its LB_DEVMAP entry with the old interface; the reconciler writes it again.
+                self.ctl.reconciler.doubt_interface(index);
+                moved = true;
             }
         }
         if moved {

@@ -200,6 +200,12 @@ impl Reconciler {
         self.in_doubt.len() + self.unknown_tables.len()
     }
 
+    /// The kernel may have dropped interface `ifindex`'s entries (the interface went away and
+    /// came back with the same ifindex): the next `apply` writes them again.
+    pub fn doubt_interface(&mut self, ifindex: u32) {
+        self.in_doubt.insert(Entry::Interface(ifindex));
+    }
+
     /// The specs the last `apply` could not publish for want of a build.
     pub fn pending(&self) -> &[TableSpec] {
         &self.pending

@@ -1017,3 +1017,16 @@ fn a_listener_opening_up_while_its_table_builds_keeps_its_clients() {
     assert!(w.maps.sources.is_empty());
     assert!(allowed(&w.maps));
 }
+
+/// An interface that came back with the same ifindex (the kernel dropped its devmap entry):
+/// marked in doubt, it is written again by the next reconciliation.
+#[test]
+fn an_interface_in_doubt_is_written_again() {
+    let mut w = World::new(|_| {});
+    assert_eq!(w.step(100).applied, Applied::default());
+    w.c.reconciler.doubt_interface(3);
+    let before = w.maps.ops.len();
+    w.step(200);
+    assert_eq!(w.maps.ops[before..], ["add_interface 3 0x1"]);
+    assert_eq!(w.step(300).applied, Applied::default());
+}
