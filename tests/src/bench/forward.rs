@@ -370,7 +370,8 @@ fn send(bench: &mut Ebpf, case: &Case, ctx: &[u8], frames: u32) -> Result<f64> {
         "{}: {to_stack} frames entered the stack, expected {want}",
         case.name
     );
-    Ok(r.duration.as_nanos() as f64 / frames as f64)
+    // The kernel reports the time per frame (total ÷ repeat), in whole ns.
+    Ok(r.duration.as_nanos() as f64)
 }
 
 fn xdp<'a>(bench: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
