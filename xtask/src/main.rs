@@ -242,8 +242,11 @@ fn bench(args: &[String]) -> Result<()> {
         "--",
     ];
     a.extend(args.iter().map(String::as_str));
-    if args.windows(2).any(|w| w[0] == "--only" && w[1] == "maps") {
-        // The map figures load the object themselves: no agent to build.
+    if args
+        .windows(2)
+        .any(|w| w[0] == "--only" && (w[1] == "maps" || w[1] == "forwarding"))
+    {
+        // The map and forwarding figures load the objects themselves: no agent to build.
         return cargo(&a, &[]);
     }
     // The agent the end-to-end and control-plane figures run: a release build.

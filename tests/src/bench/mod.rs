@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod e2e;
+pub mod forward;
 pub mod maps;
 pub mod packet;
 pub mod plot;

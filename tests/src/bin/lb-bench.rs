@@ -3,6 +3,9 @@
 //! figures, and the failover picture. Prints every table; a full run rewrites BENCHMARKS.md and
 //! docs/failover.png.
 //!
+//! `cargo xtask bench --only forwarding [--quick]`: the forwarding-capacity figures alone
+//! (printed, BENCHMARKS.md left as it is).
+//!
 //! `cargo xtask bench --only maps [--per-syscall]`: the map-writing figures alone (printed,
 //! BENCHMARKS.md left as it is); `--per-syscall` adds the one-syscall-per-entry way once, for
 //! comparison.
@@ -10,7 +13,7 @@
 use std::{fmt::Write as _, fs, path::Path, time::Instant};
 
 use anyhow::{bail, Context, Result};
-use lb_tests::bench::{control, e2e, maps, packet, plot};
+use lb_tests::bench::{control, e2e, forward, maps, packet, plot};
 
 fn machine() -> (String, String) {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -90,12 +93,91 @@ fn map_figures(per_syscall: bool) -> Result<(String, f64)> {
     Ok((t, sweep_ms))
 }
 
+/// The forwarding-capacity figures: the table, and the section of BENCHMARKS.md.
+fn forwarding_figures(quick: bool) -> Result<(String, String)> {
+    let (frames, rounds) = if quick { (200_000, 3) } else { (1_000_000, 5) };
+    eprintln!("forwarding capacity: 7 paths × {rounds} rounds × {frames} frames …");
+    let rows = std::thread::spawn(move || forward::run(frames, rounds, &[]))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the forwarding thread panicked"))??;
+    let of = |prefix: &str| {
+        rows.iter()
+            .find(|r| r.name.starts_with(prefix))
+            .map(forward::Row::mpps)
+    };
+    let cell = |v: f64, other: Option<f64>| other.map_or("—".to_string(), |o| ratio(v, o));
+    let mut t = String::new();
+    writeln!(
+        t,
+        "| path | Mpps | ns/frame (median) | min–max | ÷ nftables | ÷ kernel routing | ÷ floor |"
+    )?;
+    writeln!(t, "|---|---:|---:|---:|---:|---:|---:|")?;
+    for r in &rows {
+        let v = r.mpps();
+        let nft = if r.name.contains("UDP") {
+            of("nftables DNAT, established UDP")
+        } else {
+            of("nftables DNAT, established TCP")
+        };
+        writeln!(
+            t,
+            "| {} | {v:.2} | {:.0} | {:.0}–{:.0} | {} | {} | {} |",
+            r.name,
+            r.median(),
+            r.ns[0],
+            r.ns[r.ns.len() - 1],
+            cell(v, nft),
+            cell(v, of("kernel routing")),
+            cell(v, of("floor")),
+        )?;
+    }
+    let cpu = forward::CPU;
+    let doc = format!(
+        "\n## Forwarding capacity\n\nFrames injected the way a NIC hands them to XDP: \
+         `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`, {frames} 64-byte frames per \
+         call, the balancer's client-side veth as `ingress_ifindex`, in a private namespace; the \
+         kernel carries out every verdict (XDP_REDIRECT transmits to the target-side veth, \
+         XDP_PASS hands the frame to the stack as received on the client side). A sink XDP \
+         program on the target-side veth's peer counts the frames and drops them. Live-frame \
+         pages are recycled without their contents being restored, so a small generator \
+         (`lb_bench_gen`, in the bench-only object lb-bench-ebpf) writes each frame from a \
+         template and tail-calls the path under test: **floor**, a program that only \
+         redirects to the target-side veth; **this balancer**, `lb_xdp` provisioned by the \
+         agent's reconciler (the new-flow row gives every frame another source address and \
+         port); **kernel routing**, XDP_PASS with a route to the VIP through a target; \
+         **nftables DNAT**, XDP_PASS with a `dnat to` rule to one target in the balancer's \
+         namespace (conntrack, established flow). One thread pinned to CPU {cpu}; per round the \
+         kernel-measured time per frame, which covers the generator, the path, the transmit and \
+         the sink's softirq on that CPU; median of {rounds} rounds, min–max; Mpps = 1000 ÷ \
+         ns/frame; ratios are of Mpps (UDP rows to nftables' UDP row). After every round: \
+         every frame sent reached the sink with the destination its path must give it (a \
+         target's address and port where the balancer or nftables rewrote it, the VIP where \
+         the kernel routed it), the generator's tail call never failed, and the namespace's IPv4 \
+         `InReceives` grew by the frames of the XDP_PASS rows and by none on the others (no \
+         frame addressed to the balancer's MAC fell back to the stack; one passed on with its \
+         MAC already rewritten would be dropped unseen by that counter, but then not reach the \
+         sink). The generator and the sink cost the same in every row: \
+         the floor is their cost plus a redirect's, and \"no balancer at all\" is not a row of \
+         its own (the same frames to a target's address take the kernel-routing row's path). \
+         The kernel rows also pay for the sink's veth building an skb's XDP frame; a NIC \
+         would transmit the skb instead. `cargo xtask bench --only forwarding` runs this \
+         section alone.\n\n{t}"
+    );
+    Ok((t, doc))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let per_syscall = args.iter().any(|a| a == "--per-syscall");
     if let Some(i) = args.iter().position(|a| a == "--only") {
         match args.get(i + 1).map(String::as_str) {
+            Some("forwarding") => {
+                let (t, _) = forwarding_figures(quick)?;
+                println!("\nForwarding capacity\n{t}");
+                println!("(--only: BENCHMARKS.md left as it is; a full run rewrites it)");
+                return Ok(());
+            }
             Some("maps") => {
                 let (t, _) = map_figures(per_syscall)?;
                 println!("\nMap writes\n{t}");
@@ -103,7 +185,7 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             other => bail!(
-                "--only {}: the section that runs alone is `maps`",
+                "--only {}: the sections that run alone are `forwarding` and `maps`",
                 other.unwrap_or("")
             ),
         }
@@ -150,6 +232,11 @@ fn main() -> Result<()> {
          Targets: established ≤ 100 ns, new flow ≤ 500 ns, non-VIP pass ≤ 30 ns; see \
          \"Against the targets\" below.\n"
     )?;
+
+    // 1b. Forwarding capacity.
+    let (t, section) = forwarding_figures(quick)?;
+    println!("\nForwarding capacity\n{t}");
+    doc.push_str(&section);
 
     // 2. End to end.
     let seconds = if quick { 3 } else { 10 };
