@@ -140,6 +140,34 @@ fn done(result: Result<(), WriteError>, removal: bool, errors: &mut Vec<String>)
     }
 }
 
+/// The outcome of one `apply`'s writes.
+#[derive(Default)]
+struct Log {
+    errors: Vec<String>,
+    writes: usize,
+}
+
+impl Log {
+    /// Records a write of entry `e`: done (no longer in doubt, counted) or failed (the error
+    /// kept, the entry in doubt). With `removal`, an entry already absent counts as removed.
+    fn settle(
+        &mut self,
+        doubt: &mut BTreeSet<Entry>,
+        e: Entry,
+        result: Result<(), WriteError>,
+        removal: bool,
+    ) -> bool {
+        let ok = done(result, removal, &mut self.errors);
+        if ok {
+            doubt.remove(&e);
+            self.writes += 1;
+        } else {
+            doubt.insert(e);
+        }
+        ok
+    }
+}
+
 /// Never equal to a value the desired state holds: the entry is written again.
 const UNKNOWN_IFACE: IfaceValue = IfaceValue { flags: u32::MAX };
 
@@ -225,43 +253,32 @@ impl Reconciler {
     /// is in doubt (the kernel may have made it anyway) until a later write of it succeeds.
     pub fn apply(&mut self, desired: &Desired, w: &mut impl MapWriter) -> Result<Applied> {
         let mut n = Applied::default();
-        let mut errors = Vec::new();
+        let mut log = Log::default();
         self.pending.clear();
         let doubt = &mut self.in_doubt;
 
         let s = &mut self.shadow;
-        if s.config != desired.config || doubt.contains(&Entry::Config) {
-            if done(w.set_config(&desired.config), false, &mut errors) {
-                s.config = desired.config;
-                doubt.remove(&Entry::Config);
-                n.writes += 1;
-            } else {
-                doubt.insert(Entry::Config);
-            }
+        if (s.config != desired.config || doubt.contains(&Entry::Config))
+            && log.settle(doubt, Entry::Config, w.set_config(&desired.config), false)
+        {
+            s.config = desired.config;
         }
         for (&ifindex, &value) in &desired.interfaces {
             let e = Entry::Interface(ifindex);
-            if s.interfaces.get(&ifindex) != Some(&value) || doubt.contains(&e) {
-                if done(w.add_interface(ifindex, value), false, &mut errors) {
-                    s.interfaces.insert(ifindex, value);
-                    doubt.remove(&e);
-                    n.writes += 1;
-                } else {
-                    doubt.insert(e);
-                }
+            if (s.interfaces.get(&ifindex) != Some(&value) || doubt.contains(&e))
+                && log.settle(doubt, e, w.add_interface(ifindex, value), false)
+            {
+                s.interfaces.insert(ifindex, value);
             }
         }
         // Targets that forward (those tables name among them) before the tables.
         for (&id, v) in &desired.targets {
             let e = Entry::Target(id);
-            if v.state == TARGET_FORWARD && (s.targets.get(&id) != Some(v) || doubt.contains(&e)) {
-                if done(w.put_target(id, v), false, &mut errors) {
-                    s.targets.insert(id, *v);
-                    doubt.remove(&e);
-                    n.writes += 1;
-                } else {
-                    doubt.insert(e);
-                }
+            if v.state == TARGET_FORWARD
+                && (s.targets.get(&id) != Some(v) || doubt.contains(&e))
+                && log.settle(doubt, e, w.put_target(id, v), false)
+            {
+                s.targets.insert(id, *v);
             }
         }
         for (&gid, spec) in &desired.tables {
@@ -281,7 +298,7 @@ impl Reconciler {
                 None if self.build_inline => match build_table(spec) {
                     Ok(t) => t,
                     Err(e) => {
-                        errors.push(format!("group {gid}: {e:#}"));
+                        log.errors.push(format!("group {gid}: {e:#}"));
                         continue;
                     }
                 },
@@ -291,7 +308,11 @@ impl Reconciler {
                     continue;
                 }
             };
-            if done(w.publish_table(gid, spec.flags, &table), false, &mut errors) {
+            if done(
+                w.publish_table(gid, spec.flags, &table),
+                false,
+                &mut log.errors,
+            ) {
                 s.tables.insert(gid, spec.clone());
                 self.unknown_tables.remove(&gid);
                 n.tables += 1;
@@ -309,38 +330,26 @@ impl Reconciler {
         let doubt = &mut self.in_doubt;
         for (&ip, v) in &desired.vips {
             let e = Entry::Vip(ip);
-            if s.vips.get(&ip) != Some(v) || doubt.contains(&e) {
-                if done(w.put_vip(ip, *v), false, &mut errors) {
-                    s.vips.insert(ip, *v);
-                    doubt.remove(&e);
-                    n.writes += 1;
-                } else {
-                    doubt.insert(e);
-                }
+            if (s.vips.get(&ip) != Some(v) || doubt.contains(&e))
+                && log.settle(doubt, e, w.put_vip(ip, *v), false)
+            {
+                s.vips.insert(ip, *v);
             }
         }
         for (key, v) in &desired.reverse {
             let e = Entry::Reverse(*key);
-            if s.reverse.get(key) != Some(v) || doubt.contains(&e) {
-                if done(w.put_reverse(*key, *v), false, &mut errors) {
-                    s.reverse.insert(*key, *v);
-                    doubt.remove(&e);
-                    n.writes += 1;
-                } else {
-                    doubt.insert(e);
-                }
+            if (s.reverse.get(key) != Some(v) || doubt.contains(&e))
+                && log.settle(doubt, e, w.put_reverse(*key, *v), false)
+            {
+                s.reverse.insert(*key, *v);
             }
         }
         for src in &desired.sources {
             let e = Entry::Source(*src);
-            if !s.sources.contains(src) || doubt.contains(&e) {
-                if done(w.allow_source(src.0, prefix(&src.1)), false, &mut errors) {
-                    s.sources.insert(*src);
-                    doubt.remove(&e);
-                    n.writes += 1;
-                } else {
-                    doubt.insert(e);
-                }
+            if (!s.sources.contains(src) || doubt.contains(&e))
+                && log.settle(doubt, e, w.allow_source(src.0, prefix(&src.1)), false)
+            {
+                s.sources.insert(*src);
             }
         }
         for (key, v) in &desired.listeners {
@@ -364,12 +373,8 @@ impl Reconciler {
             if !(vip_written && table_ready) {
                 continue;
             }
-            if done(w.put_listener(*key, *v), false, &mut errors) {
+            if log.settle(doubt, e, w.put_listener(*key, *v), false) {
                 s.listeners.insert(*key, *v);
-                doubt.remove(&e);
-                n.writes += 1;
-            } else {
-                doubt.insert(e);
             }
         }
 
@@ -426,12 +431,8 @@ impl Reconciler {
         let doubt = &mut self.in_doubt;
         for key in listeners {
             let e = Entry::Listener(key);
-            if done(w.remove_listener(&key), true, &mut errors) {
+            if log.settle(doubt, e, w.remove_listener(&key), true) {
                 s.listeners.remove(&key);
-                doubt.remove(&e);
-                n.writes += 1;
-            } else {
-                doubt.insert(e);
             }
         }
         // A listener not written as desired yet keeps its old sources: narrowing them before
@@ -447,22 +448,14 @@ impl Reconciler {
                 continue;
             }
             let e = Entry::Source(src);
-            if done(w.disallow_source(src.0, prefix(&src.1)), true, &mut errors) {
+            if log.settle(doubt, e, w.disallow_source(src.0, prefix(&src.1)), true) {
                 s.sources.remove(&src);
-                doubt.remove(&e);
-                n.writes += 1;
-            } else {
-                doubt.insert(e);
             }
         }
         for key in reverse {
             let e = Entry::Reverse(key);
-            if done(w.remove_reverse(&key), true, &mut errors) {
+            if log.settle(doubt, e, w.remove_reverse(&key), true) {
                 s.reverse.remove(&key);
-                doubt.remove(&e);
-                n.writes += 1;
-            } else {
-                doubt.insert(e);
             }
         }
         for ip in vips {
@@ -478,12 +471,8 @@ impl Reconciler {
                 continue;
             }
             let e = Entry::Vip(ip);
-            if done(w.remove_vip(ip), true, &mut errors) {
+            if log.settle(doubt, e, w.remove_vip(ip), true) {
                 s.vips.remove(&ip);
-                doubt.remove(&e);
-                n.writes += 1;
-            } else {
-                doubt.insert(e);
             }
         }
         let old_tables: BTreeSet<u32> = s
@@ -504,7 +493,7 @@ impl Reconciler {
             if used {
                 continue;
             }
-            if done(w.remove_table(gid), true, &mut errors) {
+            if done(w.remove_table(gid), true, &mut log.errors) {
                 s.tables.remove(&gid);
                 self.unknown_tables.remove(&gid);
                 n.tables += 1;
@@ -545,37 +534,30 @@ impl Reconciler {
                 continue; // the table that drops it is not published yet
             }
             let e = Entry::Target(id);
-            if done(w.put_target(id, &v), false, &mut errors) {
+            if log.settle(&mut self.in_doubt, e, w.put_target(id, &v), false) {
                 if v == TargetValue::default() {
                     self.shadow.targets.remove(&id);
                 } else {
                     self.shadow.targets.insert(id, v);
                 }
-                self.in_doubt.remove(&e);
-                n.writes += 1;
-            } else {
-                self.in_doubt.insert(e);
             }
         }
         for ifindex in interfaces {
             let e = Entry::Interface(ifindex);
-            if done(w.remove_interface(ifindex), true, &mut errors) {
+            if log.settle(&mut self.in_doubt, e, w.remove_interface(ifindex), true) {
                 self.shadow.interfaces.remove(&ifindex);
-                self.in_doubt.remove(&e);
-                n.writes += 1;
-            } else {
-                self.in_doubt.insert(e);
             }
         }
         self.built
             .retain(|spec, _| desired.tables.values().any(|t| t == spec));
-        if errors.is_empty() {
+        n.writes = log.writes;
+        if log.errors.is_empty() {
             Ok(n)
         } else {
             Err(anyhow!(
                 "{} of the map writes failed (the rest were made): {}",
-                errors.len(),
-                errors.join("; ")
+                log.errors.len(),
+                log.errors.join("; ")
             ))
         }
     }
