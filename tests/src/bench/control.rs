@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use lb_common::maglev;
 
 use crate::{
     harness::{poll, Balancer},
@@ -13,27 +12,15 @@ use crate::{
 
 /// Median milliseconds to build a 65,537-slot table over `n` targets of weight 1.
 pub fn table_build_ms(n: usize) -> Result<f64> {
-    let ids: Vec<Vec<u8>> = (0..n)
-        .map(|i| {
-            lb_userspace::state::identity(
-                format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256)
-                    .parse()
-                    .expect("address"),
-                8080,
-            )
-        })
-        .collect();
-    let backends: Vec<maglev::Backend<'_>> = ids
-        .iter()
-        .map(|i| maglev::Backend {
-            identity: i,
-            weight: 1,
-        })
-        .collect();
+    let spec = super::table_spec(
+        0..n as u32,
+        |i| std::net::Ipv4Addr::from(0x0a00_0000 | i).into(),
+        65_537,
+    );
     let mut times: Vec<f64> = (0..5)
         .map(|_| {
             let start = Instant::now();
-            let t = maglev::build(&backends, 65_537, 0).map(|t| t.len());
+            let t = lb_userspace::reconcile::build_table(&spec).map(|t| t.len());
             (t, start.elapsed().as_secs_f64() * 1e3)
         })
         .map(|(t, ms)| t.map(|_| ms))

@@ -7,14 +7,13 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use aya::maps::{Array, MapData};
 use lb_common::{
-    maglev,
     maps::{DEFAULT_FLOW_TABLE_SIZE, DEFAULT_HASH_TABLE_SIZE, MAP_TABLES},
     FlowKey, FlowValue, ReverseValue, FAMILY_V4, FLOW_TICK_SHIFT, PROTO_TCP,
 };
 use lb_userspace::{
     dataplane::{self, MapSizes},
     expiry::{self, ExpiryPlan, ListenerTimeouts},
-    maps::{table_of_ids, FlowTable, KernelMaps},
+    maps::{FlowTable, KernelMaps},
 };
 
 /// Runs per figure; the median is reported.
@@ -222,26 +221,12 @@ pub fn sweep(reply_every: u32, per_syscall: bool) -> Result<Vec<Row>> {
 }
 
 fn maglev_ids(targets: &[u32]) -> Result<Vec<u32>> {
-    let ids: Vec<Vec<u8>> = targets
-        .iter()
-        .map(|&t| {
-            lb_userspace::state::identity(
-                format!("10.2.{}.{}", t / 256, t % 256)
-                    .parse()
-                    .expect("address"),
-                8080,
-            )
-        })
-        .collect();
-    let backends: Vec<maglev::Backend<'_>> = ids
-        .iter()
-        .map(|i| maglev::Backend {
-            identity: i,
-            weight: 1,
-        })
-        .collect();
-    let table = maglev::build(&backends, DEFAULT_HASH_TABLE_SIZE, 0)?;
-    Ok(table_of_ids(&table, targets))
+    let spec = super::table_spec(
+        targets.iter().copied(),
+        |t| std::net::Ipv4Addr::new(10, 2, (t / 256) as u8, (t % 256) as u8).into(),
+        DEFAULT_HASH_TABLE_SIZE,
+    );
+    lb_userspace::reconcile::build_table(&spec)
 }
 
 /// Publishing a 65,537-slot table over 100 targets: in full (a group's first table), and after
