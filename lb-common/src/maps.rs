@@ -42,9 +42,12 @@ pub const MAP_REPLY_FRAGS: &str = "LB_REPLY_FRAGS";
 pub const MAP_IFACES: &str = "LB_IFACES";
 pub const MAP_PROGS: &str = "LB_PROGS";
 pub const MAP_SCRATCH: &str = "LB_SCRATCH";
+pub const MAP_ROUTE_EPOCH: &str = "LB_ROUTE_EPOCH";
+pub const MAP_NEXT_HOPS: &str = "LB_NEXT_HOPS";
+pub const MAP_ADDR_FILTER: &str = "LB_ADDR_FILTER";
 
 /// Every map the object defines (a test checks that each resolves in the loaded object).
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 22] = [
     MAP_CONFIG,
     MAP_VIPS,
     MAP_LISTENERS,
@@ -64,6 +67,9 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_IFACES,
     MAP_PROGS,
     MAP_SCRATCH,
+    MAP_ROUTE_EPOCH,
+    MAP_NEXT_HOPS,
+    MAP_ADDR_FILTER,
 ];
 
 /// Listeners (and so VIP:port:protocol entries) the data plane holds.
@@ -88,3 +94,8 @@ pub const MAX_REPLY_FRAGS: u32 = 8192;
 pub const DEFAULT_FLOW_INSERT_LIMIT: u32 = 125_000;
 /// Interfaces in the redirect devmap.
 pub const MAX_INTERFACES: u32 = 64;
+/// Entries of the per-CPU `LB_NEXT_HOPS` cache: the first half by target id (packets to
+/// targets), the second by a hash of the destination (replies to clients). A power of two.
+pub const NEXT_HOP_SLOTS: u32 = 4096;
+/// Buckets of `LB_ADDR_FILTER`. A power of two.
+pub const ADDR_FILTER_BUCKETS: u32 = 4096;

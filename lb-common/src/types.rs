@@ -286,6 +286,76 @@ const _: () = assert!(core::mem::size_of::<IfaceValue>() == 4);
 /// packets received on such an interface.
 pub const IFACE_F_TARGETS: u32 = 1;
 
+/// `LB_ROUTE_EPOCH[0]`: the routing state's epoch. The data path reuses a FIB answer (in
+/// `LB_NEXT_HOPS`) only while the epoch it was stored under is current; the agent moves the
+/// epoch on every change of routes, neighbours, links, rules or forwarding the kernel
+/// announces, and sets it to `ROUTE_EPOCH_OFF` while FIB answers may depend on more than the
+/// destination and the ingress interface (policy rules, multipath routes…).
+pub const ROUTE_EPOCH_OFF: u32 = 0;
+
+/// A value of the per-CPU `LB_NEXT_HOPS` cache: a FIB answer that said "forward", kept for
+/// the next packets to the same destination arriving on the same interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `LB_ROUTE_EPOCH` when the answer was stored (never `ROUTE_EPOCH_OFF`).
+    pub epoch: u32,
+    /// The interface the packet arrived on (part of the FIB question).
+    pub ingress_ifindex: u32,
+    /// The destination asked about.
+    pub dst: [u32; 4],
+    /// The answer: out of `ifindex`, from `smac` to `dmac`; packets up to `mtu` bytes.
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub mtu: u16,
+    pub family: u8,
+    pub _pad: u8,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 48);
+
+/// The `LB_NEXT_HOPS` slot of packets to target `target_id`.
+#[inline(always)]
+pub fn next_hop_slot_of_target(target_id: u32) -> u32 {
+    target_id & (crate::maps::NEXT_HOP_SLOTS / 2 - 1)
+}
+
+/// The `LB_NEXT_HOPS` slot of replies to `client`.
+#[inline(always)]
+pub fn next_hop_slot_of_client(client: &[u32; 4]) -> u32 {
+    crate::maps::NEXT_HOP_SLOTS / 2 + (addr_hash(client) & (crate::maps::NEXT_HOP_SLOTS / 2 - 1))
+}
+
+/// A cheap, unkeyed hash of an address, for direct-mapped tables where a collision costs a
+/// lookup, never a wrong answer.
+#[inline(always)]
+pub fn addr_hash(addr: &[u32; 4]) -> u32 {
+    let x = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    // Fibonacci hashing: the top bits of the product mix every input bit.
+    x.wrapping_mul(0x9E37_79B1) >> 16
+}
+
+/// Value of `LB_ADDR_FILTER[addr_filter_bucket(addr)]`: how many `LB_VIPS` entries and how
+/// many `LB_REVERSE` entries (target endpoints) have an address that hashes to the bucket. A
+/// packet whose destination's bucket counts no VIP is not to a VIP, and a TCP/UDP packet
+/// whose source's bucket counts no target endpoint is not a reply: both skip the hash-map
+/// lookups. The agent raises a count before it writes the entry it counts and lowers it only
+/// after removing it, so a count is never lower than the kernel's entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrBucket {
+    pub vips: u16,
+    pub targets: u16,
+}
+const _: () = assert!(core::mem::size_of::<AddrBucket>() == 4);
+
+/// The `LB_ADDR_FILTER` bucket of an address (of either family).
+#[inline(always)]
+pub fn addr_filter_bucket(addr: &[u32; 4]) -> u32 {
+    addr_hash(addr) & (crate::maps::ADDR_FILTER_BUCKETS - 1)
+}
+
 /// Value of `LB_STATS[listener_id]` (per CPU).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -427,4 +497,6 @@ mod pod {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for IfaceValue {}
+    unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for AddrBucket {}
 }

@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue, FragKey,
-    FragValue, GroupValue, IfaceValue, InsertBudget, ListenerStats, ListenerValue, ReverseValue,
-    TargetValue, VipKey, VipValue,
+    counter, maps::*, AddrBucket, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey,
+    FlowValue, FragKey, FragValue, GroupValue, IfaceValue, InsertBudget, ListenerStats,
+    ListenerValue, NextHop, ReverseValue, TargetValue, VipKey, VipValue,
 };
 
 #[map]
@@ -57,3 +57,12 @@ pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(TAIL_CALLS.le
 /// Per-CPU scratch for a tail call's argument: the egress MTU for `lb_xdp_too_big`.
 #[map]
 pub static LB_SCRATCH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+/// The routing state's epoch (`lb_common::ROUTE_EPOCH_OFF`: do not reuse FIB answers).
+#[map]
+pub static LB_ROUTE_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+/// Per-CPU cache of FIB answers, valid while `LB_ROUTE_EPOCH` is unchanged.
+#[map]
+pub static LB_NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NEXT_HOP_SLOTS, 0);
+/// Per address bucket: are there VIPs / target endpoints here at all?
+#[map]
+pub static LB_ADDR_FILTER: Array<AddrBucket> = Array::with_max_entries(ADDR_FILTER_BUCKETS, 0);
