@@ -18,10 +18,10 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counter,
     maps::{TAIL_FRAGMENT, TAIL_ICMP_FROM_TARGET, TAIL_ICMP_TO_VIP, TAIL_TOO_BIG},
-    AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue, ListenerValue,
-    ReverseValue, VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS,
-    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4,
-    REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
+    next_hop_slot_of_client, next_hop_slot_of_target, AllowV4, AllowV6, DataplaneConfig,
+    EndpointKey, FlowKey, FragKey, FragValue, ListenerValue, ReverseValue, VipKey, CONFIG_F_READY,
+    FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6,
+    PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -243,7 +243,15 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         frame_len(ctx),
         decision.new_flow,
     );
-    let route = fwd::route(ctx, pkt.family, &pkt.src, &target.addr, pkt.tos, pkt.ip_len);
+    let route = fwd::route_cached(
+        ctx,
+        next_hop_slot_of_target(decision.target_id),
+        pkt.family,
+        &pkt.src,
+        &target.addr,
+        pkt.tos,
+        pkt.ip_len,
+    );
     if route.kind == RouteKind::FragNeeded {
         let mtu = route.mtu;
         if pkt.dont_fragment {
@@ -506,8 +514,9 @@ fn reply_way(
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
-    let route = fwd::route(
+    let route = fwd::route_cached(
         ctx,
+        next_hop_slot_of_client(&pkt.dst),
         pkt.family,
         &reverse.vip_addr,
         &pkt.dst,
@@ -646,7 +655,7 @@ fn finish(
     rewrite: Rewrite,
 ) -> Result<u32, Exit> {
     let (send, pass_counter) = match route.kind {
-        RouteKind::Forward if fwd::can_send(ctx, route.ifindex) => (true, 0),
+        RouteKind::Forward if route.sendable => (true, 0),
         RouteKind::FragNeeded if untouched_if_too_big => {
             return Err(Exit::PassCounted(counter::PASS_FRAG_NEEDED))
         }
