@@ -220,8 +220,11 @@ impl World {
 
     /// Writes `LB_ROUTE_EPOCH` (what the agent's route watcher keeps).
     pub fn set_route_epoch(&mut self, epoch: u32) -> Result<()> {
-        let mut map: Array<_, u32> =
-            Array::try_from(self.ebpf.map_mut(MAP_ROUTE_EPOCH).context(MAP_ROUTE_EPOCH)?)?;
+        let mut map: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_ROUTE_EPOCH)
+                .context(MAP_ROUTE_EPOCH)?,
+        )?;
         Ok(map.set(0, epoch, 0)?)
     }
 
