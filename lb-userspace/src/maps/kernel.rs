@@ -25,9 +25,9 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    addr, counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
-    FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue, ReverseValue,
-    TargetValue, VipKey, VipValue, FAMILY_V4, FAMILY_V6,
+    addr, counter, maps::*, AddrBucket, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey,
+    FlowValue, FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue,
+    ReverseValue, TargetValue, VipKey, VipValue, FAMILY_V4, FAMILY_V6,
 };
 
 /// Typed handles on every map of a loaded object.
@@ -51,6 +51,7 @@ pub struct KernelMaps {
     progs: ProgramArray<MapData>,
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
+    addr_filter: Array<MapData, AddrBucket>,
     /// Where each group's two halves live in `LB_TABLES`.
     space: TableSpace,
     /// What this process last wrote to each (group, half): its base and slots. Unchanged slots
@@ -182,6 +183,7 @@ impl KernelMaps {
             progs: typed!(MAP_PROGS),
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
+            addr_filter: typed!(MAP_ADDR_FILTER),
             space,
             written: StdHashMap::new(),
         })
@@ -318,6 +320,13 @@ impl KernelMaps {
         self.reverse
             .remove(key)
             .written(|| "removing from LB_REVERSE".into())
+    }
+
+    /// Writes `LB_ADDR_FILTER[bucket]` (the all-zero value: no VIP, no target endpoint there).
+    pub fn put_addr_bucket(&mut self, bucket: u32, value: AddrBucket) -> Result<(), WriteError> {
+        self.addr_filter
+            .set(bucket, value, 0)
+            .written(|| format!("writing LB_ADDR_FILTER[{bucket}]"))
     }
 
     /// Lets the program redirect frames out of `ifindex`, and says what the interface faces
@@ -541,6 +550,12 @@ impl KernelMaps {
         for i in self.devmap.keys() {
             v.devmap.insert(i.context("reading LB_DEVMAP")?);
         }
+        let buckets = batch::lookup_all(&self.addr_filter, ADDR_FILTER_BUCKETS as usize)
+            .context("reading LB_ADDR_FILTER")?;
+        v.addr_filter = buckets
+            .into_iter()
+            .filter(|(_, b)| *b != AddrBucket::default())
+            .collect();
         Ok(v)
     }
 
