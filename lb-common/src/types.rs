@@ -331,9 +331,16 @@ pub fn next_hop_slot_of_client(client: &[u32; 4]) -> u32 {
 /// lookup, never a wrong answer.
 #[inline(always)]
 pub fn addr_hash(addr: &[u32; 4]) -> u32 {
-    let x = addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
-    // Fibonacci hashing: the top bits of the product mix every input bit.
-    x.wrapping_mul(0x9E37_79B1) >> 16
+    let mut h =
+        addr[0] ^ addr[1].rotate_left(8) ^ addr[2].rotate_left(16) ^ addr[3].rotate_left(24);
+    // MurmurHash3's finaliser: every output bit depends on every input bit, so addresses that
+    // differ only in their last byte (the word's top byte) spread over all buckets.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
 }
 
 /// Value of `LB_ADDR_FILTER[addr_filter_bucket(addr)]`: how many `LB_VIPS` entries and how
@@ -464,6 +471,23 @@ pub mod counter {
 #[cfg(test)]
 mod tests {
     use super::counter::*;
+
+    /// The addresses of one /24 (differing in the last byte only) fill the filter's buckets
+    /// and the cache's client slots about as evenly as random ones would.
+    #[test]
+    fn addresses_of_one_subnet_spread_over_the_buckets() {
+        let mut buckets = [0u32; crate::maps::ADDR_FILTER_BUCKETS as usize];
+        let mut slots = [0u32; crate::maps::NEXT_HOP_SLOTS as usize];
+        for last in 0..=255u8 {
+            let a = [u32::from_ne_bytes([10, 1, 0, last]), 0, 0, 0];
+            buckets[super::addr_filter_bucket(&a) as usize] += 1;
+            slots[super::next_hop_slot_of_client(&a) as usize] += 1;
+        }
+        // 256 balls in 4096 (2048) bins: a few collide, none piles up.
+        assert!(buckets.iter().filter(|&&n| n > 0).count() > 240);
+        assert!(slots.iter().filter(|&&n| n > 0).count() > 230);
+        assert!(buckets.iter().chain(slots.iter()).all(|&n| n <= 3));
+    }
 
     #[test]
     fn every_counter_has_exactly_one_label() {

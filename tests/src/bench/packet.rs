@@ -1,9 +1,10 @@
 //! Per-packet cost of the XDP program through BPF_PROG_TEST_RUN.
 //!
 //! One packet per call (`repeat = 1`: with more, the kernel would feed the rewritten packet
-//! back in), each call of a case alternated with one of the empty `lb_xdp_pass` program, the
-//! thread pinned to one CPU. Per round: mean kernel-measured duration of the case minus that of
-//! the floor. Reported: median of the rounds, with min–max.
+//! back in), each call of a case paired with one of the empty `lb_xdp_pass` program (which
+//! goes first alternates), the thread pinned to one CPU. Per round: the median over the pairs
+//! of (case − floor), kernel-measured durations. Reported: median of the rounds, with min–max
+//! (the method of the Katran side-by-side figures quoted in BENCHMARKS.md).
 
 use anyhow::{Context, Result};
 use lb_common::maps::{DEFAULT_FLOW_TABLE_SIZE, PROGRAM_XDP, PROGRAM_XDP_PASS};
@@ -148,7 +149,8 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
         let mut nets = Vec::new();
         let mut floors = Vec::new();
         for _ in 0..rounds {
-            let (mut case_ns, mut floor_ns) = (0u128, 0u128);
+            let mut diffs = Vec::with_capacity(calls as usize);
+            let mut floor_ns = Vec::with_capacity(calls as usize);
             for i in 0..calls {
                 let n = if case.name.starts_with("new") {
                     new_flow_counter += 1;
@@ -157,19 +159,27 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
                     i
                 };
                 let frame = (case.frame)(n);
+                let run_floor = |world: &mut World| -> Result<u128> {
+                    let floor = dataplane::program_mut(&mut world.ebpf, PROGRAM_XDP_PASS)?;
+                    Ok(timed(floor, ingress, &floor_frame)?.1)
+                };
+                let before = if i % 2 == 0 {
+                    Some(run_floor(&mut world)?)
+                } else {
+                    None
+                };
                 let prog = dataplane::program_mut(&mut world.ebpf, PROGRAM_XDP)?;
                 let (action, duration) = timed(prog, ingress, &frame)?;
                 anyhow::ensure!(action == case.expect, "{}: action {action}", case.name);
-                case_ns += duration;
-                let floor = dataplane::program_mut(&mut world.ebpf, PROGRAM_XDP_PASS)?;
-                floor_ns += timed(floor, ingress, &floor_frame)?.1;
+                let floor = match before {
+                    Some(f) => f,
+                    None => run_floor(&mut world)?,
+                };
+                diffs.push(duration as f64 - floor as f64);
+                floor_ns.push(floor as f64);
             }
-            let (c, f) = (
-                case_ns as f64 / calls as f64,
-                floor_ns as f64 / calls as f64,
-            );
-            nets.push(c - f);
-            floors.push(f);
+            nets.push(median(&mut diffs));
+            floors.push(median(&mut floor_ns));
         }
         nets.sort_by(f64::total_cmp);
         floors.sort_by(f64::total_cmp);
@@ -182,6 +192,11 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
         ));
     }
     Ok(rows)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn timed(prog: &aya::programs::Xdp, ingress: u32, frame: &[u8]) -> Result<(u32, u128)> {
