@@ -15,6 +15,7 @@ use crate::{
 
 /// Where a listener's packet goes.
 pub struct Decision {
+    pub target_id: u32,
     pub target: TargetValue,
     pub new_flow: bool,
 }
@@ -83,6 +84,7 @@ pub fn decide(
                 record_reply(key, target, listener.listener_id, false, now, config);
             }
             return Ok(Decision {
+                target_id: entry.target_id,
                 target: *target,
                 new_flow: false,
             });
@@ -114,6 +116,7 @@ pub fn decide(
         record_reply(key, &target, listener.listener_id, true, now, config);
     }
     Ok(Decision {
+        target_id,
         target,
         new_flow: true,
     })

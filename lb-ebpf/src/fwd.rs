@@ -1,14 +1,21 @@
 //! Delivery: the FIB lookup that picks the next hop, and the verdict that sends the frame there.
+//!
+//! A FIB answer that says "forward" is kept per CPU in `LB_NEXT_HOPS` and reused for the next
+//! packets to the same destination arriving on the same interface, while `LB_ROUTE_EPOCH` is
+//! unchanged: the agent moves the epoch on every change of routing state the kernel announces
+//! and sets it to `ROUTE_EPOCH_OFF` while answers may depend on more than the destination and
+//! the ingress (policy rules, multipath routes), so a reused answer is the one the FIB would
+//! give. A hit costs two inlined array reads instead of the FIB walk and the devmap lookup.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::FAMILY_V4;
+use lb_common::{NextHop, FAMILY_V4, ROUTE_EPOCH_OFF};
 
 use crate::{
-    maps::LB_DEVMAP,
+    maps::{LB_DEVMAP, LB_NEXT_HOPS, LB_ROUTE_EPOCH},
     parse::{write, ETH_HLEN},
 };
 
@@ -39,6 +46,8 @@ pub enum RouteKind {
 #[derive(Clone, Copy)]
 pub struct Route {
     pub kind: RouteKind,
+    /// `Forward` out of an interface XDP can send on (the ingress, or one in the devmap).
+    pub sendable: bool,
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
@@ -101,11 +110,72 @@ pub fn route(
     };
     Route {
         kind,
+        sendable: kind == RouteKind::Forward && can_send(ctx, p.ifindex),
         ifindex: p.ifindex,
         smac: p.smac,
         dmac: p.dmac,
         mtu,
     }
+}
+
+/// `route`, answered from `LB_NEXT_HOPS[slot]` when the slot holds a current answer for
+/// `dst` on this ingress and the packet fits its MTU; a FIB answer that forwards on an
+/// interface XDP can send on is stored there for the next packets.
+#[inline(always)]
+pub fn route_cached(
+    ctx: &XdpContext,
+    slot: u32,
+    family: u8,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    tos: u8,
+    ip_len: u32,
+) -> Route {
+    // Read before the FIB is asked: an answer stored under an epoch the agent has since moved
+    // past is never used, even if the change raced with this lookup.
+    let epoch = LB_ROUTE_EPOCH.get(0).copied().unwrap_or(ROUTE_EPOCH_OFF);
+    if epoch == ROUTE_EPOCH_OFF {
+        return route(ctx, family, src, dst, tos, ip_len);
+    }
+    // SAFETY: reading the context field the kernel provides for XDP.
+    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+    let Some(entry) = LB_NEXT_HOPS.get_ptr_mut(slot) else {
+        return route(ctx, family, src, dst, tos, ip_len);
+    };
+    // SAFETY: this CPU's value; XDP runs with preemption off, so nothing else writes it.
+    let entry = unsafe { &mut *entry };
+    if entry.epoch == epoch
+        && entry.ingress_ifindex == ingress
+        && entry.dst == *dst
+        && entry.family == family
+        && ip_len <= entry.mtu as u32
+    {
+        return Route {
+            kind: RouteKind::Forward,
+            sendable: true,
+            ifindex: entry.ifindex,
+            smac: entry.smac,
+            dmac: entry.dmac,
+            mtu: entry.mtu,
+        };
+    }
+    let r = route(ctx, family, src, dst, tos, ip_len);
+    // The kernel reports the route's MTU with a forwarding answer; 0 would mean it did not.
+    if r.sendable && r.mtu != 0 {
+        *entry = NextHop {
+            epoch,
+            ingress_ifindex: ingress,
+            dst: *dst,
+            ifindex: r.ifindex,
+            smac: r.smac,
+            dmac: r.dmac,
+            mtu: r.mtu,
+            family,
+            _pad: 0,
+            _pad2: 0,
+        };
+    }
+    r
 }
 
 /// Can frames be sent out of `ifindex` from XDP (is it in the devmap, or the ingress)?

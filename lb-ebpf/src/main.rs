@@ -18,10 +18,10 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counter,
     maps::{TAIL_FRAGMENT, TAIL_ICMP_FROM_TARGET, TAIL_ICMP_TO_VIP, TAIL_TOO_BIG},
-    AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FragKey, FragValue, ListenerValue,
-    ReverseValue, VipKey, CONFIG_F_READY, FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS,
-    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4,
-    REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
+    next_hop_slot_of_client, next_hop_slot_of_target, AllowV4, AllowV6, DataplaneConfig,
+    EndpointKey, FlowKey, FragKey, FragValue, ListenerValue, ReverseValue, VipKey, CONFIG_F_READY,
+    FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6,
+    PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -159,6 +159,21 @@ fn parsed(ctx: &XdpContext) -> Result<Packet, Exit> {
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     let pkt = parsed(ctx)?;
+    // A listener's traffic, found by its listener alone: a listener is written only once its
+    // VIP is, so its entry says the destination is a VIP, and the common case costs one
+    // hash lookup instead of two. Anything else takes the long way.
+    if !pkt.fragment && (pkt.protocol == PROTO_TCP || pkt.protocol == PROTO_UDP) {
+        if let Some(header) = parse::l4(ctx, &pkt) {
+            if header.consistent {
+                let lkey = listener_key(&pkt, &header.ports);
+                // SAFETY: read-only lookup; the value is copied out.
+                if let Some(listener) = unsafe { LB_LISTENERS.get(&lkey) } {
+                    let listener = *listener;
+                    return to_listener(ctx, &pkt, &header.ports, &lkey, listener);
+                }
+            }
+        }
+    }
     if is_vip(&pkt.dst, pkt.family) {
         // Fragments of ICMP are `to_vip`'s to drop.
         if is_icmp(&pkt) && !pkt.fragment {
@@ -185,10 +200,33 @@ fn listener_for(
 ) -> Result<(ListenerValue, &'static DataplaneConfig), Exit> {
     // SAFETY: read-only lookup; the value is copied out.
     let listener = *unsafe { LB_LISTENERS.get(lkey) }.ok_or(Exit::Drop(no_listener))?;
+    admitted(lkey, client, listener, not_allowed)
+}
+
+/// `listener` with the data plane's config, when `client` is one of its allowed sources and
+/// the config is ready.
+#[inline(always)]
+fn admitted(
+    lkey: &EndpointKey,
+    client: &[u32; 4],
+    listener: ListenerValue,
+    not_allowed: u32,
+) -> Result<(ListenerValue, &'static DataplaneConfig), Exit> {
     if !source_allowed(client, lkey.family, listener.listener_id, listener.flags) {
         return Err(Exit::Drop(not_allowed));
     }
     Ok((listener, ready_config()?))
+}
+
+/// The `LB_LISTENERS` key of a packet to a VIP.
+#[inline(always)]
+fn listener_key(pkt: &Packet, ports: &Ports) -> EndpointKey {
+    EndpointKey {
+        addr: pkt.dst,
+        port_be: ports.dst_be,
+        protocol: pkt.protocol,
+        family: pkt.family,
+    }
 }
 
 #[inline(always)]
@@ -219,22 +257,27 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         Some(h) if h.consistent => h.ports,
         _ => return Err(Exit::Drop(counter::DROP_MALFORMED)),
     };
-    let lkey = EndpointKey {
-        addr: pkt.dst,
-        port_be: ports.dst_be,
-        protocol: pkt.protocol,
-        family: pkt.family,
-    };
-    let (listener, config) = listener_for(
-        &lkey,
-        &pkt.src,
-        counter::DROP_NO_LISTENER,
-        counter::DROP_SOURCE_NOT_ALLOWED,
-    )?;
+    let lkey = listener_key(pkt, &ports);
+    // SAFETY: read-only lookup; the value is copied out.
+    let listener =
+        *unsafe { LB_LISTENERS.get(&lkey) }.ok_or(Exit::Drop(counter::DROP_NO_LISTENER))?;
+    to_listener(ctx, pkt, &ports, &lkey, listener)
+}
+
+/// A TCP/UDP packet for `listener` (at `lkey`): forwarded to a target of its group.
+#[inline(always)]
+fn to_listener(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    ports: &Ports,
+    lkey: &EndpointKey,
+    listener: ListenerValue,
+) -> Result<u32, Exit> {
+    let (listener, config) = admitted(lkey, &pkt.src, listener, counter::DROP_SOURCE_NOT_ALLOWED)?;
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
-    let key = flow_key(pkt, &ports);
+    let key = flow_key(pkt, ports);
     let decision = flow::decide(&key, &listener, ports.tcp_flags, config).map_err(Exit::Drop)?;
     let target = decision.target;
     traffic(
@@ -243,7 +286,15 @@ fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
         frame_len(ctx),
         decision.new_flow,
     );
-    let route = fwd::route(ctx, pkt.family, &pkt.src, &target.addr, pkt.tos, pkt.ip_len);
+    let route = fwd::route_cached(
+        ctx,
+        next_hop_slot_of_target(decision.target_id),
+        pkt.family,
+        &pkt.src,
+        &target.addr,
+        pkt.tos,
+        pkt.ip_len,
+    );
     if route.kind == RouteKind::FragNeeded {
         let mtu = route.mtu;
         if pkt.dont_fragment {
@@ -506,8 +557,9 @@ fn reply_way(
     if pkt.ttl <= 1 {
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
-    let route = fwd::route(
+    let route = fwd::route_cached(
         ctx,
+        next_hop_slot_of_client(&pkt.dst),
         pkt.family,
         &reverse.vip_addr,
         &pkt.dst,
@@ -646,7 +698,7 @@ fn finish(
     rewrite: Rewrite,
 ) -> Result<u32, Exit> {
     let (send, pass_counter) = match route.kind {
-        RouteKind::Forward if fwd::can_send(ctx, route.ifindex) => (true, 0),
+        RouteKind::Forward if route.sendable => (true, 0),
         RouteKind::FragNeeded if untouched_if_too_big => {
             return Err(Exit::PassCounted(counter::PASS_FRAG_NEEDED))
         }

@@ -244,9 +244,10 @@ fn bench(args: &[String]) -> Result<()> {
     a.extend(args.iter().map(String::as_str));
     if args
         .windows(2)
-        .any(|w| w[0] == "--only" && (w[1] == "maps" || w[1] == "forwarding"))
+        .any(|w| w[0] == "--only" && matches!(w[1].as_str(), "maps" | "forwarding" | "packet"))
     {
-        // The map and forwarding figures load the objects themselves: no agent to build.
+        // The per-packet, map and forwarding figures load the objects themselves: no agent to
+        // build.
         return cargo(&a, &[]);
     }
     // The agent the end-to-end and control-plane figures run: a release build.

@@ -6,6 +6,8 @@
 //! `cargo xtask bench --only forwarding [--quick]`: the forwarding-capacity figures alone
 //! (printed, BENCHMARKS.md left as it is).
 //!
+//! `cargo xtask bench --only packet [--quick]`: the per-packet figures alone (printed).
+//!
 //! `cargo xtask bench --only maps [--per-syscall]`: the map-writing figures alone (printed,
 //! BENCHMARKS.md left as it is); `--per-syscall` adds the one-syscall-per-entry way once, for
 //! comparison.
@@ -166,6 +168,42 @@ fn forwarding_figures(quick: bool) -> Result<(String, String)> {
     Ok((t, doc))
 }
 
+/// The per-packet table (printed) and its BENCHMARKS.md section. Measured on a thread of its
+/// own (pinned, in a private namespace).
+fn packet_figures(quick: bool) -> Result<(Vec<packet::Row>, String)> {
+    let (calls, rounds) = if quick { (20_000, 5) } else { (100_000, 5) };
+    eprintln!("per-packet cost: {calls} calls × {rounds} rounds …");
+    let rows = std::thread::spawn(move || packet::run(calls, rounds))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the per-packet thread panicked"))??;
+    let mut t = String::new();
+    writeln!(t, "| path | net ns/packet (median) | min–max | floor ns |")?;
+    writeln!(t, "|---|---:|---:|---:|")?;
+    for (name, median, min, max, floor) in &rows {
+        writeln!(
+            t,
+            "| {name} | {median:.1} | {min:.1}–{max:.1} | {floor:.1} |"
+        )?;
+    }
+    println!("\nPer-packet cost (BPF_PROG_TEST_RUN, {calls} calls × {rounds} rounds, CPU 0)\n{t}");
+    let mut doc = String::new();
+    write!(
+        doc,
+        "\n## Per-packet cost of the XDP program\n\nBPF_PROG_TEST_RUN, one packet per call \
+         (`repeat = 1`), each call alternated with the empty `lb_xdp_pass` program (the floor), \
+         {calls} calls per round, {rounds} rounds, thread pinned to CPU 0. Net = mean(case) − \
+         mean(floor) per round; median of the rounds, min–max. The new-flow case inserts a \
+         distinct flow per call into the 1,048,576-entry LRU table, with the per-CPU insert \
+         budget (`flow_insert_limit`) checked but never reached; \"past the insert budget\" is a \
+         new flow during a flood, forwarded by the table without an entry. The ICMP case is a \
+         router's \"fragmentation needed\" to the VIP about a reply of an established flow, \
+         quoting 548 bytes, forwarded to the flow's target.\n\n{t}\n\
+         Targets: established ≤ 100 ns, new flow ≤ 500 ns, non-VIP pass ≤ 30 ns; see \
+         \"Against the targets\" below.\n"
+    )?;
+    Ok((rows, doc))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -178,6 +216,11 @@ fn main() -> Result<()> {
                 println!("(--only: BENCHMARKS.md left as it is; a full run rewrites it)");
                 return Ok(());
             }
+            Some("packet") => {
+                packet_figures(quick)?;
+                println!("(--only: BENCHMARKS.md left as it is; a full run rewrites it)");
+                return Ok(());
+            }
             Some("maps") => {
                 let (t, _) = map_figures(per_syscall)?;
                 println!("\nMap writes\n{t}");
@@ -185,7 +228,7 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             other => bail!(
-                "--only {}: the sections that run alone are `forwarding` and `maps`",
+                "--only {}: the sections that run alone are `packet`, `forwarding` and `maps`",
                 other.unwrap_or("")
             ),
         }
@@ -202,36 +245,9 @@ fn main() -> Result<()> {
          comes from that one run; the command rewrites this file.\n"
     );
 
-    // 1. Per-packet cost, on a thread of its own (pinned, in a private namespace).
-    let (calls, rounds) = if quick { (20_000, 5) } else { (100_000, 5) };
-    eprintln!("per-packet cost: {calls} calls × {rounds} rounds …");
-    let rows = std::thread::spawn(move || packet::run(calls, rounds))
-        .join()
-        .map_err(|_| anyhow::anyhow!("the per-packet thread panicked"))??;
-    let mut t = String::new();
-    writeln!(t, "| path | net ns/packet (median) | min–max | floor ns |")?;
-    writeln!(t, "|---|---:|---:|---:|")?;
-    for (name, median, min, max, floor) in &rows {
-        writeln!(
-            t,
-            "| {name} | {median:.1} | {min:.1}–{max:.1} | {floor:.1} |"
-        )?;
-    }
-    println!("\nPer-packet cost (BPF_PROG_TEST_RUN, {calls} calls × {rounds} rounds, CPU 0)\n{t}");
-    write!(
-        doc,
-        "\n## Per-packet cost of the XDP program\n\nBPF_PROG_TEST_RUN, one packet per call \
-         (`repeat = 1`), each call alternated with the empty `lb_xdp_pass` program (the floor), \
-         {calls} calls per round, {rounds} rounds, thread pinned to CPU 0. Net = mean(case) − \
-         mean(floor) per round; median of the rounds, min–max. The new-flow case inserts a \
-         distinct flow per call into the 1,048,576-entry LRU table, with the per-CPU insert \
-         budget (`flow_insert_limit`) checked but never reached; \"past the insert budget\" is a \
-         new flow during a flood, forwarded by the table without an entry. The ICMP case is a \
-         router's \"fragmentation needed\" to the VIP about a reply of an established flow, \
-         quoting 548 bytes, forwarded to the flow's target.\n\n{t}\n\
-         Targets: established ≤ 100 ns, new flow ≤ 500 ns, non-VIP pass ≤ 30 ns; see \
-         \"Against the targets\" below.\n"
-    )?;
+    // 1. Per-packet cost.
+    let (rows, section) = packet_figures(quick)?;
+    doc.push_str(&section);
 
     // 1b. Forwarding capacity.
     let (t, section) = forwarding_figures(quick)?;
