@@ -40,15 +40,8 @@ impl RouteEpoch {
     /// under any epoch afterwards. One syscall per slot (4096); only done while the epoch is
     /// `ROUTE_EPOCH_OFF` (the data path stores nothing then).
     pub fn clear_next_hops(&mut self) -> Result<()> {
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| anyhow::Error::new(e).context(what))
-            .context("counting the possible CPUs")?;
         for slot in 0..self.next_hops.len() {
-            let zeros = PerCpuValues::try_from(vec![NextHop::default(); cpus])
-                .context("per-CPU values for LB_NEXT_HOPS")?;
-            self.next_hops
-                .set(slot, zeros, 0)
-                .with_context(|| format!("clearing LB_NEXT_HOPS[{slot}]"))?;
+            self.put_next_hop(slot, NextHop::default())?;
         }
         Ok(())
     }
@@ -60,5 +53,17 @@ impl RouteEpoch {
             .get(&slot, 0)
             .with_context(|| format!("reading LB_NEXT_HOPS[{slot}]"))?;
         Ok(values.iter().copied().collect())
+    }
+
+    /// Writes `hop` into slot `slot` of `LB_NEXT_HOPS` on every CPU, for tests.
+    pub fn put_next_hop(&mut self, slot: u32, hop: NextHop) -> Result<()> {
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| anyhow::Error::new(e).context(what))
+            .context("counting the possible CPUs")?;
+        let values =
+            PerCpuValues::try_from(vec![hop; cpus]).context("per-CPU values for LB_NEXT_HOPS")?;
+        self.next_hops
+            .set(slot, values, 0)
+            .with_context(|| format!("writing LB_NEXT_HOPS[{slot}]"))
     }
 }
