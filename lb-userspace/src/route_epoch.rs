@@ -869,10 +869,7 @@ impl RouteCache {
             state: Mutex::new(SharedState {
                 map: Box::new(map),
                 stopped: false,
-                status: RouteCacheStatus {
-                    epoch: found,
-                    ..RouteCacheStatus::default()
-                },
+                status: keeper.status(),
             }),
             bumped: Notify::new(),
         });
