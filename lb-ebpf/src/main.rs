@@ -16,7 +16,7 @@ mod too_big;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    counter,
+    addr_filter_bucket, counter,
     maps::{TAIL_FRAGMENT, TAIL_ICMP_FROM_TARGET, TAIL_ICMP_TO_VIP, TAIL_TOO_BIG},
     next_hop_slot_of_client, next_hop_slot_of_target, AllowV4, AllowV6, DataplaneConfig,
     EndpointKey, FlowKey, FragKey, FragValue, ListenerValue, ReverseValue, VipKey, CONFIG_F_READY,
@@ -27,8 +27,8 @@ use lb_common::{
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
 use fwd::{Route, RouteKind};
 use maps::{
-    LB_ALLOW_V4, LB_ALLOW_V6, LB_CONFIG, LB_IFACES, LB_LISTENERS, LB_PROGS, LB_REPLY_FLOWS,
-    LB_REPLY_FRAGS, LB_REVERSE, LB_SCRATCH, LB_VIPS,
+    LB_ADDR_FILTER, LB_ALLOW_V4, LB_ALLOW_V6, LB_CONFIG, LB_IFACES, LB_LISTENERS, LB_PROGS,
+    LB_REPLY_FLOWS, LB_REPLY_FRAGS, LB_REVERSE, LB_SCRATCH, LB_VIPS,
 };
 use nat::End;
 use parse::{Packet, Ports, L3, L4_MASK};
@@ -121,8 +121,30 @@ pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Could `addr` be a VIP? False only when no VIP's address shares its `LB_ADDR_FILTER`
+/// bucket: then it certainly is not, and no hash map needs asking.
+#[inline(always)]
+fn may_be_vip(addr: &[u32; 4]) -> bool {
+    LB_ADDR_FILTER
+        .get(addr_filter_bucket(addr))
+        .is_some_and(|b| b.vips != 0)
+}
+
+/// Could `addr` be a target's? As `may_be_vip`, for the target endpoints of `LB_REVERSE`.
+#[inline(always)]
+fn may_be_target(addr: &[u32; 4]) -> bool {
+    LB_ADDR_FILTER
+        .get(addr_filter_bucket(addr))
+        .is_some_and(|b| b.targets != 0)
+}
+
 #[inline(always)]
 fn is_vip(addr: &[u32; 4], family: u8) -> bool {
+    may_be_vip(addr) && in_vips(addr, family)
+}
+
+#[inline(always)]
+fn in_vips(addr: &[u32; 4], family: u8) -> bool {
     // Built as words: a struct literal zeroes the 3 padding bytes with a call to `memset`,
     // which in BPF is a byte loop.
     let words: [u32; 5] = [addr[0], addr[1], addr[2], addr[3], family as u32];
@@ -159,6 +181,9 @@ fn parsed(ctx: &XdpContext) -> Result<Packet, Exit> {
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
     let pkt = parsed(ctx)?;
+    if !may_be_vip(&pkt.dst) {
+        return from_target(ctx, &pkt);
+    }
     // A listener's traffic, found by its listener alone: a listener is written only once its
     // VIP is, so its entry says the destination is a VIP, and the common case costs one
     // hash lookup instead of two. Anything else takes the long way.
@@ -174,7 +199,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
             }
         }
     }
-    if is_vip(&pkt.dst, pkt.family) {
+    if in_vips(&pkt.dst, pkt.family) {
         // Fragments of ICMP are `to_vip`'s to drop.
         if is_icmp(&pkt) && !pkt.fragment {
             return tail_call(
@@ -485,6 +510,9 @@ fn frag_key(pkt: &Packet, id: u32) -> FragKey {
 /// reply.
 #[inline(always)]
 fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit> {
+    if !may_be_target(&pkt.src) {
+        return Err(Exit::Pass);
+    }
     let header = parse::l4(ctx, pkt).ok_or(Exit::Pass)?;
     let ports = header.ports;
     let key = EndpointKey {

@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::{
     config::{Config, XdpMode as ConfiguredMode},
     dataplane::{self, MapSizes},
+    links,
     maps::KernelMaps,
     model::SavedModel,
     statefile::{self, StateFile, STATE_DIR},
@@ -380,6 +381,16 @@ fn attach(prog: &mut Xdp, iface: &str, mode: ConfiguredMode) -> Result<(FdLink, 
         ConfiguredMode::Generic => try_mode(prog, XdpMode::Skb)
             .map(|l| (l, "generic"))
             .with_context(|| format!("attaching XDP to {iface} in generic mode")),
+        // A veth gets generic XDP: native XDP on a veth copies every frame a local socket
+        // sent into a page of its own, and drops frames redirected to a veth whose peer has
+        // neither NAPI (GRO) nor an XDP program; generic mode needs neither and was as fast
+        // or faster for connections and small packets (BENCHMARKS.md, "End to end").
+        ConfiguredMode::Auto if ifindex(iface).and_then(links::is_veth).unwrap_or(false) => {
+            info!(interface = iface, "xdp_mode = \"auto\": a veth, so generic XDP");
+            try_mode(prog, XdpMode::Skb)
+                .map(|l| (l, "generic"))
+                .with_context(|| format!("attaching XDP to {iface} in generic mode"))
+        }
         ConfiguredMode::Auto => match try_mode(prog, XdpMode::Driver) {
             Ok(l) => Ok((l, "native")),
             Err(native) => {

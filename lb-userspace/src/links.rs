@@ -16,12 +16,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkMessage, LinkXdp},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, LinkXdp},
     RouteNetlinkMessage,
 };
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
@@ -76,6 +76,43 @@ pub struct Parsed {
 }
 
 const NLMSG_HDRLEN: usize = 16;
+
+/// Is interface `ifindex` a veth (link kind "veth", RTM_GETLINK)?
+pub fn is_veth(ifindex: u32) -> Result<bool> {
+    let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
+    socket.bind_auto().context("binding the netlink socket")?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .context("connecting the netlink socket")?;
+    let mut link = LinkMessage::default();
+    link.header.index = ifindex;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = 1;
+    let mut request = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(RouteNetlinkMessage::GetLink(link)),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0).context("sending RTM_GETLINK")?;
+    let (datagram, _) = socket
+        .recv_from_full()
+        .context("reading the RTM_GETLINK answer")?;
+    let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&datagram)
+        .context("parsing the RTM_GETLINK answer")?;
+    match message.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+            Ok(l.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos)
+                    if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+            }))
+        }
+        NetlinkPayload::Error(e) => Err(anyhow::anyhow!("RTM_GETLINK for ifindex {ifindex}: {e}")),
+        _ => anyhow::bail!("RTM_GETLINK for ifindex {ifindex}: an answer of another kind"),
+    }
+}
 
 /// Splits a datagram into its netlink messages and reads the link notifications among them.
 pub fn parse(datagram: &[u8]) -> Parsed {

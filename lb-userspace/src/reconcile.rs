@@ -8,6 +8,23 @@
 //! the shadow records exactly what succeeded, so the next call retries the rest. Removing what
 //! is already gone counts as done. After a restart the shadow is read back from the maps
 //! (`from_view`), so whatever an earlier run left half-written converges.
+//!
+//! The address filter. The data path trusts `LB_ADDR_FILTER`: a packet whose destination's
+//! bucket counts no VIP is not looked up in `LB_VIPS`, one whose source's bucket counts no
+//! target endpoint is not looked up in `LB_REVERSE`. So this invariant holds at every instant,
+//! for every bucket `b`:
+//!
+//!   every value the kernel may hold at `LB_ADDR_FILTER[b]` has `.vips` ≥ the `LB_VIPS` entries
+//!   and `.targets` ≥ the `LB_REVERSE` entries (endpoints) the kernel may hold whose address
+//!   hashes to `b` (`lb_common::addr_filter_bucket`),
+//!
+//! where "may hold" is the shadow plus the entries in doubt; once converged the counts equal
+//! the desired ones (a stale count would slow non-VIP traffic, not break it). It holds because
+//! a bucket is written (`write_filter`) with the count over what the kernel may hold *and*
+//! what is desired (`filter_bound`) twice per `apply`: before the VIP and reply-entry writes,
+//! which wait for their bucket (a bucket write that failed holds them back: the kernel then
+//! holds the old count or the new one, both cover what it may hold), and after the removals,
+//! which lowers the counts to what is left. No entry is ever added to a bucket in doubt.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -15,11 +32,14 @@ use std::{
 };
 
 use anyhow::{anyhow, Context, Result};
-use lb_common::{addr, maglev, EndpointKey, IfaceValue, TargetValue, TARGET_FORWARD};
+use lb_common::{
+    addr, addr_filter_bucket, maglev, AddrBucket, EndpointKey, IfaceValue, TargetValue,
+    TARGET_FORWARD,
+};
 
 use crate::{
     config::Cidr,
-    maps::{table_of_ids, MapView, MapWriter, SourcePrefix, WriteError},
+    maps::{addr_filter_counts, table_of_ids, MapView, MapWriter, SourcePrefix, WriteError},
     state::{Desired, TableSpec},
 };
 
@@ -42,6 +62,8 @@ enum Entry {
     Reverse(EndpointKey),
     Source((u32, Cidr)),
     Listener(EndpointKey),
+    /// An `LB_ADDR_FILTER` bucket.
+    Bucket(u32),
 }
 
 /// Keeps the shadow of what the maps hold.
@@ -124,6 +146,7 @@ pub fn expected_view(desired: &Desired) -> Result<MapView> {
         tables,
         interfaces: desired.interfaces.clone(),
         devmap: desired.interfaces.keys().copied().collect(),
+        addr_filter: desired.addr_filter.clone(),
     })
 }
 
@@ -194,6 +217,7 @@ impl Reconciler {
                 .collect(),
             reverse: view.reverse.clone(),
             targets: view.targets.clone(),
+            addr_filter: view.addr_filter.clone(),
             ..Default::default()
         };
         for i in view.devmap.iter().chain(view.interfaces.keys()) {
@@ -246,6 +270,61 @@ impl Reconciler {
             .values()
             .any(|t| t.members.iter().any(|m| m.target_id == id))
             || self.unknown_tables.values().any(|ids| ids.contains(&id))
+    }
+
+    /// What `LB_ADDR_FILTER` must count now, per bucket: the VIPs and target endpoints the
+    /// kernel may hold (the shadow's and those in doubt) together with the desired ones, each
+    /// once. Writing it never undercounts what the kernel holds, and covers every desired entry
+    /// written next.
+    fn filter_bound(&self, desired: &Desired) -> BTreeMap<u32, AddrBucket> {
+        let mut vips: BTreeSet<&IpAddr> = self.shadow.vips.keys().collect();
+        vips.extend(desired.vips.keys());
+        let mut reverse: BTreeSet<&EndpointKey> = self.shadow.reverse.keys().collect();
+        reverse.extend(desired.reverse.keys());
+        for e in &self.in_doubt {
+            match e {
+                Entry::Vip(ip) => {
+                    vips.insert(ip);
+                }
+                Entry::Reverse(k) => {
+                    reverse.insert(k);
+                }
+                _ => {}
+            }
+        }
+        addr_filter_counts(vips, reverse)
+    }
+
+    /// Writes every bucket whose count is not `bound`'s (or is in doubt).
+    fn write_filter(
+        &mut self,
+        bound: &BTreeMap<u32, AddrBucket>,
+        w: &mut impl MapWriter,
+        log: &mut Log,
+    ) {
+        let buckets: BTreeSet<u32> = bound
+            .keys()
+            .chain(self.shadow.addr_filter.keys())
+            .copied()
+            .chain(self.in_doubt.iter().filter_map(|e| match e {
+                Entry::Bucket(b) => Some(*b),
+                _ => None,
+            }))
+            .collect();
+        for b in buckets {
+            let want = bound.get(&b).copied().unwrap_or_default();
+            let held = self.shadow.addr_filter.get(&b).copied().unwrap_or_default();
+            let e = Entry::Bucket(b);
+            if (held != want || self.in_doubt.contains(&e))
+                && log.settle(&mut self.in_doubt, e, w.put_addr_bucket(b, want), false)
+            {
+                if want == AddrBucket::default() {
+                    self.shadow.addr_filter.remove(&b);
+                } else {
+                    self.shadow.addr_filter.insert(b, want);
+                }
+            }
+        }
     }
 
     /// Writes the difference between `desired` and the shadow. Errors are collected: every
@@ -326,11 +405,21 @@ impl Reconciler {
                 self.unknown_tables.insert(gid, ids);
             }
         }
+        // The address filter counts the VIPs and reply entries before they are written.
+        let bound = self.filter_bound(desired);
+        self.write_filter(&bound, w, &mut log);
         let s = &mut self.shadow;
         let doubt = &mut self.in_doubt;
+        let counted = |s: &Desired, doubt: &BTreeSet<Entry>, words: &[u32; 4]| {
+            let b = addr_filter_bucket(words);
+            let (held, need) = (s.addr_filter.get(&b), bound.get(&b));
+            !doubt.contains(&Entry::Bucket(b))
+                && held.is_some_and(|h| need.is_some_and(|n| covers(h, n)))
+        };
         for (&ip, v) in &desired.vips {
             let e = Entry::Vip(ip);
             if (s.vips.get(&ip) != Some(v) || doubt.contains(&e))
+                && counted(s, doubt, &addr::to_words(ip).0)
                 && log.settle(doubt, e, w.put_vip(ip, *v), false)
             {
                 s.vips.insert(ip, *v);
@@ -339,6 +428,7 @@ impl Reconciler {
         for (key, v) in &desired.reverse {
             let e = Entry::Reverse(*key);
             if (s.reverse.get(key) != Some(v) || doubt.contains(&e))
+                && counted(s, doubt, &key.addr)
                 && log.settle(doubt, e, w.put_reverse(*key, *v), false)
             {
                 s.reverse.insert(*key, *v);
@@ -548,6 +638,9 @@ impl Reconciler {
                 self.shadow.interfaces.remove(&ifindex);
             }
         }
+        // The address filter's counts come down once the removals they counted are done.
+        let bound = self.filter_bound(desired);
+        self.write_filter(&bound, w, &mut log);
         self.built
             .retain(|spec, _| desired.tables.values().any(|t| t == spec));
         n.writes = log.writes;
@@ -563,6 +656,11 @@ impl Reconciler {
     }
 }
 
+/// Does bucket value `held` count at least what `need` does?
+fn covers(held: &AddrBucket, need: &AddrBucket) -> bool {
+    held.vips >= need.vips && held.targets >= need.targets
+}
+
 /// The keys to remove: those the maps hold or may hold (in doubt) that are not `wanted`.
 fn leaving<K: Ord>(
     held: impl Iterator<Item = K>,
@@ -574,3 +672,6 @@ fn leaving<K: Ord>(
         .filter(|k| !wanted(k))
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,16 +22,18 @@ use std::{
 };
 
 use lb_common::{
-    addr, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue,
-    VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4,
-    LISTENER_F_ALLOW_ALL_V6, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
-    TARGET_DROP, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
+    addr, AddrBucket, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue,
+    TargetValue, VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE, IFACE_F_TARGETS,
+    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, REVERSE_F_ALLOW_ALL_V4,
+    REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS, TARGET_DROP, TARGET_FORWARD,
+    TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
 };
 use serde::Serialize;
 
 use crate::{
     config::{Cidr, Config, Stickiness},
     health::TargetState,
+    maps::addr_filter_counts,
     model::{Model, Target, TargetKey},
 };
 
@@ -66,6 +68,9 @@ pub struct Desired {
     pub tables: BTreeMap<u32, TableSpec>,
     /// Interfaces XDP is attached to (ifindex) and what each faces.
     pub interfaces: BTreeMap<u32, IfaceValue>,
+    /// `LB_ADDR_FILTER`'s non-zero buckets: how many of `vips` and of `reverse`'s endpoints
+    /// hash to each (`maps::addr_filter_counts`).
+    pub addr_filter: BTreeMap<u32, AddrBucket>,
 }
 
 pub fn endpoint_key(ip: IpAddr, port: u16, protocol: u8) -> EndpointKey {
@@ -400,6 +405,7 @@ pub fn desired(
             },
         );
     }
+    d.addr_filter = addr_filter_counts(d.vips.keys(), d.reverse.keys());
     d
 }
 

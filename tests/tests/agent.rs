@@ -4,7 +4,7 @@
 //! expire; bad setups are refused with clear errors. Prints the measured figures (FIGURE lines).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     process::Command,
     time::{Duration, Instant},
 };
@@ -944,5 +944,40 @@ fn run_needs_only_cap_bpf_cap_net_admin_and_cap_perfmon() -> Result<()> {
     assert!(!b.topo.bpffs().join("lb").exists());
     let log = b.agent_log();
     assert!(!log.contains("WARN") && !log.contains("ERROR"), "{log}");
+    Ok(())
+}
+
+/// `xdp_mode = "auto"` attaches generic XDP to a veth (both of the routed topology's
+/// interfaces are veths), and the balancer forwards in that mode.
+#[test]
+fn auto_mode_picks_generic_xdp_on_veth() -> Result<()> {
+    let b = start(1, &config(1, "", "", "", "xdp_mode = \"auto\""), &[])?;
+    b.wait_healthy(1)?;
+    let s = b.status()?;
+    let modes: BTreeMap<String, String> = s["datapath"]["interfaces"]
+        .as_array()
+        .context("datapath.interfaces")?
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default().to_string(),
+                i["mode"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        BTreeMap::from([
+            ("l0".to_string(), "generic".to_string()),
+            ("l1".to_string(), "generic".to_string())
+        ]),
+        "{s}"
+    );
+    for iface in ["l0", "l1"] {
+        let link = b.topo.exec("lb", &format!("ip -d link show {iface}"))?;
+        assert!(link.contains("xdpgeneric"), "{iface}: {link}");
+    }
+    let d = b.download(&format!("http://{VIP}/"), 5)?;
+    assert_eq!((d.exit, d.http_code), (0, 200), "{d:?}");
     Ok(())
 }

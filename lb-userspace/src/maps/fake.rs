@@ -1,6 +1,7 @@
 //! The maps in memory, with the kernel's answers: `NotFound` for removing what is absent,
 //! `Full` for a new entry in a full map. Tests read what was written (`view`, `ops`) and, with
-//! `check_references`, whether a packet could ever have met a reference to something missing.
+//! `check_references`, whether a packet could ever have met a reference to something missing
+//! or an address filter that hides an entry.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,8 +10,8 @@ use std::{
 
 use anyhow::{anyhow, Result};
 use lb_common::{
-    addr, maps, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue,
-    VipValue, TARGET_FORWARD,
+    addr, maps, AddrBucket, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue,
+    TargetValue, VipValue, TARGET_FORWARD,
 };
 
 use super::{MapView, MapWriter, SourcePrefix, WriteError};
@@ -111,7 +112,9 @@ impl FakeMaps {
     }
 
     /// What a packet could meet that is not there: a listener whose VIP or group table is
-    /// missing, a table slot naming a target that does not forward.
+    /// missing, a table slot naming a target that does not forward; and an `LB_ADDR_FILTER`
+    /// bucket counting fewer VIPs or target endpoints than the maps hold there (the data path
+    /// would pass their packets untouched).
     pub fn check_references(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (k, l) in &self.held.listeners {
@@ -140,6 +143,7 @@ impl FakeMaps {
                 }
             }
         }
+        out.extend(self.held.filter_shortfalls());
         out
     }
 
@@ -261,6 +265,20 @@ impl MapWriter for FakeMaps {
     fn remove_table(&mut self, gid: u32) -> Result<(), WriteError> {
         self.held.tables.remove(&gid);
         self.done(format!("remove_table {gid}"))
+    }
+    fn put_addr_bucket(&mut self, b: u32, v: AddrBucket) -> Result<(), WriteError> {
+        if b >= maps::ADDR_FILTER_BUCKETS {
+            return Err(WriteError::Full(format!("writing LB_ADDR_FILTER[{b}]")));
+        }
+        if v == AddrBucket::default() {
+            self.held.addr_filter.remove(&b);
+        } else {
+            self.held.addr_filter.insert(b, v);
+        }
+        self.done(format!(
+            "put_addr_bucket {b} vips={} targets={}",
+            v.vips, v.targets
+        ))
     }
     fn view(&self) -> Result<MapView> {
         let mut v = self.held.clone();

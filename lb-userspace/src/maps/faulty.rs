@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{anyhow, Result};
 use lb_common::{
-    DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue, VipValue,
+    AddrBucket, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue,
+    VipValue,
 };
 
 use super::{FakeMaps, MapView, MapWriter, SourcePrefix, WriteError};
@@ -106,6 +107,9 @@ impl MapWriter for FaultyMaps {
     }
     fn remove_table(&mut self, gid: u32) -> Result<(), WriteError> {
         self.run("remove_table", |m| m.remove_table(gid))
+    }
+    fn put_addr_bucket(&mut self, b: u32, v: AddrBucket) -> Result<(), WriteError> {
+        self.run("put_addr_bucket", |m| m.put_addr_bucket(b, v))
     }
     fn view(&self) -> Result<MapView> {
         self.inner.view()

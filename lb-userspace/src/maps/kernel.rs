@@ -26,8 +26,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    addr, counter, maps::*, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey, FlowValue,
-    FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue, NextHop,
+    addr, counter, maps::*, AddrBucket, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey,
+    FlowValue, FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue, NextHop,
     ReverseValue, TargetValue, VipKey, VipValue, FAMILY_V4, FAMILY_V6,
 };
 
@@ -52,6 +52,7 @@ pub struct KernelMaps {
     progs: ProgramArray<MapData>,
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
+    addr_filter: Array<MapData, AddrBucket>,
     /// Held for the route watcher (`route_epoch`), and pinned with the rest.
     route_epoch: Array<MapData, u32>,
     next_hops: PerCpuArray<MapData, NextHop>,
@@ -186,6 +187,7 @@ impl KernelMaps {
             progs: typed!(MAP_PROGS),
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
+            addr_filter: typed!(MAP_ADDR_FILTER),
             route_epoch: typed!(MAP_ROUTE_EPOCH),
             next_hops: typed!(MAP_NEXT_HOPS),
             space,
@@ -324,6 +326,13 @@ impl KernelMaps {
         self.reverse
             .remove(key)
             .written(|| "removing from LB_REVERSE".into())
+    }
+
+    /// Writes `LB_ADDR_FILTER[bucket]` (the all-zero value: no VIP, no target endpoint there).
+    pub fn put_addr_bucket(&mut self, bucket: u32, value: AddrBucket) -> Result<(), WriteError> {
+        self.addr_filter
+            .set(bucket, value, 0)
+            .written(|| format!("writing LB_ADDR_FILTER[{bucket}]"))
     }
 
     /// Lets the program redirect frames out of `ifindex`, and says what the interface faces
@@ -547,6 +556,12 @@ impl KernelMaps {
         for i in self.devmap.keys() {
             v.devmap.insert(i.context("reading LB_DEVMAP")?);
         }
+        let buckets = batch::lookup_all(&self.addr_filter, ADDR_FILTER_BUCKETS as usize)
+            .context("reading LB_ADDR_FILTER")?;
+        v.addr_filter = buckets
+            .into_iter()
+            .filter(|(_, b)| *b != AddrBucket::default())
+            .collect();
         Ok(v)
     }
 

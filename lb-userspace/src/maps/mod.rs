@@ -13,8 +13,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::maps::{Map, MapData, MapError, MapType};
 use lb_common::{
-    DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue, TargetValue, VipValue,
-    NO_TARGET,
+    addr, addr_filter_bucket, AddrBucket, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue,
+    ReverseValue, TargetValue, VipValue, NO_TARGET,
 };
 
 pub mod batch;
@@ -83,6 +83,49 @@ pub struct MapView {
     /// `LB_IFACES`; every one is also in `LB_DEVMAP` (`devmap`).
     pub interfaces: BTreeMap<u32, IfaceValue>,
     pub devmap: BTreeSet<u32>,
+    /// `LB_ADDR_FILTER` buckets that are not all zero.
+    pub addr_filter: BTreeMap<u32, AddrBucket>,
+}
+
+impl MapView {
+    /// The buckets of `LB_ADDR_FILTER` that count fewer VIPs or target endpoints than
+    /// `LB_VIPS` and `LB_REVERSE` hold there: traffic to those VIPs, or replies from those
+    /// targets, would pass untouched.
+    pub fn filter_shortfalls(&self) -> Vec<String> {
+        let counted = addr_filter_counts(self.vips.keys(), self.reverse.keys());
+        counted
+            .iter()
+            .filter_map(|(b, need)| {
+                let has = self.addr_filter.get(b).copied().unwrap_or_default();
+                (has.vips < need.vips || has.targets < need.targets).then(|| {
+                    format!(
+                        "LB_ADDR_FILTER[{b}] counts {} VIPs and {} target endpoints; the maps hold {} and {} there",
+                        has.vips, has.targets, need.vips, need.targets
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// The non-zero buckets of `LB_ADDR_FILTER` that count these `LB_VIPS` and `LB_REVERSE` keys
+/// (each key once: pass sets). A count saturates at `u16::MAX`, far above any map's size.
+pub fn addr_filter_counts<'a>(
+    vips: impl IntoIterator<Item = &'a IpAddr>,
+    reverse: impl IntoIterator<Item = &'a EndpointKey>,
+) -> BTreeMap<u32, AddrBucket> {
+    let mut out: BTreeMap<u32, AddrBucket> = BTreeMap::new();
+    for ip in vips {
+        let b = out
+            .entry(addr_filter_bucket(&addr::to_words(*ip).0))
+            .or_default();
+        b.vips = b.vips.saturating_add(1);
+    }
+    for key in reverse {
+        let b = out.entry(addr_filter_bucket(&key.addr)).or_default();
+        b.targets = b.targets.saturating_add(1);
+    }
+    out
 }
 
 /// The map operations the reconciler needs; `KernelMaps` writes the kernel's maps, `FakeMaps`
@@ -111,6 +154,8 @@ pub trait MapWriter {
         -> Result<(), WriteError>;
     /// Empties a group's table and gives its slots back.
     fn remove_table(&mut self, group_id: u32) -> Result<(), WriteError>;
+    /// Writes `LB_ADDR_FILTER[bucket]`; the all-zero value clears it.
+    fn put_addr_bucket(&mut self, bucket: u32, value: AddrBucket) -> Result<(), WriteError>;
     /// Everything the maps hold.
     fn view(&self) -> Result<MapView>;
 }
@@ -143,6 +188,7 @@ delegate! {
     remove_interface(&mut self, ifindex: u32);
     publish_table(&mut self, group_id: u32, flags: u32, table: &[u32]);
     remove_table(&mut self, group_id: u32);
+    put_addr_bucket(&mut self, bucket: u32, value: AddrBucket);
 }
 
 /// A map handle as the `Map` variant its kernel type calls for.
