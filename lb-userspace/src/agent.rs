@@ -28,10 +28,11 @@ use crate::{
     health::{self, HealthEvent, Schedule, TargetState},
     http::{self, Request, Response},
     links::{self, LinkWatcher, Watch},
-    maps::FlowTable,
+    maps::{FlowTable, RouteEpoch},
     metrics::{self, HealthMetrics},
     model::{Model, TargetKey},
     reconcile::{build_table, Reconciler},
+    route_epoch::RouteCache,
     routes::{Answer, NetlinkRoutes, RouteNote},
     state::{RoleSource, TableSpec},
     statefile::{self, StateFile},
@@ -102,6 +103,8 @@ struct Agent {
     build_failed_at: Option<Instant>,
     /// Link notifications for `agent.interfaces` (None: the socket could not be opened).
     links: Option<LinkWatcher>,
+    /// The route epoch of the next-hop cache (its watcher runs as a task of its own).
+    route_cache: RouteCache,
 }
 
 /// Tables built off the runtime thread, by spec.
@@ -210,7 +213,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .collect();
     let adopted = dp.adopted.take();
     let fresh = adopted.is_none();
-    let setup = (|| -> Result<(Controller, FlowTable)> {
+    let setup = (|| -> Result<(Controller, FlowTable, RouteEpoch)> {
         let ctl = match adopted {
             None => {
                 let key = hash_key(&config.agent.hash_seed)?;
@@ -218,9 +221,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             Some(state) => adopt(&mut dp, state, config, interfaces, now)?,
         };
-        Ok((ctl, dp.maps.flow_table()?))
+        Ok((ctl, dp.maps.flow_table()?, dp.maps.route_epoch()?))
     })();
-    let (ctl, flow_table) = match setup {
+    let (ctl, flow_table, route_epoch) = match setup {
         Ok(v) => v,
         Err(e) if fresh => {
             // Nothing was serving before this run: leave nothing attached.
@@ -233,6 +236,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let (events, mut health_rx) = mpsc::channel(1024);
     let (builds, mut built) = mpsc::channel(1);
+    let route_cache = RouteCache::start(ctl.config.agent.route_cache, route_epoch);
     let mut agent = Agent {
         config_path: opts.config_path.clone(),
         ctl,
@@ -255,6 +259,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         links: LinkWatcher::open()
             .map_err(|e| warn!(error = %format!("{e:#}"), "not watching interfaces: an interface deleted and made again is not re-attached"))
             .ok(),
+        route_cache,
     };
     agent.lookup_new_routes();
     agent.apply(now, "start");
@@ -430,7 +435,13 @@ impl Agent {
 
     fn reconcile_now(&mut self, now: Instant, why: &str) -> Option<Duration> {
         let started = Instant::now();
-        match self.ctl.reconcile(&mut self.dp.maps, now) {
+        let interfaces = self.ctl.reconciler.shadow().interfaces.clone();
+        let result = self.ctl.reconcile(&mut self.dp.maps, now);
+        if self.ctl.reconciler.shadow().interfaces != interfaces {
+            // LB_DEVMAP / LB_IFACES changed: cached next hops are looked up again.
+            self.route_cache.bump();
+        }
+        match result {
             Ok(step) => {
                 let took = started.elapsed();
                 self.retry_at = None;
@@ -853,6 +864,7 @@ impl Agent {
                     "failed_reconciliations": self.failed_reconciliations,
                     "last_error": self.last_write_error,
                 },
+                "route_cache": self.route_cache.status(),
             },
         })
     }
@@ -885,6 +897,7 @@ impl Agent {
         });
         let interfaces = self.dp.attached.keys().map(String::as_str);
         metrics::render_reattachments(&mut page, interfaces, &self.dp.reattachments);
+        metrics::render_route_cache(&mut page, &self.route_cache.status());
         page
     }
 
@@ -1029,9 +1042,11 @@ impl Agent {
     fn shut_down(mut self, keep: bool) -> Result<()> {
         self.checkers.stop_all();
         let _ = std::fs::remove_file(api_path(&self.ctl.config));
+        // Nobody watches the routes once the agent is gone: no cached next hop may outlive it.
+        self.route_cache.stop("the agent exited");
         if keep {
             self.save_state(Instant::now());
-            info!(pin_path = %self.dp.pin_dir.display(), "exiting; the data plane stays attached and pinned (--keep-datapath)");
+            info!(pin_path = %self.dp.pin_dir.display(), "exiting; the data plane stays attached and pinned (--keep-datapath); its next-hop cache is off (every packet looked up) until an agent runs again");
             return Ok(());
         }
         self.dp.tear_down()

@@ -169,6 +169,16 @@ pub fn status_table(status: &Value) -> String {
         );
     }
     let _ = writeln!(o, "pinned at {}", s(&dp["pin_path"]));
+    let cache = &dp["route_cache"];
+    match cache["enabled"].as_bool() {
+        Some(true) => {
+            let _ = writeln!(o, "next-hop cache: on (route epoch {})", s(&cache["epoch"]));
+        }
+        Some(false) => {
+            let _ = writeln!(o, "next-hop cache: off ({})", s(&cache["reason"]));
+        }
+        None => {}
+    }
     o
 }
 
@@ -185,7 +195,7 @@ mod tests {
                  "role_source": "routes", "role": "derived: routes to the targets", "targets_routed": 0},
                 {"name": "eth1", "ifindex": 4, "mode": "native", "faces_targets": true,
                  "role_source": "routes", "role": "derived: routes to the targets", "targets_routed": 3},
-            ]},
+            ], "route_cache": {"enabled": false, "reason": "policy routing: IPv4 rule 100: from 10.0.1.3/32 lookup 100", "epoch": 0}},
         });
         let table = status_table(&status);
         let line = |name: &str| {
@@ -203,5 +213,8 @@ mod tests {
         );
         assert!(line("eth1").starts_with("eth1 4 native yes derived"));
         assert!(table.contains("pinned at /sys/fs/bpf/lb"));
+        assert!(table.contains(
+            "next-hop cache: off (policy routing: IPv4 rule 100: from 10.0.1.3/32 lookup 100)"
+        ));
     }
 }

@@ -15,6 +15,7 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;
+pub mod route_epoch;
 pub mod routes;
 pub mod state;
 pub mod statefile;

@@ -285,6 +285,21 @@ pub fn render_reattachments<'a>(
     }
 }
 
+/// The next-hop cache: whether the data path may reuse FIB answers, and how often the route
+/// epoch moved (each move makes the data path look every destination up again).
+pub fn render_route_cache(o: &mut String, status: &crate::route_epoch::RouteCacheStatus) {
+    let _ = writeln!(
+        o,
+        "# HELP lb_route_epoch_changes_total Writes of a new route epoch (LB_ROUTE_EPOCH), since the agent started: each makes the data path look every destination up again.\n# TYPE lb_route_epoch_changes_total counter\nlb_route_epoch_changes_total {}",
+        status.changes
+    );
+    let _ = writeln!(
+        o,
+        "# HELP lb_route_cache_enabled Whether the data path may reuse FIB answers (1), or looks every packet up (0: agent.route_cache = false, policy routing or multipath routes, or starting).\n# TYPE lb_route_cache_enabled gauge\nlb_route_cache_enabled {}",
+        u8::from(status.enabled)
+    );
+}
+
 fn target_label(k: &TargetKey) -> String {
     crate::config::endpoint(k.addr, k.port)
 }
@@ -306,6 +321,28 @@ mod tests {
                 "lb_xdp_reattachments_total{interface=\"l1\"} 2",
             ]
         );
+    }
+
+    #[test]
+    fn route_cache_shows_changes_and_whether_enabled() {
+        let mut page = String::new();
+        let status = crate::route_epoch::RouteCacheStatus {
+            enabled: true,
+            reason: None,
+            epoch: 7,
+            changes: 9,
+        };
+        render_route_cache(&mut page, &status);
+        let samples: Vec<&str> = page.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            ["lb_route_epoch_changes_total 9", "lb_route_cache_enabled 1"]
+        );
+        assert!(page.contains("# TYPE lb_route_epoch_changes_total counter"));
+        assert!(page.contains("# TYPE lb_route_cache_enabled gauge"));
+        let mut page = String::new();
+        render_route_cache(&mut page, &crate::route_epoch::RouteCacheStatus::default());
+        assert!(page.lines().any(|l| l == "lb_route_cache_enabled 0"));
     }
 
     #[test]

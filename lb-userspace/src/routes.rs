@@ -146,7 +146,7 @@ impl RouteLookup for NetlinkRoutes {
 }
 
 impl NetlinkRoutes {
-    fn open() -> Result<Socket> {
+    pub(crate) fn open() -> Result<Socket> {
         let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
         socket.bind_auto().context("binding the netlink socket")?;
         socket

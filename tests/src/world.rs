@@ -8,15 +8,12 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, time::Instant};
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, PerCpuArray, PerCpuValues},
     programs::{TestRun, TestRunOptions},
-    util::nr_cpus,
     Ebpf,
 };
 use lb_common::{
-    addr, hash, maglev,
-    maps::{MAP_NEXT_HOPS, MAP_ROUTE_EPOCH, PROGRAM_XDP},
-    EndpointKey, FlowKey, NextHop, TargetValue, GROUP_F_STICKY_SOURCE, PROTO_TCP, PROTO_UDP,
+    addr, hash, maglev, maps::PROGRAM_XDP, EndpointKey, FlowKey, NextHop, TargetValue,
+    GROUP_F_STICKY_SOURCE, PROTO_TCP, PROTO_UDP,
 };
 use lb_userspace::{
     config,
@@ -220,27 +217,17 @@ impl World {
 
     /// Writes `LB_ROUTE_EPOCH` (what the agent's route watcher keeps).
     pub fn set_route_epoch(&mut self, epoch: u32) -> Result<()> {
-        let mut map: Array<_, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_ROUTE_EPOCH)
-                .context(MAP_ROUTE_EPOCH)?,
-        )?;
-        Ok(map.set(0, epoch, 0)?)
+        self.maps.route_epoch()?.set(epoch)
     }
 
     /// `LB_NEXT_HOPS[slot]` of every CPU.
     pub fn next_hops(&self, slot: u32) -> Result<Vec<NextHop>> {
-        let map: PerCpuArray<_, NextHop> =
-            PerCpuArray::try_from(self.ebpf.map(MAP_NEXT_HOPS).context(MAP_NEXT_HOPS)?)?;
-        Ok(map.get(&slot, 0)?.iter().copied().collect())
+        self.maps.route_epoch()?.next_hop(slot)
     }
 
     /// Writes `hop` into `LB_NEXT_HOPS[slot]` of every CPU.
     pub fn put_next_hop(&mut self, slot: u32, hop: NextHop) -> Result<()> {
-        let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;
-        let mut map: PerCpuArray<_, NextHop> =
-            PerCpuArray::try_from(self.ebpf.map_mut(MAP_NEXT_HOPS).context(MAP_NEXT_HOPS)?)?;
-        Ok(map.set(slot, PerCpuValues::try_from(vec![hop; cpus])?, 0)?)
+        self.maps.route_epoch()?.put_next_hop(slot, hop)
     }
 
     /// Sets `flow_insert_limit` (new entries per CPU per second; 0: none).

@@ -61,6 +61,10 @@ pub struct AgentConfig {
     /// New flow-table entries per CPU per second; past it, new flows are forwarded by the
     /// consistent hash without an entry. 0: no limit.
     pub flow_insert_limit: u32,
+    /// Let the data path reuse FIB answers (the next-hop cache) while routes, neighbours and
+    /// links do not change and no policy routing makes answers depend on more than the
+    /// destination (`crate::route_epoch`). false: a FIB lookup for every packet.
+    pub route_cache: bool,
 }
 
 impl Default for AgentConfig {
@@ -75,6 +79,7 @@ impl Default for AgentConfig {
             hash_seed: String::new(),
             target_interfaces: None,
             flow_insert_limit: lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT,
+            route_cache: true,
         }
     }
 }

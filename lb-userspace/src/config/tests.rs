@@ -60,6 +60,7 @@ fn example_sets_every_key() {
     assert_eq!(c.agent.hash_seed, "");
     assert_eq!(c.agent.target_interfaces, Some(vec!["eth0".to_string()]));
     assert_eq!(c.agent.flow_insert_limit, 125_000);
+    assert!(c.agent.route_cache);
     let l = &c.listeners[0];
     assert_eq!(
         (l.name.as_str(), l.port.0, l.protocol),
@@ -118,6 +119,10 @@ fn defaults_follow_nlb() {
     assert_eq!(
         c.agent.flow_insert_limit,
         lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT
+    );
+    assert!(
+        c.agent.route_cache,
+        "the next-hop cache is on unless turned off"
     );
     let l = &c.listeners[0];
     assert_eq!(l.protocol, Protocol::Tcp);
@@ -525,6 +530,18 @@ fn flow_insert_limit_outside_u32() {
     }
     let c = parse(&two_interfaces("flow_insert_limit = 0\n"), "lb.toml").unwrap();
     assert_eq!(c.agent.flow_insert_limit, 0, "0: no limit");
+}
+
+#[test]
+fn route_cache_is_a_bool() {
+    rejects(
+        &two_interfaces("route_cache = \"no\"\n"),
+        3,
+        "agent.route_cache",
+        "invalid type",
+    );
+    let c = parse(&two_interfaces("route_cache = false\n"), "lb.toml").unwrap();
+    assert!(!c.agent.route_cache);
 }
 
 #[test]

@@ -11,6 +11,7 @@ use std::{
 
 use super::{
     batch,
+    epoch::RouteEpoch,
     flows::FlowTable,
     regions::{NoRoom, TableSpace},
     typed_map, MapView, SourcePrefix, WriteError,
@@ -26,7 +27,7 @@ use aya::{
 };
 use lb_common::{
     addr, counter, maps::*, AddrBucket, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey,
-    FlowValue, FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue,
+    FlowValue, FragKey, FragValue, GroupValue, IfaceValue, ListenerStats, ListenerValue, NextHop,
     ReverseValue, TargetValue, VipKey, VipValue, FAMILY_V4, FAMILY_V6,
 };
 
@@ -52,6 +53,9 @@ pub struct KernelMaps {
     stats: PerCpuArray<MapData, ListenerStats>,
     counters: PerCpuArray<MapData, u64>,
     addr_filter: Array<MapData, AddrBucket>,
+    /// Held for the route watcher (`route_epoch`), and pinned with the rest.
+    route_epoch: Array<MapData, u32>,
+    next_hops: PerCpuArray<MapData, NextHop>,
     /// Where each group's two halves live in `LB_TABLES`.
     space: TableSpace,
     /// What this process last wrote to each (group, half): its base and slots. Unchanged slots
@@ -184,6 +188,8 @@ impl KernelMaps {
             stats: typed!(MAP_STATS),
             counters: typed!(MAP_COUNTERS),
             addr_filter: typed!(MAP_ADDR_FILTER),
+            route_epoch: typed!(MAP_ROUTE_EPOCH),
+            next_hops: typed!(MAP_NEXT_HOPS),
             space,
             written: StdHashMap::new(),
         })
@@ -590,16 +596,18 @@ impl KernelMaps {
     /// Handles of its own on the flow tables (duplicated descriptors), for the expiry sweep
     /// on another thread. Needs no privilege beyond the descriptors this process holds.
     pub fn flow_table(&self) -> Result<FlowTable> {
-        let dup = |fd: &aya::maps::MapFd, name: &str| -> Result<MapData> {
-            let owned = fd
-                .as_fd()
-                .try_clone_to_owned()
-                .with_context(|| format!("duplicating the descriptor of {name}"))?;
-            MapData::from_fd(owned).with_context(|| format!("reopening {name}"))
-        };
         FlowTable::from_maps(
             dup(self.flows.map().fd(), MAP_FLOWS)?,
             dup(self.reply_flows.map().fd(), MAP_REPLY_FLOWS)?,
+        )
+    }
+
+    /// Handles of its own on `LB_ROUTE_EPOCH` and `LB_NEXT_HOPS` (duplicated descriptors),
+    /// for the route watcher.
+    pub fn route_epoch(&self) -> Result<RouteEpoch> {
+        RouteEpoch::from_maps(
+            dup(self.route_epoch.map().fd(), MAP_ROUTE_EPOCH)?,
+            dup(self.next_hops.map().fd(), MAP_NEXT_HOPS)?,
         )
     }
 
@@ -636,6 +644,15 @@ impl KernelMaps {
         }
         Ok(out)
     }
+}
+
+/// A map handle of its own on the map behind `fd` (a duplicated descriptor).
+fn dup(fd: &aya::maps::MapFd, name: &str) -> Result<MapData> {
+    let owned = fd
+        .as_fd()
+        .try_clone_to_owned()
+        .with_context(|| format!("duplicating the descriptor of {name}"))?;
+    MapData::from_fd(owned).with_context(|| format!("reopening {name}"))
 }
 
 fn vip_key(ip: IpAddr) -> VipKey {

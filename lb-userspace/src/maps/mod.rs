@@ -1,8 +1,9 @@
 //! The one owner of the data plane's maps: everything that reads or writes them through aya is
 //! here. The reconciler writes through `MapWriter`, implemented by the kernel's maps
 //! (`KernelMaps`) and, for tests, by an in-memory copy (`FakeMaps`); the idle-flow sweep uses
-//! its own handles on the flow tables (`FlowTable`). `batch` does many entries per syscall,
-//! which aya lacks.
+//! its own handles on the flow tables (`FlowTable`), the route watcher its own on the route
+//! epoch and the next-hop cache (`RouteEpoch`). `batch` does many entries per syscall, which
+//! aya lacks.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,12 +18,14 @@ use lb_common::{
 };
 
 pub mod batch;
+mod epoch;
 mod fake;
 mod faulty;
 mod flows;
 mod kernel;
 pub mod regions;
 
+pub use epoch::RouteEpoch;
 pub use fake::{Capacities, FakeMaps};
 pub use faulty::{Fault, FaultyMaps};
 pub use flows::{FlowCursor, FlowTable, FLOW_CHUNK};
