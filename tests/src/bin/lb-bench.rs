@@ -171,7 +171,7 @@ fn forwarding_figures(quick: bool) -> Result<(String, String)> {
 /// The per-packet table (printed) and its BENCHMARKS.md section. Measured on a thread of its
 /// own (pinned, in a private namespace).
 fn packet_figures(quick: bool) -> Result<(Vec<packet::Row>, String)> {
-    let (calls, rounds) = if quick { (20_000, 5) } else { (100_000, 5) };
+    let (calls, rounds) = if quick { (10_000, 5) } else { (50_000, 9) };
     eprintln!("per-packet cost: {calls} calls × {rounds} rounds …");
     let rows = std::thread::spawn(move || packet::run(calls, rounds))
         .join()
@@ -191,8 +191,8 @@ fn packet_figures(quick: bool) -> Result<(Vec<packet::Row>, String)> {
         doc,
         "\n## Per-packet cost of the XDP program\n\nBPF_PROG_TEST_RUN, one packet per call \
          (`repeat = 1`), each call paired with one of the empty `lb_xdp_pass` program (the \
-         floor; which goes first alternates), {calls} calls per round, {rounds} rounds, thread \
-         pinned to CPU 0. Net = the median over a round's pairs of (case − floor); median of the \
+         floor; which goes first alternates), {calls} calls per round, {rounds} rounds (each \
+         round runs every case in turn), thread pinned to CPU 0. Net = the median over a round's pairs of (case − floor); median of the \
          rounds, min–max. The data path runs as under a running agent: the next-hop cache on \
          (`LB_ROUTE_EPOCH` set), the address filter kept. The new-flow case inserts a \
          distinct flow per call into the 1,048,576-entry LRU table, with the per-CPU insert \
