@@ -204,12 +204,15 @@ fn packet_figures(quick: bool) -> Result<(Vec<packet::Row>, String)> {
     let of = |name: &str| {
         rows.iter()
             .find(|r| r.0.starts_with(name))
-            .map_or(f64::NAN, |r| r.1)
+            .map_or((f64::NAN, f64::NAN), |r| (r.1, r.2))
     };
     writeln!(
         doc,
         "Against the per-packet goals (0.7× Katran's figures on this machine kind, same \
-         method):\n\n| path | goal | measured | met |\n|---|---:|---:|:---:|"
+         method). These VMs have slow spells (other tenants; the floor itself then rises from \
+         about 55 to 70 ns and map lookups slow down more): the best round is the program's \
+         cost on an undisturbed machine, and interference only ever adds to it.\n\n\
+         | path | goal | median of rounds | best round | met (median) |\n|---|---:|---:|---:|:---:|"
     )?;
     for (path, row, goal) in [
         ("established flow", "established", 70.0),
@@ -217,11 +220,11 @@ fn packet_figures(quick: bool) -> Result<(Vec<packet::Row>, String)> {
         ("non-VIP pass", "non-VIP", 20.0),
         ("reply (reverse NAT)", "reply", 70.0),
     ] {
-        let m = of(row);
+        let (median, best) = of(row);
         writeln!(
             doc,
-            "| {path} | ≤ {goal:.0} ns | {m:.0} ns | {} |",
-            if m <= goal { "yes" } else { "**no**" }
+            "| {path} | ≤ {goal:.0} ns | {median:.0} ns | {best:.0} ns | {} |",
+            if median <= goal { "yes" } else { "**no**" }
         )?;
     }
     Ok((rows, doc))
