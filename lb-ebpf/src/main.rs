@@ -200,7 +200,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
         }
     }
     if in_vips(&pkt.dst, pkt.family) {
-        // Fragments of ICMP are `to_vip`'s to drop.
+        // Fragments of ICMP are `dropped_at_vip`'s to drop.
         if is_icmp(&pkt) && !pkt.fragment {
             return tail_call(
                 ctx,
@@ -208,7 +208,7 @@ fn try_lb(ctx: &XdpContext) -> Result<u32, Exit> {
                 Exit::Drop(counter::DROP_ICMP_UNMATCHED),
             );
         }
-        to_vip(ctx, &pkt)
+        Err(dropped_at_vip(ctx, &pkt))
     } else {
         from_target(ctx, &pkt)
     }
@@ -265,28 +265,22 @@ fn ready_config() -> Result<&'static DataplaneConfig, Exit> {
     Ok(config)
 }
 
-/// A packet for a VIP but ICMP: a listener's traffic is forwarded; everything else is
-/// dropped.
+/// A packet for a VIP, neither ICMP nor taken by a listener (whole, consistent TCP/UDP finds
+/// its listener in `try_lb`): dropped, with the reason.
 #[inline(always)]
-fn to_vip(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
-    if pkt.fragment {
-        return Err(Exit::Drop(counter::DROP_FRAGMENT));
-    }
-    if pkt.family != FAMILY_V4 && parse::is_ipv6_extension(pkt.protocol) {
-        return Err(Exit::Drop(counter::DROP_IPV6_EXTENSION));
-    }
-    if pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP {
-        return Err(Exit::Drop(counter::DROP_NO_LISTENER));
-    }
-    let ports = match parse::l4(ctx, pkt) {
-        Some(h) if h.consistent => h.ports,
-        _ => return Err(Exit::Drop(counter::DROP_MALFORMED)),
-    };
-    let lkey = listener_key(pkt, &ports);
-    // SAFETY: read-only lookup; the value is copied out.
-    let listener =
-        *unsafe { LB_LISTENERS.get(&lkey) }.ok_or(Exit::Drop(counter::DROP_NO_LISTENER))?;
-    to_listener(ctx, pkt, &ports, &lkey, listener)
+fn dropped_at_vip(ctx: &XdpContext, pkt: &Packet) -> Exit {
+    Exit::Drop(if pkt.fragment {
+        counter::DROP_FRAGMENT
+    } else if pkt.family != FAMILY_V4 && parse::is_ipv6_extension(pkt.protocol) {
+        counter::DROP_IPV6_EXTENSION
+    } else if pkt.protocol != PROTO_TCP && pkt.protocol != PROTO_UDP {
+        counter::DROP_NO_LISTENER
+    } else {
+        match parse::l4(ctx, pkt) {
+            Some(h) if h.consistent => counter::DROP_NO_LISTENER,
+            _ => counter::DROP_MALFORMED,
+        }
+    })
 }
 
 /// A TCP/UDP packet for `listener` (at `lkey`): forwarded to a target of its group.
