@@ -345,8 +345,9 @@ mod tests {
         assert!(page.lines().any(|l| l == "lb_route_cache_enabled 0"));
     }
 
-    #[test]
-    fn page_has_every_family_and_counts() {
+    /// The page of the example config with a few counts, a health check of each outcome, and
+    /// the families rendered apart (re-attachments, the next-hop cache).
+    fn sample_page() -> String {
         let config = crate::config::parse(include_str!("config/example.toml"), "x").unwrap();
         let mut model = Model::default();
         model
@@ -368,7 +369,7 @@ mod tests {
             new_flows: 2,
             ..Default::default()
         };
-        let page = render(&Inputs {
+        let mut page = render(&Inputs {
             config: &config,
             model: &model,
             listener_stats: [("web".to_string(), stats)].into(),
@@ -380,6 +381,43 @@ mod tests {
                 in_doubt: 1,
             },
         });
+        render_reattachments(&mut page, ["l0"].into_iter(), &BTreeMap::new());
+        render_route_cache(&mut page, &crate::route_epoch::RouteCacheStatus::default());
+        page
+    }
+
+    /// docs/config.md, the reference, names every metric family and every label value the
+    /// agent exports.
+    #[test]
+    fn the_reference_names_every_family_and_label() {
+        let reference = include_str!("../../docs/config.md");
+        let page = sample_page();
+        let families: Vec<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert!(families.len() >= 16, "{families:?}");
+        let labels = counter::DROP_REASONS
+            .iter()
+            .chain(counter::EVENTS.iter())
+            .map(|(_, l)| *l);
+        let missing: Vec<String> = families
+            .iter()
+            .copied()
+            .chain(labels)
+            .filter(|name| !reference.contains(&format!("`{name}`")))
+            .map(String::from)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/config.md does not name {missing:?}"
+        );
+    }
+
+    #[test]
+    fn page_has_every_family_and_counts() {
+        let page = sample_page();
         for line in [
             "lb_packets_total{listener=\"web\",direction=\"in\"} 5",
             "lb_bytes_total{listener=\"web\",direction=\"out\"} 200",

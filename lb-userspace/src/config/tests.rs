@@ -602,3 +602,77 @@ fn never_panics_on_any_prefix_or_mangling() {
         let _ = parse(&EXAMPLE.replacen(from, to, 3), "x.toml");
     }
 }
+
+/// Every key path of a TOML document (`agent.interfaces`, `listener.name`, …; arrays of
+/// tables by their table's name).
+fn key_paths(doc: &str) -> std::collections::BTreeSet<String> {
+    fn walk(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    if !matches!(v, toml::Value::Table(_))
+                        && !matches!(v, toml::Value::Array(a) if a.iter().all(toml::Value::is_table) && !a.is_empty())
+                    {
+                        out.insert(path.clone());
+                    }
+                    walk(&path, v, out);
+                }
+            }
+            toml::Value::Array(a) => {
+                for v in a.iter().filter(|v| v.is_table()) {
+                    walk(prefix, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk("", &toml::from_str(doc).expect("TOML"), &mut out);
+    out
+}
+
+/// docs/config.md, the reference: its example is valid and uses every key the example file
+/// does, and each key has a row in its section's table.
+#[test]
+fn the_reference_documents_every_key() {
+    let reference = include_str!("../../../docs/config.md");
+    let example = reference
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a ```toml example in docs/config.md");
+    parse(example, "docs/config.md").expect("the reference's example is valid");
+    assert_eq!(
+        key_paths(example),
+        key_paths(EXAMPLE),
+        "the reference's example and example.toml use different keys"
+    );
+    let mut missing = Vec::new();
+    for path in key_paths(EXAMPLE) {
+        let (section, key) = path.rsplit_once('.').expect("every key is in a section");
+        let heading = match section {
+            "agent" => "### `[agent]`".to_string(),
+            "listener" | "target_group" => format!("### `[[{section}]]`"),
+            "target_group.health_check" => "### `[target_group.health_check]`".to_string(),
+            "target_group.target" => "### `[[target_group.target]]`".to_string(),
+            other => panic!("a section the reference does not know: {other}"),
+        };
+        let table = reference
+            .split(&heading)
+            .nth(1)
+            .and_then(|rest| rest.split("\n### ").next())
+            .unwrap_or_default();
+        if !table.contains(&format!("| `{key}` |")) {
+            missing.push(path);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "docs/config.md has no row for {missing:?}"
+    );
+}
