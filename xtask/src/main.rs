@@ -195,6 +195,9 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the data-plane tests load BPF programs and make network namespaces: run as root");
     }
+    // What the build and the tests need (quick when everything is there): on a fresh machine
+    // this command is all a user types.
+    setup()?;
     // The agent tests run the real binary (in network namespaces).
     cargo(&["build", "-p", "lb-userspace", "--bin", "lb-agent"], &[])?;
     let bin = root().join("target/debug/lb-agent");
@@ -207,6 +210,7 @@ fn demo() -> Result<()> {
     if !is_root() {
         bail!("the demo makes network namespaces and attaches XDP: run as root");
     }
+    setup()?;
     cargo(
         &["build", "-q", "-p", "lb-userspace", "--bin", "lb-agent"],
         &[],
@@ -231,6 +235,7 @@ fn bench(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load BPF programs: run as root");
     }
+    setup()?;
     let mut a = vec![
         "run",
         "--release",
