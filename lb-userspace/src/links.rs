@@ -16,12 +16,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, LinkXdp},
     RouteNetlinkMessage,
 };
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
@@ -79,24 +79,16 @@ const NLMSG_HDRLEN: usize = 16;
 
 /// Is interface `ifindex` a veth (link kind "veth", RTM_GETLINK)?
 pub fn is_veth(ifindex: u32) -> Result<bool> {
-    let mut socket = Socket::new(NETLINK_ROUTE).context("opening a netlink socket")?;
-    socket.bind_auto().context("binding the netlink socket")?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .context("connecting the netlink socket")?;
+    let socket = crate::routes::NetlinkRoutes::open()?;
     let mut link = LinkMessage::default();
     link.header.index = ifindex;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST;
-    header.sequence_number = 1;
-    let mut request = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::GetLink(link)),
-    );
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket.send(&buf, 0).context("sending RTM_GETLINK")?;
+    crate::routes::NetlinkRoutes::send(
+        &socket,
+        RouteNetlinkMessage::GetLink(link),
+        0,
+        1,
+        "RTM_GETLINK",
+    )?;
     let (datagram, _) = socket
         .recv_from_full()
         .context("reading the RTM_GETLINK answer")?;

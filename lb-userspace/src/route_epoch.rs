@@ -33,9 +33,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR};
 use netlink_packet_route::{
     route::{RouteAddress, RouteAttribute, RouteMessage},
     rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage},
@@ -692,14 +690,13 @@ impl NetlinkDump {
         let socket = self.socket.as_ref().expect("opened above");
         self.sequence = self.sequence.wrapping_add(1);
         let sequence = self.sequence;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        header.sequence_number = sequence;
-        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(request));
-        message.finalize();
-        let mut buf = vec![0; message.buffer_len()];
-        message.serialize(&mut buf);
-        socket.send(&buf, 0).context("sending the dump request")?;
+        crate::routes::NetlinkRoutes::send(
+            socket,
+            request,
+            NLM_F_DUMP,
+            sequence,
+            "the dump request",
+        )?;
 
         let mut out = Vec::new();
         let mut interrupted = false;

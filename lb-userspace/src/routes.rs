@@ -172,6 +172,28 @@ impl NetlinkRoutes {
         Ok(socket)
     }
 
+    /// Sends one request (`NLM_F_REQUEST` plus `flags`) numbered `sequence`; `what` names it
+    /// in the error.
+    pub(crate) fn send(
+        socket: &Socket,
+        request: RouteNetlinkMessage,
+        flags: u16,
+        sequence: u32,
+        what: &str,
+    ) -> Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = sequence;
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(request));
+        message.finalize();
+        let mut buf = vec![0; message.buffer_len()];
+        message.serialize(&mut buf);
+        socket
+            .send(&buf, 0)
+            .with_context(|| format!("sending {what}"))?;
+        Ok(())
+    }
+
     fn ask(&mut self, addr: IpAddr) -> Result<Option<u32>> {
         if self.socket.is_none() {
             self.socket = Some(Self::open()?);
@@ -191,17 +213,13 @@ impl NetlinkRoutes {
         route
             .attributes
             .push(RouteAttribute::Destination(RouteAddress::from(addr)));
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
-        header.sequence_number = sequence;
-        let mut request = NetlinkMessage::new(
-            header,
-            NetlinkPayload::from(RouteNetlinkMessage::GetRoute(route)),
-        );
-        request.finalize();
-        let mut buf = vec![0; request.buffer_len()];
-        request.serialize(&mut buf);
-        socket.send(&buf, 0).context("sending RTM_GETROUTE")?;
+        Self::send(
+            socket,
+            RouteNetlinkMessage::GetRoute(route),
+            0,
+            sequence,
+            "RTM_GETROUTE",
+        )?;
 
         loop {
             let (datagram, _) = socket
