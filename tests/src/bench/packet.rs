@@ -29,7 +29,8 @@ struct Case {
 /// The insert budget is checked on every new flow but never reached.
 const NEVER_REACHED: u32 = u32::MAX;
 
-pub(crate) fn pin_to_cpu(cpu: usize) -> Result<()> {
+/// Pins the calling thread to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
