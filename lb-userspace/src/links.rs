@@ -75,8 +75,6 @@ pub struct Parsed {
     pub unreadable: bool,
 }
 
-const NLMSG_HDRLEN: usize = 16;
-
 /// Is interface `ifindex` a veth (link kind "veth", RTM_GETLINK)?
 pub fn is_veth(ifindex: u32) -> Result<bool> {
     let socket = crate::routes::NetlinkRoutes::open()?;
@@ -108,18 +106,13 @@ pub fn is_veth(ifindex: u32) -> Result<bool> {
 
 /// Splits a datagram into its netlink messages and reads the link notifications among them.
 pub fn parse(datagram: &[u8]) -> Parsed {
-    let mut parsed = Parsed::default();
-    let mut rest = datagram;
-    while !rest.is_empty() {
-        let len = match rest.get(..4) {
-            Some(b) => u32::from_ne_bytes(b.try_into().expect("4 bytes")) as usize,
-            None => 0,
-        };
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            parsed.unreadable = true;
-            break;
-        }
-        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]) {
+    let (messages, unreadable) = crate::routes::split_messages(datagram);
+    let mut parsed = Parsed {
+        unreadable,
+        ..Parsed::default()
+    };
+    for message in messages {
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
             Ok(m) => match m.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
                     parsed.events.push(LinkEvent::from_message(false, &l))
@@ -131,8 +124,6 @@ pub fn parse(datagram: &[u8]) -> Parsed {
             },
             Err(_) => parsed.unreadable = true,
         }
-        // Messages are 4-byte aligned.
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
     }
     parsed
 }

@@ -52,7 +52,6 @@ const RTM_NEWROUTE: u16 = 24;
 const RTM_DELROUTE: u16 = 25;
 const RTM_NEWRULE: u16 = 32;
 const RTM_DELRULE: u16 = 33;
-const NLMSG_HDRLEN: usize = 16;
 /// Below this, netlink control messages (NOOP, ERROR, DONE, OVERRUN).
 const NLMSG_MIN_TYPE: u16 = 16;
 
@@ -111,21 +110,13 @@ pub struct Parsed {
 /// Splits a datagram into its netlink messages and reads what each says. Only route and rule
 /// notifications are parsed; any other message is a change of some kind (`Note::Other`).
 pub fn parse(datagram: &[u8]) -> Parsed {
-    let mut parsed = Parsed::default();
-    let mut rest = datagram;
-    while !rest.is_empty() {
-        let (len, kind) = match rest.get(..6) {
-            Some(b) => (
-                u32::from_ne_bytes(b[..4].try_into().expect("4 bytes")) as usize,
-                u16::from_ne_bytes(b[4..6].try_into().expect("2 bytes")),
-            ),
-            None => (0, 0),
-        };
-        if len < NLMSG_HDRLEN || len > rest.len() {
-            parsed.unreadable = true;
-            break;
-        }
-        let message = &rest[..len];
+    let (messages, unreadable) = crate::routes::split_messages(datagram);
+    let mut parsed = Parsed {
+        unreadable,
+        ..Parsed::default()
+    };
+    for message in messages {
+        let kind = u16::from_ne_bytes(message[4..6].try_into().expect("a whole header"));
         match kind {
             RTM_NEWROUTE | RTM_DELROUTE | RTM_NEWRULE | RTM_DELRULE => {
                 match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
@@ -155,8 +146,6 @@ pub fn parse(datagram: &[u8]) -> Parsed {
             k if k < NLMSG_MIN_TYPE => {}
             _ => parsed.notes.push(Note::Other),
         }
-        // Messages are 4-byte aligned.
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
     }
     parsed
 }
@@ -702,15 +691,13 @@ impl NetlinkDump {
         let mut interrupted = false;
         loop {
             let (datagram, _) = socket.recv_from_full().context("reading the dump")?;
-            let mut rest = &datagram[..];
-            while !rest.is_empty() {
-                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
+            let (messages, unreadable) = crate::routes::split_messages(&datagram);
+            if unreadable {
+                bail!("parsing the dump: a message's length does not fit the datagram");
+            }
+            for message in messages {
+                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(message)
                     .context("parsing the dump")?;
-                let len = (message.header.length as usize).min(rest.len());
-                if len == 0 {
-                    break;
-                }
-                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
                 if message.header.sequence_number != sequence {
                     continue; // the end of an earlier dump
                 }

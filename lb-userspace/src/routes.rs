@@ -125,6 +125,29 @@ impl RouteAnswers {
     }
 }
 
+/// Bytes of a netlink message header.
+pub(crate) const NLMSG_HDRLEN: usize = 16;
+
+/// The netlink messages of a datagram, each with its header, and whether a part of it could
+/// not be read (a length that is too short or runs past the end: the rest is skipped).
+pub(crate) fn split_messages(datagram: &[u8]) -> (Vec<&[u8]>, bool) {
+    let mut messages = Vec::new();
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        let len = match rest.get(..4) {
+            Some(b) => u32::from_ne_bytes(b.try_into().expect("4 bytes")) as usize,
+            None => 0,
+        };
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return (messages, true);
+        }
+        messages.push(&rest[..len]);
+        // Messages are 4-byte aligned.
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    (messages, false)
+}
+
 /// How long the kernel has to answer one lookup.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -225,15 +248,15 @@ impl NetlinkRoutes {
             let (datagram, _) = socket
                 .recv_from_full()
                 .context("reading the RTM_GETROUTE answer")?;
-            let mut rest = &datagram[..];
-            while !rest.is_empty() {
-                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
+            let (messages, unreadable) = split_messages(&datagram);
+            if unreadable {
+                bail!(
+                    "parsing the RTM_GETROUTE answer: a message's length does not fit the datagram"
+                );
+            }
+            for message in messages {
+                let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(message)
                     .context("parsing the RTM_GETROUTE answer")?;
-                let len = (message.header.length as usize).min(rest.len());
-                if len == 0 {
-                    break;
-                }
-                rest = &rest[len..];
                 if message.header.sequence_number != sequence {
                     continue; // an answer to an earlier question
                 }

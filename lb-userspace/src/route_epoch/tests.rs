@@ -11,6 +11,7 @@ use netlink_packet_route::{
 };
 
 use super::*;
+use crate::routes::NLMSG_HDRLEN;
 
 // --- building messages -------------------------------------------------------------------
 
