@@ -2,6 +2,7 @@
 //! writer and the control API. The `lb-agent` binary and the tests use the same code.
 
 pub mod agent;
+pub mod api;
 pub mod client;
 pub mod config;
 pub mod control;

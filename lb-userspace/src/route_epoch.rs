@@ -40,7 +40,7 @@ use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{io::unix::AsyncFd, sync::Notify};
 use tracing::{debug, info, warn};
 
@@ -321,7 +321,7 @@ impl EpochMap for RouteEpoch {
 }
 
 /// What `route_cache` shows in `status` (under `datapath`) and the metrics.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteCacheStatus {
     /// The data path may reuse FIB answers (the epoch is not 0).
     pub enabled: bool,

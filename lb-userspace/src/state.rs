@@ -28,7 +28,7 @@ use lb_common::{
     REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS, TARGET_DROP, TARGET_FORWARD,
     TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Cidr, Config, Stickiness},
@@ -130,7 +130,7 @@ fn slow_start_tenths(t: &Target, slow_start: std::time::Duration, now: Instant) 
 }
 
 /// How the attached interfaces' roles were decided.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RoleSource {
     /// `agent.target_interfaces`.

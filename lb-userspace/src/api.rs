@@ -1,0 +1,343 @@
+//! The control API's requests and answers: the one definition the agent's server, the CLI and
+//! the tests share. Their JSON names are a contract (docs/config.md, "Control API"): fields
+//! are only ever added.
+//!
+//! Requests refuse unknown fields (a misspelt `wieght` is an error, not a default); answers
+//! accept them, so an older client reads a newer agent.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{self, Cidr, HealthCheckConfig, Protocol},
+    health::{Reason, TargetState},
+    model::Origin,
+    route_epoch::RouteCacheStatus,
+    state::RoleSource,
+};
+
+/// `GET /v1/status`.
+pub const STATUS: &str = "/v1/status";
+/// `POST /v1/targets/register`, body [`TargetRequest`], answer [`TargetReply`].
+pub const REGISTER: &str = "/v1/targets/register";
+/// `POST /v1/targets/deregister`, body [`TargetRequest`] (`weight`, `zone` ignored), answer
+/// [`TargetReply`].
+pub const DEREGISTER: &str = "/v1/targets/deregister";
+/// `POST /v1/reload`, no body, answer [`ReloadReply`].
+pub const RELOAD: &str = "/v1/reload";
+/// `GET /metrics`: the Prometheus text page.
+pub const METRICS: &str = "/metrics";
+
+/// A target to register or deregister.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetRequest {
+    pub group: String,
+    /// `ADDR:PORT` (`[v6]:port` for IPv6).
+    pub target: SocketAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    config::DEFAULT_WEIGHT
+}
+
+/// A registration or deregistration that the maps follow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetReply {
+    pub ok: bool,
+    /// `group/addr:port`.
+    pub target: String,
+    /// How long writing the maps took.
+    pub maps_written_ms: f64,
+}
+
+/// A reload that applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    pub ok: bool,
+    /// The new config in one line.
+    pub summary: String,
+    /// `[agent]` keys left for the next start, and the like.
+    #[serde(default)]
+    pub notes: Vec<String>,
+    /// How long writing the maps took; null when the write failed (the agent retries).
+    pub maps_written_ms: Option<f64>,
+}
+
+/// Every answer that is not a 2xx.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// `GET /v1/status`: what `lb-agent status --json` prints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub listeners: Vec<ListenerStatus>,
+    pub target_groups: Vec<GroupStatus>,
+    pub datapath: DatapathStatus,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_group: String,
+    pub allowed_sources: Vec<Cidr>,
+    /// The listener's counters; null when its statistics could not be read.
+    #[serde(default)]
+    pub traffic: Option<Traffic>,
+}
+
+/// A listener's traffic since its data plane started (`lb_packets_total` and friends).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Client → target.
+    pub packets_in: u64,
+    /// Target → client.
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Flow-table entries created.
+    pub new_flows: u64,
+    /// Flows seen at the last sweep of the flow table.
+    pub active_flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub name: String,
+    /// No healthy target: new flows go to all its non-draining targets.
+    pub fail_open: bool,
+    pub health_check: HealthCheckConfig,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    /// `addr:port` (`[v6]:port`).
+    pub target: SocketAddr,
+    pub weight: u32,
+    pub zone: Option<String>,
+    pub origin: Origin,
+    pub state: TargetState,
+    pub reason: Option<Reason>,
+    /// In its group's table: new flows may go to it.
+    pub receives_new_flows: bool,
+    /// Null until its first check.
+    pub last_check: Option<LastCheck>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastCheck {
+    /// `pass`, or why it failed (the `result` label of `lb_health_checks_total`).
+    pub result: String,
+    pub detail: String,
+    pub latency_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub pin_path: PathBuf,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub maps: MapsStatus,
+    pub route_cache: RouteCacheStatus,
+    /// Packets the data path dropped, by reason (`lb_dropped_packets_total`); empty when the
+    /// counters could not be read.
+    #[serde(default)]
+    pub drops: Vec<Drops>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drops {
+    pub reason: String,
+    pub packets: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    /// The XDP mode it is attached in.
+    pub mode: String,
+    /// Times XDP was attached afresh (the interface was made again).
+    pub reattachments: u64,
+    pub faces_targets: bool,
+    pub role_source: RoleSource,
+    /// How the role was decided, in words.
+    pub role: String,
+    /// Target addresses the kernel routes out of it, when routes decide the roles.
+    pub targets_routed: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapsStatus {
+    pub in_sync: bool,
+    pub entries_in_doubt: u64,
+    pub tables_building: bool,
+    pub failed_reconciliations: u64,
+    pub last_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            listeners: vec![ListenerStatus {
+                name: "web".into(),
+                address: "198.18.100.10".parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                target_group: "web".into(),
+                allowed_sources: vec!["0.0.0.0/0".parse().unwrap()],
+                traffic: Some(Traffic {
+                    packets_in: 1,
+                    packets_out: 2,
+                    bytes_in: 3,
+                    bytes_out: 4,
+                    new_flows: 5,
+                    active_flows: 6,
+                }),
+            }],
+            target_groups: vec![GroupStatus {
+                name: "web".into(),
+                fail_open: false,
+                health_check: HealthCheckConfig::default(),
+                targets: vec![TargetStatus {
+                    target: "[fd00::1]:8080".parse().unwrap(),
+                    weight: 100,
+                    zone: None,
+                    origin: Origin::Api,
+                    state: TargetState::Healthy,
+                    reason: None,
+                    receives_new_flows: true,
+                    last_check: Some(LastCheck {
+                        result: "pass".into(),
+                        detail: String::new(),
+                        latency_ms: 0.5,
+                    }),
+                }],
+            }],
+            datapath: DatapathStatus {
+                pin_path: "/sys/fs/bpf/lb".into(),
+                interfaces: vec![InterfaceStatus {
+                    name: "eth0".into(),
+                    ifindex: 3,
+                    mode: "native".into(),
+                    reattachments: 0,
+                    faces_targets: true,
+                    role_source: RoleSource::OneArm,
+                    role: RoleSource::OneArm.describe().into(),
+                    targets_routed: None,
+                }],
+                maps: MapsStatus {
+                    in_sync: true,
+                    entries_in_doubt: 0,
+                    tables_building: false,
+                    failed_reconciliations: 0,
+                    last_error: None,
+                },
+                route_cache: RouteCacheStatus::default(),
+                drops: vec![Drops {
+                    reason: "not_allowed".into(),
+                    packets: 7,
+                }],
+            },
+        }
+    }
+
+    /// The documented names (docs/config.md, "Control API"), read the way scripts read them.
+    #[test]
+    fn status_json_keeps_the_documented_names() {
+        let v = serde_json::to_value(status()).unwrap();
+        let l = &v["listeners"][0];
+        assert_eq!(l["address"], "198.18.100.10");
+        assert_eq!(l["port"], 80);
+        assert_eq!(l["protocol"], "tcp");
+        assert_eq!(l["target_group"], "web");
+        assert_eq!(l["allowed_sources"][0], "0.0.0.0/0");
+        let traffic = &l["traffic"];
+        for (k, n) in [
+            ("packets_in", 1),
+            ("packets_out", 2),
+            ("bytes_in", 3),
+            ("bytes_out", 4),
+            ("new_flows", 5),
+            ("active_flows", 6),
+        ] {
+            assert_eq!(traffic[k], n, "traffic.{k}");
+        }
+        let g = &v["target_groups"][0];
+        assert_eq!(g["name"], "web");
+        assert_eq!(g["fail_open"], false);
+        assert_eq!(g["health_check"]["interval"], "30s");
+        assert!(g["health_check"]["timeout"].is_null());
+        let t = &g["targets"][0];
+        assert_eq!(t["target"], "[fd00::1]:8080");
+        assert_eq!(t["weight"], 100);
+        assert!(t["zone"].is_null());
+        assert_eq!(t["origin"], "api");
+        assert_eq!(t["state"], "healthy");
+        assert!(t["reason"].is_null());
+        assert_eq!(t["receives_new_flows"], true);
+        assert_eq!(t["last_check"]["result"], "pass");
+        assert_eq!(t["last_check"]["detail"], "");
+        assert_eq!(t["last_check"]["latency_ms"], 0.5);
+        let dp = &v["datapath"];
+        assert_eq!(dp["pin_path"], "/sys/fs/bpf/lb");
+        let i = &dp["interfaces"][0];
+        assert_eq!(i["name"], "eth0");
+        assert_eq!(i["ifindex"], 3);
+        assert_eq!(i["mode"], "native");
+        assert_eq!(i["reattachments"], 0);
+        assert_eq!(i["faces_targets"], true);
+        assert_eq!(i["role_source"], "one_arm");
+        assert_eq!(i["role"], "derived: one interface (one-arm)");
+        assert!(i["targets_routed"].is_null());
+        let m = &dp["maps"];
+        assert_eq!(m["in_sync"], true);
+        assert_eq!(m["entries_in_doubt"], 0);
+        assert_eq!(m["tables_building"], false);
+        assert_eq!(m["failed_reconciliations"], 0);
+        assert!(m["last_error"].is_null());
+        let rc = &dp["route_cache"];
+        assert_eq!(rc["enabled"], false);
+        assert!(rc["reason"].is_null());
+        assert_eq!(rc["epoch"], 0);
+        assert_eq!(rc["changes"], 0);
+        assert_eq!(dp["drops"][0]["reason"], "not_allowed");
+        assert_eq!(dp["drops"][0]["packets"], 7);
+    }
+
+    #[test]
+    fn status_reads_back_what_it_wrote() {
+        let s = status();
+        let text = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Status>(&text).unwrap(), s);
+    }
+
+    #[test]
+    fn target_request_defaults_and_refuses_unknown_fields() {
+        let r: TargetRequest =
+            serde_json::from_str(r#"{"group":"web","target":"10.0.0.1:80"}"#).unwrap();
+        assert_eq!(r.weight, config::DEFAULT_WEIGHT);
+        assert_eq!(r.zone, None);
+        let e = serde_json::from_str::<TargetRequest>(
+            r#"{"group":"web","target":"10.0.0.1:80","wieght":5}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `wieght`"), "{e}");
+    }
+}
