@@ -1,39 +1,48 @@
-//! `lb-agent run`: the runtime around the controller. One task owns the controller and the maps;
-//! health checkers, the control API and the metrics endpoint are tasks that talk to it over
-//! channels. Every change (a health transition, an API call, a deadline, SIGHUP) ends in one
-//! reconciliation that writes only what changed.
+//! `lb-agent run`: the runtime around the controller. One loop (`run`) owns the controller and
+//! the maps; health checkers, the control API and the metrics listener are tasks that talk to
+//! it over channels (the API's handlers send it typed [`Command`]s). Every change (a health
+//! transition, an API call, a deadline, SIGHUP) ends in one reconciliation that writes only
+//! what changed.
+//!
+//! Here: the loop, reconciliation and the supervision of the checkers and table builds;
+//! `commands` carries out the API's commands, `views` builds the status and the metrics page,
+//! `server` serves the API, `upkeep` sweeps flows and follows routes and links.
+
+mod commands;
+mod server;
+mod upkeep;
+mod views;
+
+pub use commands::{Command, Failure, Outcome};
+pub use server::{api_router, metrics_router, parse_body, serve, Limits, Listen, LIMITS};
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
-use lb_common::PROTO_UDP;
-use serde_json::json;
 use tokio::{
     net::{TcpListener, UnixListener},
     signal::unix::{signal, SignalKind},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
 use tracing::{debug, error, info, warn};
 
 use crate::{
     config::{self, Config},
-    control::{self, Controller},
-    datapath::{self, Datapath, LinkState},
-    expiry::{self, ExpiryPlan, ListenerTimeouts, Sweep},
+    control::Controller,
+    datapath::{self, Datapath},
     health::{self, HealthEvent, Schedule, TargetState},
-    http::{self, Request, Response},
-    links::{self, LinkWatcher, Watch},
+    links::{self, LinkWatcher},
     maps::{FlowTable, RouteEpoch},
-    metrics::{self, HealthMetrics},
+    metrics::HealthMetrics,
     model::{Model, TargetKey},
     reconcile::{build_table, Reconciler},
     route_epoch::RouteCache,
-    routes::{Answer, NetlinkRoutes, RouteNote},
+    routes::{Answer, NetlinkRoutes},
     state::{RoleSource, TableSpec},
     statefile::{self, StateFile},
 };
@@ -66,12 +75,6 @@ pub struct RunOptions {
     pub keep_datapath: bool,
 }
 
-/// A control-API call on its way to the agent task.
-struct Call {
-    request: Request,
-    reply: oneshot::Sender<Response>,
-}
-
 struct Agent {
     config_path: PathBuf,
     ctl: Controller,
@@ -93,9 +96,8 @@ struct Agent {
     failed_reconciliations: u64,
     last_write_error: Option<String>,
     /// Answers to calls that changed the maps, held until the tables they wait for are
-    /// published.
-    /// Each with the build round that publishes its tables.
-    held: Vec<(u64, oneshot::Sender<Response>, Response)>,
+    /// published: each with the build round that publishes its tables, and what sends it.
+    held: Vec<(u64, Box<dyn FnOnce()>)>,
     /// Builds started so far, and the specs of the last one.
     build_round: u64,
     round_specs: Vec<TableSpec>,
@@ -273,10 +275,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         "lb-agent running"
     );
 
-    let (calls_tx, mut calls) = mpsc::channel::<Call>(64);
-    tokio::spawn(serve_api(api, calls_tx.clone()));
+    let (commands_tx, mut commands) = mpsc::channel::<Command>(64);
+    let api_app = server::api_router(commands_tx.clone(), LIMITS);
+    tokio::spawn(server::serve(api, api_app, LIMITS, "control API"));
     if let Some(l) = metrics_listener {
-        tokio::spawn(serve_metrics(l, calls_tx));
+        let app = server::metrics_router(commands_tx, LIMITS);
+        tokio::spawn(server::serve(l, app, LIMITS, "metrics"));
     }
     let mut sweep = tokio::time::interval(sweep_interval(&agent.ctl.config));
     let (swept_tx, mut swept) = mpsc::channel(1);
@@ -292,10 +296,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let deadline = agent.next_deadline();
         tokio::select! {
             Some(event) = health_rx.recv() => agent.on_health(event),
-            Some(call) = calls.recv() => {
-                let response = agent.handle(&call.request);
-                agent.reply(call, response);
-            }
+            Some(command) = commands.recv() => agent.on_command(command),
             _ = sleep_until(deadline) => {
                 agent.apply(Instant::now(), "timer");
             }
@@ -310,8 +311,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 }
             }
             _ = sighup.recv() => {
-                let r = agent.reload();
-                if r.status != 200 {
+                if agent.reload().is_err() {
                     warn!("SIGHUP: reload rejected; the running config stays");
                 }
             }
@@ -379,41 +379,6 @@ fn interface_name(interfaces: &BTreeMap<String, u32>, ifindex: u32) -> String {
                 name.to_string_lossy().into_owned()
             }
         })
-}
-
-fn log_route_notes(notes: &[RouteNote], interfaces: &BTreeMap<String, u32>) {
-    for n in notes {
-        match n {
-            RouteNote::Useless {
-                addr,
-                answer: Answer::NoRoute,
-            } => warn!(
-                address = %addr,
-                "no route to the target: it makes no interface face targets"
-            ),
-            RouteNote::Useless {
-                addr,
-                answer: Answer::Failed(e),
-            } => warn!(
-                address = %addr,
-                error = %e,
-                "route lookup failed: the target makes no interface face targets"
-            ),
-            RouteNote::Useless {
-                addr,
-                answer: Answer::Via(i),
-            } => warn!(
-                address = %addr,
-                interface = %interface_name(interfaces, *i),
-                "the target is routed out of an interface XDP is not attached to: it makes no interface face targets"
-            ),
-            RouteNote::Routed { addr, ifindex } => info!(
-                address = %addr,
-                interface = %interface_name(interfaces, *ifindex),
-                "the target is now routed out of an attached interface"
-            ),
-        }
-    }
 }
 
 impl Agent {
@@ -548,28 +513,10 @@ impl Agent {
         // later changes keep the builder busy.
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
             .into_iter()
-            .partition(|(needs, _, _)| *needs <= round || !self.building);
+            .partition(|(needs, _)| *needs <= round || !self.building);
         self.held = waiting;
-        for (_, reply, response) in ready {
-            let _ = reply.send(response);
-        }
-    }
-
-    /// Answers a call; one that changed the maps only once the tables it needs are published
-    /// (a caller that registers or deregisters a target can rely on the tables following).
-    fn reply(&mut self, call: Call, response: Response) {
-        if call.request.method == "POST" && self.building {
-            // Its tables are in the running round, or in the next one.
-            let in_round = self
-                .ctl
-                .reconciler
-                .pending()
-                .iter()
-                .all(|s| self.round_specs.contains(s));
-            let needs = self.build_round + u64::from(!in_round);
-            self.held.push((needs, call.reply, response));
-        } else {
-            let _ = call.reply.send(response);
+        for (_, answer) in ready {
+            answer();
         }
     }
 
@@ -653,392 +600,6 @@ impl Agent {
         }
     }
 
-    fn reload(&mut self) -> Response {
-        let config = match config::load(&self.config_path) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(
-                    problems = e.problems.len(),
-                    "reload: the config is invalid; the running config stays\n{e}"
-                );
-                return Response::json(
-                    400,
-                    &json!({"error": format!("the new config is invalid; the running config stays:\n{e}")}),
-                );
-            }
-        };
-        let mut config = config;
-        let (agent, notes) = control::reloaded_agent(&self.ctl.config.agent, &config.agent);
-        config.agent = agent;
-        let now = Instant::now();
-        if let Err(e) = self.ctl.reload(config, now) {
-            return Response::json(400, &json!({"error": format!("{e:#}")}));
-        }
-        self.lookup_new_routes();
-        let took = self.apply(now, "reload");
-        self.sync_checkers();
-        for n in &notes {
-            warn!("reload: {n}");
-        }
-        info!(config = %self.config_path.display(), "config reloaded");
-        Response::json(
-            200,
-            &json!({
-                "ok": true,
-                "summary": self.ctl.config.summary(),
-                "notes": notes,
-                "maps_written_ms": took.map(|d| d.as_secs_f64() * 1000.0),
-            }),
-        )
-    }
-
-    fn handle(&mut self, r: &Request) -> Response {
-        match (r.method.as_str(), r.path.as_str()) {
-            ("GET", "/v1/status") => Response::json(200, &self.status()),
-            ("GET", "/metrics") => {
-                Response::text(200, "text/plain; version=0.0.4", self.metrics_page())
-            }
-            ("POST", "/v1/targets/register") => self.target_call(&r.body, true),
-            ("POST", "/v1/targets/deregister") => self.target_call(&r.body, false),
-            ("POST", "/v1/reload") => self.reload(),
-            (
-                _,
-                "/v1/status" | "/v1/targets/register" | "/v1/targets/deregister" | "/v1/reload",
-            ) => Response::json(405, &json!({"error": "method not allowed"})),
-            _ => Response::json(
-                404,
-                &json!({"error": format!("no such endpoint {}", r.path)}),
-            ),
-        }
-    }
-
-    fn target_call(&mut self, body: &[u8], register: bool) -> Response {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Body {
-            group: String,
-            target: SocketAddr,
-            #[serde(default = "default_weight")]
-            weight: u32,
-            #[serde(default)]
-            zone: Option<String>,
-        }
-        fn default_weight() -> u32 {
-            config::DEFAULT_WEIGHT
-        }
-        let b: Body = match serde_json::from_slice(body) {
-            Ok(b) => b,
-            Err(e) => {
-                return Response::json(400, &json!({"error": format!("bad request body: {e}")}))
-            }
-        };
-        let key = TargetKey {
-            group: b.group,
-            addr: b.target.ip(),
-            port: b.target.port(),
-        };
-        let now = Instant::now();
-        let result = if register {
-            self.ctl.register(key.clone(), b.weight, b.zone)
-        } else {
-            self.ctl.deregister(&key, now)
-        };
-        if let Err(e) = result {
-            // 400, or 409 for a registration the running config or a limit refuses.
-            let status = e
-                .downcast_ref::<control::Refused>()
-                .map_or(400, |r| r.status);
-            return Response::json(status, &json!({"error": format!("{e:#}")}));
-        }
-        info!(target = %key, "{}", if register { "target registered" } else { "target deregistered (draining)" });
-        if register {
-            self.lookup_new_routes();
-        }
-        let took = self.apply(now, if register { "register" } else { "deregister" });
-        self.sync_checkers();
-        match took {
-            Some(d) => Response::json(
-                200,
-                &json!({"ok": true, "target": key.to_string(), "maps_written_ms": d.as_secs_f64() * 1000.0}),
-            ),
-            None => Response::json(
-                500,
-                &json!({"error": "writing the maps failed (see the agent's log); retrying"}),
-            ),
-        }
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let c = &self.ctl.config;
-        let listeners: Vec<_> = c
-            .listeners
-            .iter()
-            .map(|l| json!({
-                "name": l.name, "address": l.address, "port": l.port.0, "protocol": l.protocol,
-                "target_group": l.target_group,
-                "allowed_sources": l.allowed_sources.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            }))
-            .collect();
-        let desired = self.ctl.reconciler.shadow();
-        let groups: Vec<_> = c
-            .target_groups
-            .iter()
-            .map(|g| {
-                let gid = self.ctl.model.group_ids.get(&g.name);
-                let in_table: BTreeSet<u32> = gid
-                    .and_then(|id| desired.tables.get(&id))
-                    .map(|t| t.members.iter().map(|m| m.target_id).collect())
-                    .unwrap_or_default();
-                let targets: Vec<_> = self
-                    .ctl
-                    .model
-                    .targets
-                    .iter()
-                    .filter(|(k, _)| k.group == g.name)
-                    .map(|(k, t)| {
-                        let (state, reason) = self.ctl.model.shown_state(c, k, t);
-                        json!({
-                            "target": config::endpoint(k.addr, k.port),
-                            "weight": t.weight, "zone": t.zone, "origin": t.origin,
-                            "state": state, "reason": reason,
-                            "receives_new_flows": in_table.contains(&t.id),
-                            "last_check": t.last_check,
-                        })
-                    })
-                    .collect();
-                let healthy = self
-                    .ctl
-                    .model
-                    .targets
-                    .iter()
-                    .filter(|(k, t)| {
-                        k.group == g.name
-                            && t.draining_until.is_none()
-                            && t.health == TargetState::Healthy
-                    })
-                    .count();
-                json!({
-                    "name": g.name,
-                    "fail_open": healthy == 0 && !in_table.is_empty(),
-                    "health_check": g.health_check,
-                    "targets": targets,
-                })
-            })
-            .collect();
-        let roles = self.ctl.interface_roles();
-        let routes = self.ctl.routes.egress();
-        let addresses = self.ctl.target_addresses();
-        let interfaces: Vec<_> = self
-            .dp
-            .attached
-            .iter()
-            .map(|(n, (i, m))| {
-                // How many target addresses the kernel routes out of it, when that decides.
-                let routed = matches!(roles.source, RoleSource::Routes | RoleSource::Fallback)
-                    .then(|| {
-                        addresses
-                            .iter()
-                            .filter(|a| routes.get(a) == Some(i))
-                            .count()
-                    });
-                json!({
-                    "name": n, "ifindex": i, "mode": m,
-                    "reattachments": self.dp.reattachments.get(n).copied().unwrap_or(0),
-                    "faces_targets": roles.targets.contains(i),
-                    "role_source": roles.source,
-                    "role": roles.source.describe(),
-                    "targets_routed": routed,
-                })
-            })
-            .collect();
-        json!({
-            "listeners": listeners,
-            "target_groups": groups,
-            "datapath": {
-                "pin_path": self.dp.pin_dir,
-                "interfaces": interfaces,
-                "maps": {
-                    "in_sync": self.retry_at.is_none() && !self.building,
-                    "entries_in_doubt": self.ctl.reconciler.in_doubt(),
-                    "tables_building": self.building,
-                    "failed_reconciliations": self.failed_reconciliations,
-                    "last_error": self.last_write_error,
-                },
-                "route_cache": self.route_cache.status(),
-            },
-        })
-    }
-
-    fn metrics_page(&self) -> String {
-        let mut listener_stats = BTreeMap::new();
-        for l in &self.ctl.config.listeners {
-            if let Some(id) = self.ctl.model.listener_ids.get(&l.name) {
-                if let Ok(s) = self.dp.maps.listener_stats(id) {
-                    listener_stats.insert(l.name.clone(), s);
-                }
-            }
-        }
-        let counters = self
-            .dp
-            .maps
-            .counters()
-            .unwrap_or([0; lb_common::counter::COUNT as usize]);
-        let mut page = metrics::render(&metrics::Inputs {
-            config: &self.ctl.config,
-            model: &self.ctl.model,
-            listener_stats,
-            counters,
-            active_flows: self.active_flows.clone(),
-            health: &self.health_metrics,
-            writes: metrics::MapWrites {
-                failed_reconciliations: self.failed_reconciliations,
-                in_doubt: self.ctl.reconciler.in_doubt(),
-            },
-        });
-        let interfaces = self.dp.attached.keys().map(String::as_str);
-        metrics::render_reattachments(&mut page, interfaces, &self.dp.reattachments);
-        metrics::render_route_cache(&mut page, &self.route_cache.status());
-        page
-    }
-
-    /// Starts a sweep of the flow table on a blocking thread (unless one is still running);
-    /// its result comes back through `done`.
-    fn start_sweep(&mut self, done: &mpsc::Sender<(FlowTable, Sweep)>) {
-        let Some(mut table) = self.flow_table.take() else {
-            return; // the last sweep is still running
-        };
-        let model = &self.ctl.model;
-        let plan = ExpiryPlan {
-            listeners: self
-                .ctl
-                .config
-                .listeners
-                .iter()
-                .filter_map(|l| {
-                    let t = ListenerTimeouts {
-                        name: l.name.clone(),
-                        tcp: l.idle_timeout_for(lb_common::PROTO_TCP),
-                        udp: l.idle_timeout_for(PROTO_UDP),
-                    };
-                    Some((model.listener_ids.get(&l.name)?, t))
-                })
-                .collect(),
-            targets: self
-                .ctl
-                .reconciler
-                .shadow()
-                .targets
-                .iter()
-                .map(|(&id, t)| (id, (t.addr, t.port_be)))
-                .collect(),
-        };
-        let done = done.clone();
-        tokio::task::spawn_blocking(move || {
-            let sweep = expiry::sweep(&mut table, &plan, expiry::now_ticks());
-            let _ = done.blocking_send((table, sweep));
-        });
-    }
-
-    /// Looks up the routes of targets that have none yet (start, reload, register), unless the
-    /// periodic re-check has the lookup (it looks them up when it returns).
-    fn lookup_new_routes(&mut self) {
-        let Some(lookup) = self.route_lookup.as_mut() else {
-            return;
-        };
-        let notes = self.ctl.lookup_routes(lookup, false);
-        log_route_notes(&notes, &self.ctl.interfaces);
-    }
-
-    /// Asks for the route of every target again on a blocking thread (a route that changed
-    /// moves the interface roles); the answers come back through `done`.
-    fn start_route_check(&mut self, done: &mpsc::Sender<RouteCheck>) {
-        let queries = self.ctl.route_queries(true);
-        if queries.is_empty() {
-            return;
-        }
-        let Some(mut lookup) = self.route_lookup.take() else {
-            return; // the last check is still running
-        };
-        let done = done.clone();
-        tokio::task::spawn_blocking(move || {
-            use crate::routes::RouteLookup;
-            let answers = queries
-                .into_iter()
-                .map(|a| (a, lookup.egress(a).into()))
-                .collect();
-            let _ = done.blocking_send((lookup, answers));
-        });
-    }
-
-    fn route_check_done(&mut self, (lookup, answers): RouteCheck) {
-        self.route_lookup = Some(lookup);
-        let notes = self.ctl.routes_answered(answers);
-        log_route_notes(&notes, &self.ctl.interfaces);
-        self.lookup_new_routes(); // targets registered while the check ran
-        self.apply(Instant::now(), "routes");
-    }
-
-    /// Link notifications (or a resync): an interface of `agent.interfaces` that no longer runs
-    /// our program through its pin is attached afresh, and the maps follow its ifindex
-    /// (`LB_IFACES`, `LB_DEVMAP`); one that is gone is said once. True when the routes to the
-    /// targets are worth asking again (an attached interface changed).
-    fn on_links(&mut self, watch: Watch) -> bool {
-        let (names, touched): (BTreeSet<String>, bool) = match watch {
-            Watch::Events(events) => (
-                links::due(&events, &self.ctl.interfaces, self.dp.prog_id),
-                links::touches(&events, &self.ctl.interfaces),
-            ),
-            Watch::Resync(why) => {
-                debug!(why, "checking every interface's XDP link");
-                (self.ctl.interfaces.keys().cloned().collect(), false)
-            }
-        };
-        let mut moved = false;
-        for name in names {
-            let (index, fresh) = match self.dp.ensure_attached(&name) {
-                Ok(LinkState::Missing) => {
-                    if self.links.as_mut().is_some_and(|l| l.gone(&name)) {
-                        warn!(interface = %name, "interface gone: XDP is attached again when an interface of that name is back (its pin stays)");
-                    }
-                    continue;
-                }
-                Ok(LinkState::Serving(i)) => (i, false),
-                Ok(LinkState::Reattached(i)) => (i, true),
-                Err(e) => {
-                    error!(interface = %name, error = %format!("{e:#}"), "attaching XDP afresh failed; retrying in 1 s");
-                    if let Some(l) = self.links.as_mut() {
-                        l.recheck_after(RETRY_AFTER);
-                    }
-                    continue;
-                }
-            };
-            if self.links.as_mut().is_some_and(|l| l.back(&name)) {
-                info!(interface = %name, ifindex = index, "interface back");
-            }
-            let old = self.ctl.interfaces.insert(name.clone(), index);
-            if old != Some(index) {
-                moved = true;
-            } else if fresh {
-                // The same ifindex again (moved in from another namespace): the kernel dropped
-                // its LB_DEVMAP entry with the old interface; the reconciler writes it again.
-                self.ctl.reconciler.doubt_interface(index);
-                moved = true;
-            }
-        }
-        if moved {
-            self.apply(Instant::now(), "interfaces");
-        }
-        touched || moved
-    }
-
-    fn sweep_done(&mut self, table: FlowTable, sweep: Sweep) {
-        if sweep.expired > 0 {
-            debug!(expired = sweep.expired, "idle flows expired");
-        }
-        self.active_flows = sweep.active;
-        self.flow_table = Some(table);
-    }
-
     fn shut_down(mut self, keep: bool) -> Result<()> {
         self.checkers.stop_all();
         let _ = std::fs::remove_file(api_path(&self.ctl.config));
@@ -1051,60 +612,4 @@ impl Agent {
         }
         self.dp.tear_down()
     }
-}
-
-/// Answers one connection: a control-API call, or (`metrics_only`) just `GET /metrics`.
-async fn answer<S>(mut stream: S, calls: mpsc::Sender<Call>, metrics_only: bool)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    let response = match http::read_request(&mut stream).await {
-        Ok(r) if metrics_only && !(r.method == "GET" && r.path == "/metrics") => {
-            Response::text(404, "text/plain", "only GET /metrics here\n".into())
-        }
-        Ok(r) => forward(&calls, r).await,
-        Err(e) => Response::json(400, &json!({"error": format!("{e:#}")})),
-    };
-    let _ = http::write_response(&mut stream, &response).await;
-}
-
-/// After a failed accept (out of file descriptors, say), the next try.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-async fn serve_api(listener: UnixListener, calls: mpsc::Sender<Call>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, calls.clone(), false));
-            }
-            Err(e) => {
-                warn!(error = %e, "control API: accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-}
-
-async fn serve_metrics(listener: TcpListener, calls: mpsc::Sender<Call>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, calls.clone(), true));
-            }
-            Err(e) => {
-                warn!(error = %e, "metrics: accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-}
-
-async fn forward(calls: &mpsc::Sender<Call>, request: Request) -> Response {
-    let (reply, answer) = oneshot::channel();
-    if calls.send(Call { request, reply }).await.is_err() {
-        return Response::json(500, &json!({"error": "the agent is shutting down"}));
-    }
-    answer
-        .await
-        .unwrap_or_else(|_| Response::json(500, &json!({"error": "the agent dropped the call"})))
 }

@@ -1,183 +1,253 @@
-//! The control API's client side: one call over the unix socket, and the readable status table.
+//! The control API's client side: typed calls over the unix socket (hyper's HTTP/1 client), and
+//! the readable status table.
 
-use std::{fmt::Write, time::Duration};
+use std::{fmt::Write, path::PathBuf, time::Duration};
 
-use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use anyhow::{anyhow, bail, Context, Result};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    body::Bytes,
+    header::{CONTENT_TYPE, HOST},
+    Method, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use serde::{de::DeserializeOwned, Serialize};
 
-use crate::http;
+use crate::api::{self, ApiError, ReloadReply, Status, TargetReply, TargetRequest};
 
 /// The agent refused the call as bad input (HTTP 4xx): exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BadRequest(pub String);
 
-/// Sends one request to the agent at `api` (`unix:/path`) and returns the JSON answer.
-pub async fn call(api: &str, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-    let Some(socket) = api.strip_prefix("unix:") else {
-        return Err(BadRequest(format!("--api {api:?}: expected unix:/path/to/api.sock")).into());
-    };
-    let exchange = async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
-            format!("connecting to the agent at {socket} (is `lb-agent run` running? --api selects another socket)")
-        })?;
+/// How long a call may take, connecting included.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+/// The largest answer read (a status of thousands of targets is a few MiB).
+const MAX_ANSWER: usize = 64 * 1024 * 1024;
+
+/// The running agent's control API, as `--api` names it (`unix:/path/to/api.sock`).
+#[derive(Clone, Debug)]
+pub struct Api {
+    socket: PathBuf,
+}
+
+impl Api {
+    pub fn new(api: &str) -> Result<Self> {
+        match api.strip_prefix("unix:") {
+            Some(socket) if !socket.is_empty() => Ok(Self {
+                socket: socket.into(),
+            }),
+            _ => Err(BadRequest(format!("--api {api:?}: expected unix:/path/to/api.sock")).into()),
+        }
+    }
+
+    pub async fn status(&self) -> Result<Status> {
+        self.call(Method::GET, api::STATUS, None::<&()>).await
+    }
+
+    pub async fn register(&self, target: &TargetRequest) -> Result<TargetReply> {
+        self.call(Method::POST, api::REGISTER, Some(target)).await
+    }
+
+    pub async fn deregister(&self, target: &TargetRequest) -> Result<TargetReply> {
+        self.call(Method::POST, api::DEREGISTER, Some(target)).await
+    }
+
+    pub async fn reload(&self) -> Result<ReloadReply> {
+        self.call(Method::POST, api::RELOAD, None::<&()>).await
+    }
+
+    /// One call with a typed answer: a 4xx is [`BadRequest`] with the agent's message, any
+    /// other failure an error.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
         let body = body
             .map(serde_json::to_vec)
             .transpose()?
             .unwrap_or_default();
-        http::exchange(&mut stream, method, path, &body).await
-    };
-    let (status, body) = tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .context("the agent did not answer within 30 s")??;
-    let value: Value = serde_json::from_slice(&body)
-        .with_context(|| format!("the agent answered {status} with a body that is not JSON"))?;
-    match status {
-        200 => Ok(value),
-        400..=499 => Err(BadRequest(error_text(&value)).into()),
-        _ => bail!("the agent answered {status}: {}", error_text(&value)),
+        let (status, answer) = self.raw(method, path, body).await?;
+        if status.is_success() {
+            return serde_json::from_slice(&answer).with_context(|| {
+                format!(
+                    "the agent's answer to {path} is not what this client reads: {}",
+                    String::from_utf8_lossy(&answer)
+                )
+            });
+        }
+        let message = serde_json::from_slice::<ApiError>(&answer)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&answer).trim().to_string());
+        if status.is_client_error() {
+            return Err(BadRequest(message).into());
+        }
+        bail!("the agent answered {status}: {message}")
+    }
+
+    /// One request as it is (for tests and tools): the status and the body of the answer.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes)> {
+        tokio::time::timeout(CALL_DEADLINE, self.exchange(method, path, body))
+            .await
+            .map_err(|_| anyhow!("the agent did not answer within {CALL_DEADLINE:?}"))?
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes)> {
+        let socket = &self.socket;
+        let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
+            format!(
+                "connecting to the agent at {} (is `lb-agent run` running? --api selects another socket)",
+                socket.display()
+            )
+        })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("talking to the agent")?;
+        // Drives the connection; it ends when `sender` is dropped.
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, "lb-agent")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .context("building the request")?;
+        let response = sender
+            .send_request(request)
+            .await
+            .context("sending the call to the agent")?;
+        let status = response.status();
+        let answer = Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the agent's answer: {e}"))?
+            .to_bytes();
+        Ok((status, answer))
     }
 }
 
-fn error_text(v: &Value) -> String {
-    v["error"]
-        .as_str()
-        .map_or_else(|| v.to_string(), String::from)
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
+/// A config value in its config-file spelling (`tcp`, `traffic-port`, `10s`).
+fn word<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Null) => "-".into(),
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
     }
 }
 
 /// The status as tables: listeners, then each group with its targets.
-pub fn status_table(status: &Value) -> String {
+pub fn status_table(status: &Status) -> String {
     let mut o = String::new();
-    let empty = Vec::new();
     let _ = writeln!(
         o,
         "{:<16} {:<40} {:<9} {:<8} ALLOWED SOURCES",
         "LISTENER", "ADDRESS", "PROTOCOL", "GROUP"
     );
-    for l in status["listeners"].as_array().unwrap_or(&empty) {
-        let addr = match l["address"].as_str() {
-            Some(a) if a.contains(':') => format!("[{a}]:{}", l["port"]),
-            Some(a) => format!("{a}:{}", l["port"]),
-            None => "-".into(),
-        };
-        let sources: Vec<String> = l["allowed_sources"]
-            .as_array()
-            .unwrap_or(&empty)
-            .iter()
-            .map(s)
-            .collect();
+    for l in &status.listeners {
+        let addr = std::net::SocketAddr::new(l.address, l.port).to_string();
+        let sources: Vec<String> = l.allowed_sources.iter().map(|s| s.to_string()).collect();
         let _ = writeln!(
             o,
             "{:<16} {:<40} {:<9} {:<8} {}",
-            s(&l["name"]),
+            l.name,
             addr,
-            s(&l["protocol"]),
-            s(&l["target_group"]),
+            word(&l.protocol),
+            l.target_group,
             sources.join(",")
         );
     }
-    for g in status["target_groups"].as_array().unwrap_or(&empty) {
-        let hc = &g["health_check"];
+    for g in &status.target_groups {
+        let hc = &g.health_check;
         let _ = writeln!(
             o,
             "\nGROUP {}{}  (check: {} port {} every {}, timeout {}, healthy {} / unhealthy {})",
-            s(&g["name"]),
-            if g["fail_open"].as_bool() == Some(true) {
+            g.name,
+            if g.fail_open {
                 "  FAIL-OPEN: no healthy target, new flows go to all"
             } else {
                 ""
             },
-            s(&hc["protocol"]),
-            s(&hc["port"]),
-            s(&hc["interval"]),
-            if hc["timeout"].is_null() {
-                "default".into()
-            } else {
-                s(&hc["timeout"])
-            },
-            s(&hc["healthy_threshold"]),
-            s(&hc["unhealthy_threshold"]),
+            word(&hc.protocol),
+            word(&hc.port),
+            hc.interval,
+            hc.timeout
+                .map_or_else(|| "default".into(), |t| t.to_string()),
+            hc.healthy_threshold,
+            hc.unhealthy_threshold,
         );
         let _ = writeln!(
             o,
             "  {:<44} {:>6} {:<10} {:<32} {:<9} LAST CHECK",
             "TARGET", "WEIGHT", "STATE", "REASON", "NEW FLOWS"
         );
-        for t in g["targets"].as_array().unwrap_or(&empty) {
-            let last = &t["last_check"];
-            let check = if last.is_null() {
-                "-".to_string()
-            } else {
-                let detail = last["detail"]
-                    .as_str()
-                    .filter(|d| !d.is_empty())
-                    .map(|d| format!(" ({d})"))
-                    .unwrap_or_default();
-                format!(
-                    "{} {:.1} ms{detail}",
-                    s(&last["result"]),
-                    last["latency_ms"].as_f64().unwrap_or(0.0)
-                )
+        for t in &g.targets {
+            let check = match &t.last_check {
+                None => "-".to_string(),
+                Some(last) => {
+                    let detail = if last.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", last.detail)
+                    };
+                    format!("{} {:.1} ms{detail}", last.result, last.latency_ms)
+                }
             };
             let _ = writeln!(
                 o,
                 "  {:<44} {:>6} {:<10} {:<32} {:<9} {}",
-                s(&t["target"]),
-                s(&t["weight"]),
-                s(&t["state"]),
-                s(&t["reason"]),
-                if t["receives_new_flows"].as_bool() == Some(true) {
-                    "yes"
-                } else {
-                    "no"
-                },
+                t.target.to_string(),
+                t.weight,
+                t.state.to_string(),
+                t.reason.map_or("-", |r| r.as_str()),
+                if t.receives_new_flows { "yes" } else { "no" },
                 check
             );
         }
     }
-    let dp = &status["datapath"];
+    let dp = &status.datapath;
     let _ = writeln!(
         o,
         "\n{:<16} {:>7} {:<8} {:<13} ROLE DECIDED BY",
         "INTERFACE", "IFINDEX", "XDP", "FACES TARGETS"
     );
-    for i in dp["interfaces"].as_array().unwrap_or(&empty) {
-        let routed = i["targets_routed"]
-            .as_u64()
+    for i in &dp.interfaces {
+        let routed = i
+            .targets_routed
             .map(|n| format!(" ({n} target address(es) routed here)"))
             .unwrap_or_default();
         let _ = writeln!(
             o,
             "{:<16} {:>7} {:<8} {:<13} {}{routed}",
-            s(&i["name"]),
-            s(&i["ifindex"]),
-            s(&i["mode"]),
-            match i["faces_targets"].as_bool() {
-                Some(true) => "yes",
-                Some(false) => "no",
-                None => "-",
-            },
-            s(&i["role"]),
+            i.name,
+            i.ifindex,
+            i.mode,
+            if i.faces_targets { "yes" } else { "no" },
+            i.role,
         );
     }
-    let _ = writeln!(o, "pinned at {}", s(&dp["pin_path"]));
-    let cache = &dp["route_cache"];
-    match cache["enabled"].as_bool() {
-        Some(true) => {
-            let _ = writeln!(o, "next-hop cache: on (route epoch {})", s(&cache["epoch"]));
-        }
-        Some(false) => {
-            let _ = writeln!(o, "next-hop cache: off ({})", s(&cache["reason"]));
-        }
-        None => {}
+    let _ = writeln!(o, "pinned at {}", dp.pin_path.display());
+    let cache = &dp.route_cache;
+    if cache.enabled {
+        let _ = writeln!(o, "next-hop cache: on (route epoch {})", cache.epoch);
+    } else {
+        let _ = writeln!(
+            o,
+            "next-hop cache: off ({})",
+            cache.reason.as_deref().unwrap_or("-")
+        );
     }
     o
 }
@@ -185,18 +255,51 @@ pub fn status_table(status: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        api::{DatapathStatus, InterfaceStatus, MapsStatus},
+        route_epoch::RouteCacheStatus,
+        state::RoleSource,
+    };
 
     #[test]
     fn status_shows_each_interface_role() {
-        let status = serde_json::json!({
-            "listeners": [], "target_groups": [],
-            "datapath": {"pin_path": "/sys/fs/bpf/lb", "interfaces": [
-                {"name": "eth0", "ifindex": 3, "mode": "native", "faces_targets": false,
-                 "role_source": "routes", "role": "derived: routes to the targets", "targets_routed": 0},
-                {"name": "eth1", "ifindex": 4, "mode": "native", "faces_targets": true,
-                 "role_source": "routes", "role": "derived: routes to the targets", "targets_routed": 3},
-            ], "route_cache": {"enabled": false, "reason": "policy routing: IPv4 rule 100: from 10.0.1.3/32 lookup 100", "epoch": 0}},
-        });
+        let interface = |name: &str, ifindex, faces_targets, routed| InterfaceStatus {
+            name: name.into(),
+            ifindex,
+            mode: "native".into(),
+            reattachments: 0,
+            faces_targets,
+            role_source: RoleSource::Routes,
+            role: RoleSource::Routes.describe().into(),
+            targets_routed: Some(routed),
+        };
+        let status = Status {
+            listeners: vec![],
+            target_groups: vec![],
+            datapath: DatapathStatus {
+                pin_path: "/sys/fs/bpf/lb".into(),
+                interfaces: vec![
+                    interface("eth0", 3, false, 0),
+                    interface("eth1", 4, true, 3),
+                ],
+                maps: MapsStatus {
+                    in_sync: true,
+                    entries_in_doubt: 0,
+                    tables_building: false,
+                    failed_reconciliations: 0,
+                    last_error: None,
+                },
+                route_cache: RouteCacheStatus {
+                    enabled: false,
+                    reason: Some(
+                        "policy routing: IPv4 rule 100: from 10.0.1.3/32 lookup 100".into(),
+                    ),
+                    epoch: 0,
+                    changes: 0,
+                },
+                drops: vec![],
+            },
+        };
         let table = status_table(&status);
         let line = |name: &str| {
             table
@@ -216,5 +319,14 @@ mod tests {
         assert!(table.contains(
             "next-hop cache: off (policy routing: IPv4 rule 100: from 10.0.1.3/32 lookup 100)"
         ));
+    }
+
+    #[test]
+    fn api_names_a_unix_socket() {
+        assert!(Api::new("unix:/run/lb-agent/api.sock").is_ok());
+        for bad in ["/run/lb-agent/api.sock", "unix:", "127.0.0.1:9900"] {
+            let e = Api::new(bad).unwrap_err();
+            assert!(e.downcast_ref::<BadRequest>().is_some(), "{bad}: {e:#}");
+        }
     }
 }

@@ -10,7 +10,6 @@ pub mod datapath;
 pub mod dataplane;
 pub mod expiry;
 pub mod health;
-pub mod http;
 pub mod links;
 pub mod maps;
 pub mod metrics;

@@ -3,9 +3,9 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lb_userspace::{agent, client, config};
+use lb_userspace::{agent, api::TargetRequest, client, config};
 
 #[derive(Parser)]
 #[command(name = "lb-agent", version, about = "XDP L4 load balancer agent")]
@@ -126,7 +126,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("{}: ok: {}", config.display(), c.summary());
         }
         Command::Status { json } => {
-            let status = client::call(&cli.api, "GET", "/v1/status", None).await?;
+            let status = client::Api::new(&cli.api)?.status().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -134,35 +134,42 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Targets { action } => {
-            let (path, body) = match action {
+            let api = client::Api::new(&cli.api)?;
+            let reply = match action {
                 TargetAction::Register {
                     group,
                     target,
                     weight,
                     zone,
-                } => (
-                    "/v1/targets/register",
-                    serde_json::json!({"group": group, "target": target, "weight": weight, "zone": zone}),
-                ),
-                TargetAction::Deregister { group, target } => (
-                    "/v1/targets/deregister",
-                    serde_json::json!({"group": group, "target": target}),
-                ),
+                } => {
+                    api.register(&TargetRequest {
+                        group,
+                        target,
+                        weight,
+                        zone,
+                    })
+                    .await?
+                }
+                TargetAction::Deregister { group, target } => {
+                    api.deregister(&TargetRequest {
+                        group,
+                        target,
+                        weight: config::DEFAULT_WEIGHT,
+                        zone: None,
+                    })
+                    .await?
+                }
             };
-            let r = client::call(&cli.api, "POST", path, Some(&body)).await?;
-            let ms = r["maps_written_ms"]
-                .as_f64()
-                .context("no maps_written_ms in the answer")?;
             println!(
-                "{}: ok (maps written in {ms:.2} ms)",
-                r["target"].as_str().unwrap_or_default()
+                "{}: ok (maps written in {:.2} ms)",
+                reply.target, reply.maps_written_ms
             );
         }
         Command::Reload => {
-            let r = client::call(&cli.api, "POST", "/v1/reload", None).await?;
-            println!("reloaded: {}", r["summary"].as_str().unwrap_or_default());
-            for note in r["notes"].as_array().into_iter().flatten() {
-                println!("note: {}", note.as_str().unwrap_or_default());
+            let reply = client::Api::new(&cli.api)?.reload().await?;
+            println!("reloaded: {}", reply.summary);
+            for note in &reply.notes {
+                println!("note: {note}");
             }
         }
     }

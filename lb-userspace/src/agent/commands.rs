@@ -1,0 +1,175 @@
+//! What the control API asks of the agent: typed commands, each with a one-shot reply, sent to
+//! the one loop that owns the controller (`run`), and how the loop carries them out.
+
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::Agent;
+use crate::{
+    api::{ReloadReply, Status, TargetReply, TargetRequest},
+    config,
+    control::{self, Refused},
+    model::TargetKey,
+};
+
+/// A command for the agent's loop; the loop answers on its one-shot sender.
+#[derive(Debug)]
+pub enum Command {
+    Status(oneshot::Sender<Status>),
+    /// The Prometheus page.
+    Metrics(oneshot::Sender<String>),
+    Register(TargetRequest, oneshot::Sender<Outcome<TargetReply>>),
+    Deregister(TargetRequest, oneshot::Sender<Outcome<TargetReply>>),
+    /// Re-read the config file.
+    Reload(oneshot::Sender<Outcome<ReloadReply>>),
+}
+
+/// A command's result: its answer, or why it was refused (the HTTP status and the message).
+pub type Outcome<T> = Result<T, Failure>;
+
+/// A refused or failed command: the status it is answered with and the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub status: StatusCode,
+    pub error: String,
+}
+
+impl Failure {
+    pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+        }
+    }
+
+    pub fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error)
+    }
+}
+
+impl Agent {
+    /// Carries out one command; an answer to a call that changed the maps waits for the tables
+    /// it needs (`answer_when_published`).
+    pub(super) fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Metrics(reply) => {
+                let _ = reply.send(self.metrics_page());
+            }
+            Command::Register(request, reply) => {
+                let outcome = self.target_call(request, true);
+                self.answer_when_published(reply, outcome);
+            }
+            Command::Deregister(request, reply) => {
+                let outcome = self.target_call(request, false);
+                self.answer_when_published(reply, outcome);
+            }
+            Command::Reload(reply) => {
+                let outcome = self.reload();
+                self.answer_when_published(reply, outcome);
+            }
+        }
+    }
+
+    /// Answers a call that changed the maps only once the tables it needs are published (a
+    /// caller that registers or deregisters a target can rely on the tables following).
+    fn answer_when_published<T: 'static>(&mut self, reply: oneshot::Sender<T>, answer: T) {
+        if self.building {
+            // Its tables are in the running round, or in the next one.
+            let in_round = self
+                .ctl
+                .reconciler
+                .pending()
+                .iter()
+                .all(|s| self.round_specs.contains(s));
+            let needs = self.build_round + u64::from(!in_round);
+            self.held.push((
+                needs,
+                Box::new(move || {
+                    let _ = reply.send(answer);
+                }),
+            ));
+        } else {
+            let _ = reply.send(answer);
+        }
+    }
+
+    pub(super) fn reload(&mut self) -> Outcome<ReloadReply> {
+        let config = match config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(
+                    problems = e.problems.len(),
+                    "reload: the config is invalid; the running config stays\n{e}"
+                );
+                return Err(Failure::bad_request(format!(
+                    "the new config is invalid; the running config stays:\n{e}"
+                )));
+            }
+        };
+        let mut config = config;
+        let (agent, notes) = control::reloaded_agent(&self.ctl.config.agent, &config.agent);
+        config.agent = agent;
+        let now = Instant::now();
+        if let Err(e) = self.ctl.reload(config, now) {
+            return Err(Failure::bad_request(format!("{e:#}")));
+        }
+        self.lookup_new_routes();
+        let took = self.apply(now, "reload");
+        self.sync_checkers();
+        for n in &notes {
+            warn!("reload: {n}");
+        }
+        info!(config = %self.config_path.display(), "config reloaded");
+        Ok(ReloadReply {
+            ok: true,
+            summary: self.ctl.config.summary(),
+            notes,
+            maps_written_ms: took.map(|d| d.as_secs_f64() * 1000.0),
+        })
+    }
+
+    fn target_call(&mut self, request: TargetRequest, register: bool) -> Outcome<TargetReply> {
+        let key = TargetKey {
+            group: request.group,
+            addr: request.target.ip(),
+            port: request.target.port(),
+        };
+        let now = Instant::now();
+        let result = if register {
+            self.ctl.register(key.clone(), request.weight, request.zone)
+        } else {
+            self.ctl.deregister(&key, now)
+        };
+        if let Err(e) = result {
+            // 400, or 409 for a registration the running config or a limit refuses.
+            let status = e
+                .downcast_ref::<Refused>()
+                .and_then(|r| StatusCode::from_u16(r.status).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            return Err(Failure::new(status, format!("{e:#}")));
+        }
+        info!(target = %key, "{}", if register { "target registered" } else { "target deregistered (draining)" });
+        if register {
+            self.lookup_new_routes();
+        }
+        let took = self.apply(now, if register { "register" } else { "deregister" });
+        self.sync_checkers();
+        match took {
+            Some(d) => Ok(TargetReply {
+                ok: true,
+                target: key.to_string(),
+                maps_written_ms: d.as_secs_f64() * 1000.0,
+            }),
+            None => Err(Failure::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "writing the maps failed (see the agent's log); retrying",
+            )),
+        }
+    }
+}
