@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_userspace::maps::KernelMaps;
+use lb_userspace::{api::Status, health::TargetState, maps::KernelMaps};
 
 use crate::topology::{backend_addr, Topology};
 
@@ -255,28 +255,34 @@ impl Balancer {
         Ok((out.status.code().unwrap_or(-1), text))
     }
 
-    pub fn status(&self) -> Result<serde_json::Value> {
+    /// `lb-agent status --json`, read as the API's type.
+    pub fn status(&self) -> Result<Status> {
         let (code, text) = self.cli(&["status", "--json"])?;
         if code != 0 {
             bail!("status failed ({code}): {text}");
         }
-        Ok(serde_json::from_str(&text)?)
+        serde_json::from_str(&text).with_context(|| format!("status --json printed {text}"))
     }
 
-    /// target → state, over every group.
+    /// One control-API request as it is, without the CLI: the status code and the answer's
+    /// body.
+    pub fn api_request(&self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+        let api = lb_userspace::client::Api::new(&self.api)?;
+        let method = method.parse().context("an HTTP method")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (status, answer) = runtime.block_on(api.raw(method, path, body.to_vec()))?;
+        Ok((status.as_u16(), answer.to_vec()))
+    }
+
+    /// target (`group/addr:port`) → state, over every group.
     pub fn states(&self) -> Result<BTreeMap<String, String>> {
         let s = self.status()?;
         let mut out = BTreeMap::new();
-        for g in s["target_groups"].as_array().into_iter().flatten() {
-            for t in g["targets"].as_array().into_iter().flatten() {
-                out.insert(
-                    format!(
-                        "{}/{}",
-                        g["name"].as_str().unwrap_or_default(),
-                        t["target"].as_str().unwrap_or_default()
-                    ),
-                    t["state"].as_str().unwrap_or_default().to_string(),
-                );
+        for g in &s.target_groups {
+            for t in &g.targets {
+                out.insert(format!("{}/{}", g.name, t.target), t.state.to_string());
             }
         }
         Ok(out)
@@ -292,12 +298,11 @@ impl Balancer {
                 let Ok(s) = self.status() else {
                     return Ok(None);
                 };
-                let ready = s["target_groups"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|g| g["targets"].as_array().into_iter().flatten())
-                    .filter(|t| t["state"] == "healthy" && t["receives_new_flows"] == true)
+                let ready = s
+                    .target_groups
+                    .iter()
+                    .flat_map(|g| &g.targets)
+                    .filter(|t| t.state == TargetState::Healthy && t.receives_new_flows)
                     .count();
                 Ok((ready == n).then_some(()))
             },

@@ -14,7 +14,11 @@ use lb_tests::{
     harness::{agent_bin, config, poll, Balancer, URL},
     topology::{backend_addr, Topology, CLIENT, VIP},
 };
-use lb_userspace::maps::KernelMaps;
+use lb_userspace::{
+    api::ApiError,
+    health::{Reason, TargetState},
+    maps::KernelMaps,
+};
 
 fn start(backends: usize, config: &str, args: &[&str]) -> Result<Balancer> {
     let mut topo = Topology::routed(backends)?;
@@ -26,22 +30,20 @@ fn start(backends: usize, config: &str, args: &[&str]) -> Result<Balancer> {
 
 /// One control-API call over the socket, without the CLI: the status code and the answer.
 fn api_post(b: &Balancer, path: &str, body: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(b.api.trim_start_matches("unix:"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no status line in {answer:?}"))?;
-    Ok((status, answer))
+    let (status, answer) = b.api_request("POST", path, body.as_bytes())?;
+    Ok((status, String::from_utf8_lossy(&answer).into_owned()))
+}
+
+/// A call the API refuses: the status code and the message of its JSON error.
+fn api_error(b: &Balancer, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    let (status, answer) = b.api_request(method, path, body)?;
+    let e: ApiError = serde_json::from_slice(&answer).with_context(|| {
+        format!(
+            "{method} {path}: {status} {}",
+            String::from_utf8_lossy(&answer)
+        )
+    })?;
+    Ok((status, e.error))
 }
 
 /// The capabilities `lb-agent run` needs (`caps_only`).
@@ -108,15 +110,15 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
     );
     assert!(removal <= Duration::from_millis(3500), "{removal:?}");
     let s = b.status()?;
-    let t = s["target_groups"][0]["targets"]
-        .as_array()
-        .and_then(|ts| ts.iter().find(|t| t["target"] == b2.as_str()))
-        .cloned()
-        .unwrap_or_default();
+    let t = s.target_groups[0]
+        .targets
+        .iter()
+        .find(|t| t.target.to_string() == b2)
+        .with_context(|| format!("{b2} not in {s:?}"))?;
     assert_eq!(
-        (t["state"].as_str(), t["reason"].as_str()),
-        (Some("unhealthy"), Some("Target.Timeout")),
-        "{t}"
+        (t.state, t.reason),
+        (TargetState::Unhealthy, Some(Reason::Timeout)),
+        "{t:?}"
     );
     let (counts, _) = b.spread(URL, 10)?;
     assert_eq!(
@@ -209,6 +211,35 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
     assert_eq!(register("127.0.0.1:8080")?.0, 400);
     let (status, answer) = register(&on_vip)?;
     assert_eq!(status, 409, "{answer}");
+    // The API's own refusals, each a JSON error: a bad body names the field, a body over the
+    // limit is a 413, an unknown path a 404, a wrong method a 405.
+    let (status, error) = api_error(
+        &b,
+        "POST",
+        "/v1/targets/register",
+        br#"{"group":"web","target":"10.0.2.14"}"#,
+    )?;
+    assert_eq!(status, 400, "{error}");
+    assert!(
+        error.contains("bad request body: target: invalid socket address syntax"),
+        "{error}"
+    );
+    let big = format!(
+        r#"{{"group":"web","target":"10.0.2.14:8080","zone":"{}"}}"#,
+        "z".repeat(100_000)
+    );
+    assert_eq!(
+        api_error(&b, "POST", "/v1/targets/register", big.as_bytes())?.0,
+        413
+    );
+    assert_eq!(
+        api_error(&b, "GET", "/v1/nope", b"")?,
+        (404, "no such endpoint /v1/nope".to_string())
+    );
+    assert_eq!(
+        api_error(&b, "GET", "/v1/reload", b"")?,
+        (405, "method not allowed".to_string())
+    );
 
     // Deregister backend 3: draining (no new flows), then removed after 2s.
     let (code, text) = b.cli(&["targets", "deregister", "--group", "web", "10.0.2.13:8080"])?;
@@ -230,7 +261,7 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
         text.contains("lb.toml:12: listener[0].port: port 0 is outside 1..=65535"),
         "{text}"
     );
-    assert_eq!(b.status()?["listeners"][0]["port"], 80);
+    assert_eq!(b.status()?.listeners[0].port, 80);
     let without_b1 = good.replace(
         "[[target_group.target]]\naddress = \"10.0.2.11\"\nport = 8080\n",
         "",
@@ -379,9 +410,7 @@ fn keep_datapath_restart_adopts_the_pins_and_keeps_flows() -> Result<()> {
     // SAFETY: signalling the agent this test started.
     unsafe { libc::kill(b.topo.pid(agent) as i32, libc::SIGHUP) };
     poll(Duration::from_secs(5), "weight 7 after SIGHUP", || {
-        Ok(b.status()?["target_groups"][0]["targets"][0]["weight"]
-            .eq(&7)
-            .then_some(()))
+        Ok((b.status()?.target_groups[0].targets[0].weight == 7).then_some(()))
     })?;
 
     let status = b.stop_agent(libc::SIGTERM)?;
@@ -393,15 +422,13 @@ fn keep_datapath_restart_adopts_the_pins_and_keeps_flows() -> Result<()> {
 /// The ifindex `/v1/status` shows for an attached interface, and its re-attachments.
 fn status_interface(b: &Balancer, name: &str) -> Result<(u64, u64)> {
     let s = b.status()?;
-    let i = s["datapath"]["interfaces"]
-        .as_array()
-        .and_then(|is| is.iter().find(|i| i["name"] == name))
-        .cloned()
-        .unwrap_or_default();
-    Ok((
-        i["ifindex"].as_u64().unwrap_or(0),
-        i["reattachments"].as_u64().unwrap_or(0),
-    ))
+    let i = s
+        .datapath
+        .interfaces
+        .iter()
+        .find(|i| i.name == name)
+        .with_context(|| format!("no interface {name} in {s:?}"))?;
+    Ok((u64::from(i.ifindex), i.reattachments))
 }
 
 /// The keys of a pinned map keyed by ifindex (`LB_IFACES`, `LB_DEVMAP`), read with bpftool.
@@ -507,10 +534,11 @@ fn agent_reattaches_an_interface_deleted_and_made_again() -> Result<()> {
         let faces: Vec<bool> = ["l0", "l1"]
             .iter()
             .map(|n| {
-                s["datapath"]["interfaces"]
-                    .as_array()
-                    .and_then(|is| is.iter().find(|i| i["name"] == *n))
-                    .is_some_and(|i| i["faces_targets"] == true)
+                s.datapath
+                    .interfaces
+                    .iter()
+                    .find(|i| i.name == *n)
+                    .is_some_and(|i| i.faces_targets)
             })
             .collect();
         Ok((faces == [false, true]).then_some(()))
@@ -823,7 +851,7 @@ fn a_second_agent_on_the_same_pin_path_is_refused() -> Result<()> {
     );
 
     // The first runs on, and releases the lock when it stops.
-    assert!(!b.status()?["datapath"]["interfaces"][0].is_null());
+    assert!(!b.status()?.datapath.interfaces.is_empty());
     let status = b.stop_agent(libc::SIGTERM)?;
     assert!(status.success(), "{status}");
     assert!(!lock.exists(), "the lock file goes with the agent");
@@ -954,16 +982,11 @@ fn auto_mode_picks_generic_xdp_on_veth() -> Result<()> {
     let b = start(1, &config(1, "", "", "", "xdp_mode = \"auto\""), &[])?;
     b.wait_healthy(1)?;
     let s = b.status()?;
-    let modes: BTreeMap<String, String> = s["datapath"]["interfaces"]
-        .as_array()
-        .context("datapath.interfaces")?
+    let modes: BTreeMap<String, String> = s
+        .datapath
+        .interfaces
         .iter()
-        .map(|i| {
-            (
-                i["name"].as_str().unwrap_or_default().to_string(),
-                i["mode"].as_str().unwrap_or_default().to_string(),
-            )
-        })
+        .map(|i| (i.name.clone(), i.mode.clone()))
         .collect();
     assert_eq!(
         modes,
@@ -971,7 +994,7 @@ fn auto_mode_picks_generic_xdp_on_veth() -> Result<()> {
             ("l0".to_string(), "generic".to_string()),
             ("l1".to_string(), "generic".to_string())
         ]),
-        "{s}"
+        "{s:?}"
     );
     for iface in ["l0", "l1"] {
         let link = b.topo.exec("lb", &format!("ip -d link show {iface}"))?;

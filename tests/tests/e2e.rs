@@ -17,6 +17,7 @@ use lb_tests::{
     world::flow_key,
 };
 use lb_userspace::{
+    health::Reason,
     reconcile::build_table,
     state::{self, Member, TableSpec},
 };
@@ -150,10 +151,10 @@ fn fails_open_when_every_target_fails_its_checks() -> Result<()> {
         Ok(b.states()?.values().all(|s| s == "unhealthy").then_some(()))
     })?;
     let s = b.status()?;
-    assert_eq!(s["target_groups"][0]["fail_open"], true);
+    assert!(s.target_groups[0].fail_open);
     assert_eq!(
-        s["target_groups"][0]["targets"][0]["reason"],
-        "Target.ResponseCodeMismatch"
+        s.target_groups[0].targets[0].reason,
+        Some(Reason::ResponseCodeMismatch)
     );
     let (counts, _) = b.spread(URL, 60)?;
     assert_eq!(counts.get("ERR"), None, "{counts:?}");
@@ -469,7 +470,7 @@ fn generic_mode_works_too() -> Result<()> {
         .exec("lb", "ip -d link show l0")?
         .contains(" xdpgeneric"));
     let s = b.status()?;
-    assert_eq!(s["datapath"]["interfaces"][0]["mode"], "generic");
+    assert_eq!(s.datapath.interfaces[0].mode, "generic");
     let (counts, seen) = b.spread(URL, 30)?;
     assert_eq!(counts.get("ERR"), None, "{counts:?}");
     assert_eq!(seen, [CLIENT.to_string()].into());

@@ -24,6 +24,7 @@ use lb_tests::{
     harness::{poll, Balancer},
     topology::{Options, Topology, CLIENT, VIP},
 };
+use lb_userspace::route_epoch::RouteCacheStatus;
 
 const TARGET: &str = "10.0.9.1";
 const PORT: u16 = 5399;
@@ -215,8 +216,8 @@ fn stops_reaching(topo: &Topology, host: &str, t: f64) -> Result<f64> {
 }
 
 /// `datapath.route_cache` of the agent's status.
-fn route_cache(b: &Balancer) -> Result<serde_json::Value> {
-    Ok(b.status()?["datapath"]["route_cache"].clone())
+fn route_cache(b: &Balancer) -> Result<RouteCacheStatus> {
+    Ok(b.status()?.datapath.route_cache)
 }
 
 /// The epoch of a cached next hop to the target, if the data path stored one under the
@@ -340,14 +341,14 @@ fn next_hop_changes_are_followed_within_a_second_while_the_data_path_caches() ->
     // The cache is on, and the data path really answers from it.
     let rc = route_cache(&b)?;
     ensure!(
-        rc["enabled"] == true && rc["epoch"].as_u64().unwrap_or(0) != 0,
-        "the next-hop cache is not on: {rc}"
+        rc.enabled && rc.epoch != 0,
+        "the next-hop cache is not on: {rc:?}"
     );
     poll(
         Duration::from_secs(3),
         "a next hop to the target cached under the current epoch",
         || {
-            let epoch = route_cache(&b)?["epoch"].as_u64().unwrap_or(0);
+            let epoch = u64::from(route_cache(&b)?.epoch);
             cached_under(&b, epoch).map(|c| c.then_some(()))
         },
     )?;
@@ -414,7 +415,7 @@ fn next_hop_changes_are_followed_within_a_second_while_the_data_path_caches() ->
         fallback * 1000.0
     );
     let rc = route_cache(&b)?;
-    ensure!(rc["enabled"] == true, "the cache went off: {rc}");
+    ensure!(rc.enabled, "the cache went off: {rc:?}");
 
     // A policy rule makes answers depend on the source: off at once; removed: back on.
     b.topo
@@ -424,14 +425,14 @@ fn next_hop_changes_are_followed_within_a_second_while_the_data_path_caches() ->
         "the cache off after ip rule add",
         || {
             let rc = route_cache(&b)?;
-            Ok((rc["enabled"] == false).then_some(rc))
+            Ok((!rc.enabled).then_some(rc))
         },
     )?;
-    ensure!(off["epoch"] == 0, "{off}");
-    let reason = off["reason"].as_str().unwrap_or_default();
+    ensure!(off.epoch == 0, "{off:?}");
+    let reason = off.reason.as_deref().unwrap_or_default();
     ensure!(
         reason.contains("policy routing") && reason.contains("from 10.0.1.3/32 lookup 100"),
-        "{off}"
+        "{off:?}"
     );
     ensure!(b.metric("lb_route_cache_enabled")? == 0.0);
     b.topo
@@ -441,10 +442,10 @@ fn next_hop_changes_are_followed_within_a_second_while_the_data_path_caches() ->
         "the cache on after ip rule del",
         || {
             let rc = route_cache(&b)?;
-            Ok((rc["enabled"] == true).then_some(rc))
+            Ok(rc.enabled.then_some(rc))
         },
     )?;
-    ensure!(on["epoch"].as_u64().unwrap_or(0) != 0, "{on}");
+    ensure!(on.epoch != 0, "{on:?}");
     // Traffic still flows (through alt).
     reaches(&b.topo, "alt", now())?;
 

@@ -90,14 +90,9 @@ pub fn scale() -> Result<Scale> {
     b.log_on_drop = false;
     let checked = || -> Result<Option<usize>> {
         let s = b.status()?;
-        let targets: Vec<&serde_json::Value> = s["target_groups"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|g| g["targets"].as_array().into_iter().flatten())
-            .collect();
+        let targets: Vec<_> = s.target_groups.iter().flat_map(|g| &g.targets).collect();
         Ok(
-            (targets.len() == 1000 && targets.iter().all(|t| !t["last_check"].is_null()))
+            (targets.len() == 1000 && targets.iter().all(|t| t.last_check.is_some()))
                 .then_some(targets.len()),
         )
     };
