@@ -471,7 +471,8 @@ fn from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
 /// other, the later ones follow it.
 #[inline(always)]
 fn ipv6_fragment(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
-    // Next header, reserved, offset and flags, identification.
+    // Next header, reserved, offset and flags, identification (hand-written: network-types has
+    // no IPv6 fragment header).
     let fh = parse::read::<[u8; 8]>(ctx, pkt.l4_off & L4_MASK).ok_or(Exit::Pass)?;
     let id = u32::from_ne_bytes([fh[4], fh[5], fh[6], fh[7]]);
     let inner = Packet {
