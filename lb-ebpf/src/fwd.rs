@@ -18,6 +18,7 @@ use core::mem::offset_of;
 use network_types::{eth::EthHdr, vlan::VlanHdr};
 
 use crate::{
+    events,
     maps::{LB_DEVMAP, LB_NEXT_HOPS, LB_ROUTE_EPOCH},
     parse::write,
 };
@@ -109,7 +110,10 @@ pub fn route(
         BPF_FIB_LKUP_RET_NO_NEIGH => RouteKind::NoNeighbour,
         BPF_FIB_LKUP_RET_NOT_FWDED => RouteKind::Local,
         BPF_FIB_LKUP_RET_FRAG_NEEDED => RouteKind::FragNeeded,
-        _ => RouteKind::Other,
+        _ => {
+            events::fib_unexpected(rc, family, dst);
+            RouteKind::Other
+        }
     };
     Route {
         kind,
@@ -213,6 +217,10 @@ pub fn send(ctx: &XdpContext, l3_off: usize, ifindex: u32, smac: [u8; 6], dmac: 
         return xdp_action::XDP_TX;
     }
     match LB_DEVMAP.redirect(ifindex, xdp_action::XDP_PASS as u64) {
-        Ok(action) | Err(action) => action,
+        Ok(action) => action,
+        Err(action) => {
+            events::redirect_failed(ifindex);
+            action
+        }
     }
 }

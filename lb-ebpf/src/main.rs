@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod flow;
 mod fwd;
 mod icmp;
@@ -603,11 +604,8 @@ fn remember_fragments(pkt: &Packet, id: u32, reverse: &ReverseValue, flags: u32)
         listener_id: reverse.listener_id,
         flags,
     };
-    if LB_REPLY_FRAGS
-        .insert(&frag_key(pkt, id), &value, 0)
-        .is_err()
-    {
-        count(counter::FLOW_INSERT_FAILED);
+    if let Err(e) = LB_REPLY_FRAGS.insert(&frag_key(pkt, id), &value, 0) {
+        events::insert_failed(events::Table::ReplyFrags, e);
     }
 }
 
