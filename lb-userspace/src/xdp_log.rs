@@ -1,7 +1,7 @@
 //! The XDP program's log (aya-log): the records of its rare events (`lb-ebpf/src/events.rs`)
 //! read from its `AYA_LOGS` ring buffer and written to the agent's log, under the tracing
-//! target `lb_xdp` (`RUST_LOG=lb_xdp=off` silences them), with the program's event name as
-//! the field `event`.
+//! target `lb_xdp` (`RUST_LOG=lb_xdp=off` silences them), with the program's event name (the
+//! record's target: `fib`, `redirect`, `map_insert`) as the field `xdp_event`.
 //!
 //! The program logs an event only when a CPU's count of it reaches a power of two; here, on
 //! top, at most `BURST` lines per second go out for each event and level: the rest are
@@ -169,11 +169,11 @@ impl log::Log for Forwarder {
 
 fn emit(level: log::Level, event: &str, message: fmt::Arguments<'_>) {
     match level {
-        log::Level::Error => tracing::error!(target: TARGET, event, "{message}"),
-        log::Level::Warn => tracing::warn!(target: TARGET, event, "{message}"),
-        log::Level::Info => tracing::info!(target: TARGET, event, "{message}"),
-        log::Level::Debug => tracing::debug!(target: TARGET, event, "{message}"),
-        log::Level::Trace => tracing::trace!(target: TARGET, event, "{message}"),
+        log::Level::Error => tracing::error!(target: TARGET, xdp_event = event, "{message}"),
+        log::Level::Warn => tracing::warn!(target: TARGET, xdp_event = event, "{message}"),
+        log::Level::Info => tracing::info!(target: TARGET, xdp_event = event, "{message}"),
+        log::Level::Debug => tracing::debug!(target: TARGET, xdp_event = event, "{message}"),
+        log::Level::Trace => tracing::trace!(target: TARGET, xdp_event = event, "{message}"),
     }
 }
 
@@ -364,13 +364,15 @@ mod tests {
         for (i, line) in lines[..BURST as usize].iter().enumerate() {
             assert!(
                 line.contains(" WARN lb_xdp: ")
-                    && line.contains(&format!("FIB lookup answered 5; {i} so far event=\"fib\"")),
+                    && line.contains(&format!(
+                        "FIB lookup answered 5; {i} so far xdp_event=\"fib\""
+                    )),
                 "{line}"
             );
         }
         assert!(
             lines[BURST as usize].contains(&format!(
-                "WARN lb_xdp: {} messages suppressed (at most {BURST} per second) event=\"fib\"",
+                "WARN lb_xdp: {} messages suppressed (at most {BURST} per second) xdp_event=\"fib\"",
                 25 - BURST
             )),
             "{text}"
