@@ -434,7 +434,14 @@ pub mod counter {
     /// Packets to a VIP too big for the target side with DF set (or IPv6): answered with
     /// "fragmentation needed" / "packet too big" from the VIP, quoting the client's packet.
     pub const ICMP_TOO_BIG_SENT: u32 = 22;
-    pub const COUNT: u32 = 23;
+    /// Passed to the stack: the FIB (or the next-hop cache) sent the frame out of an interface
+    /// `LB_DEVMAP` does not hold (removed meanwhile), so the redirect fell back to XDP_PASS.
+    pub const REDIRECT_FAILED: u32 = 23;
+    /// FIB answers the program has no case for (blackhole, unreachable or prohibited route,
+    /// forwarding disabled on the ingress interface, …); those packets are also counted as
+    /// `PASS_FIB_OTHER`.
+    pub const FIB_UNEXPECTED: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Prometheus `reason` label of each drop counter, by index.
     pub const DROP_REASONS: [(u32, &str); 11] = [
@@ -452,7 +459,7 @@ pub mod counter {
     ];
 
     /// Prometheus `event` label of every other counter, by index.
-    pub const EVENTS: [(u32, &str); 12] = [
+    pub const EVENTS: [(u32, &str); 14] = [
         (PASS_TTL_EXPIRED, "pass_ttl_expired"),
         (PASS_NO_NEIGHBOUR, "pass_no_neighbour"),
         (PASS_FIB_OTHER, "pass_fib_other"),
@@ -465,6 +472,8 @@ pub mod counter {
         (ICMP_FROM_TARGET, "icmp_from_target"),
         (REPLY_FRAGMENTS, "reply_fragment_translated"),
         (ICMP_TOO_BIG_SENT, "icmp_too_big_sent"),
+        (REDIRECT_FAILED, "redirect_failed"),
+        (FIB_UNEXPECTED, "fib_unexpected"),
     ];
 }
 

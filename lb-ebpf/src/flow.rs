@@ -8,6 +8,7 @@ use lb_common::{
 };
 
 use crate::{
+    events,
     maps::{LB_FLOOD, LB_FLOWS, LB_GROUPS, LB_REPLY_FLOWS, LB_TABLES, LB_TARGETS},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
@@ -106,8 +107,8 @@ pub fn decide(
             },
             _pad: 0,
         };
-        if LB_FLOWS.insert(key, &entry, 0).is_err() {
-            count(counter::FLOW_INSERT_FAILED);
+        if let Err(e) = LB_FLOWS.insert(key, &entry, 0) {
+            events::insert_failed(events::Table::Flows, e);
         }
     } else {
         count(counter::FLOW_INSERT_SKIPPED);
@@ -233,7 +234,7 @@ fn record_reply(
         listener_id,
         flags: 0,
     };
-    if LB_REPLY_FLOWS.insert(&reply_key, &value, 0).is_err() {
-        count(counter::FLOW_INSERT_FAILED);
+    if let Err(e) = LB_REPLY_FLOWS.insert(&reply_key, &value, 0) {
+        events::insert_failed(events::Table::ReplyFlows, e);
     }
 }

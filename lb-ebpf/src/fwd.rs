@@ -14,9 +14,13 @@ use aya_ebpf::{
 };
 use lb_common::{NextHop, FAMILY_V4, ROUTE_EPOCH_OFF};
 
+use core::mem::offset_of;
+use network_types::{eth::EthHdr, vlan::VlanHdr};
+
 use crate::{
+    events,
     maps::{LB_DEVMAP, LB_NEXT_HOPS, LB_ROUTE_EPOCH},
-    parse::{write, ETH_HLEN},
+    parse::write,
 };
 
 const AF_INET: u8 = 2;
@@ -106,7 +110,10 @@ pub fn route(
         BPF_FIB_LKUP_RET_NO_NEIGH => RouteKind::NoNeighbour,
         BPF_FIB_LKUP_RET_NOT_FWDED => RouteKind::Local,
         BPF_FIB_LKUP_RET_FRAG_NEEDED => RouteKind::FragNeeded,
-        _ => RouteKind::Other,
+        _ => {
+            events::fib_unexpected(rc, family, dst);
+            RouteKind::Other
+        }
     };
     Route {
         kind,
@@ -191,8 +198,13 @@ pub fn can_send(ctx: &XdpContext, ifindex: u32) -> bool {
 /// (`l3_off` past the Ethernet header) leaves without it.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, l3_off: usize, ifindex: u32, smac: [u8; 6], dmac: [u8; 6]) -> u32 {
-    let tag = if l3_off > ETH_HLEN { 4 } else { 0 };
-    if write(ctx, tag, dmac).is_none() || write(ctx, tag + 6, smac).is_none() {
+    let tag = if l3_off > EthHdr::LEN {
+        VlanHdr::LEN
+    } else {
+        0
+    };
+    let (dst, src) = (offset_of!(EthHdr, dst_addr), offset_of!(EthHdr, src_addr));
+    if write(ctx, tag + dst, dmac).is_none() || write(ctx, tag + src, smac).is_none() {
         return xdp_action::XDP_ABORTED;
     }
     // SAFETY: the context is the program's; moving the start forward past the old MACs and
@@ -205,6 +217,10 @@ pub fn send(ctx: &XdpContext, l3_off: usize, ifindex: u32, smac: [u8; 6], dmac: 
         return xdp_action::XDP_TX;
     }
     match LB_DEVMAP.redirect(ifindex, xdp_action::XDP_PASS as u64) {
-        Ok(action) | Err(action) => action,
+        Ok(action) => action,
+        Err(action) => {
+            events::redirect_failed(ifindex);
+            action
+        }
     }
 }

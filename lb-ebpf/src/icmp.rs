@@ -7,12 +7,25 @@
 //! quote's destination made VIP:vp. Either way the quote reads as the packet its receiver
 //! sent, so the receiver's stack finds the socket (and learns a path MTU).
 
+use core::mem::offset_of;
 use lb_common::{counter, csum, FlowKey, FAMILY_V4, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    icmp::{Icmpv4Hdr, Icmpv6Hdr},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     nat::{l4_check, End},
-    parse::{read, write, Packet, IPV6_HLEN, L3_MASK, L4_MASK},
+    parse::{
+        read, words, write, Packet, IPV4_CHECK, IPV4_DST, IPV4_SRC, IPV6_DST, IPV6_SRC, L3_MASK,
+        L4_DST_PORT, L4_MASK, L4_SRC_PORT, TCP_CHECK, UDP_CHECK,
+    },
 };
+
+/// The ICMP header before the quote: type, code, checksum, 4 bytes (the same in ICMPv6).
+const ICMP_HLEN: usize = Icmpv4Hdr::LEN;
+const ICMP_CHECK: usize = offset_of!(Icmpv4Hdr, check);
+const _: () = assert!(Icmpv6Hdr::LEN == ICMP_HLEN && offset_of!(Icmpv6Hdr, check) == ICMP_CHECK);
 
 /// What an ICMP message to a VIP is, for the drop policy.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -27,6 +40,9 @@ pub enum Kind {
     Other,
 }
 
+/// The kind of an ICMP message of `family` by its type. The types are written out:
+/// network-types' `Icmpv4Type` lacks time exceeded (11), its `Icmpv6Type` destination
+/// unreachable (1), time exceeded (3) and neighbour discovery (133–136).
 #[inline(always)]
 pub fn kind(family: u8, icmp_type: u8) -> Kind {
     if family == FAMILY_V4 {
@@ -81,43 +97,42 @@ const INNER_L4_MASK: usize = 0x1ff;
 /// a TCP/UDP packet's head of the same family.
 #[inline(always)]
 pub fn quote(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet) -> Result<Quote, u32> {
-    let l3 = ((pkt.l4_off & L4_MASK) + 8) & INNER_L3_MASK;
+    let l3 = ((pkt.l4_off & L4_MASK) + ICMP_HLEN) & INNER_L3_MASK;
     // Where the ICMP message ends: anything past it in the frame is padding.
     let end = (pkt.l3_off & L3_MASK) + pkt.ip_len as usize;
     let (l4, protocol, src, dst) = if pkt.family == FAMILY_V4 {
-        let h = read::<[u8; 20]>(ctx, l3).ok_or(counter::DROP_MALFORMED)?;
-        let ihl = (h[0] & 0x0f) as usize * 4;
-        if h[0] >> 4 != 4 || ihl < 20 {
+        let h = read::<Ipv4Hdr>(ctx, l3).ok_or(counter::DROP_MALFORMED)?;
+        let ihl = h.ihl() as usize;
+        if h.version() != 4 || ihl < Ipv4Hdr::LEN {
             return Err(counter::DROP_MALFORMED);
         }
-        if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+        if h.frag_offset() != 0 {
             return Err(counter::DROP_ICMP_UNMATCHED); // a later fragment: no ports
         }
-        let src = u32::from_ne_bytes([h[12], h[13], h[14], h[15]]);
-        let dst = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
         (
             (l3 + ihl) & INNER_L4_MASK,
-            h[9],
-            [src, 0, 0, 0],
-            [dst, 0, 0, 0],
+            h.proto,
+            [u32::from_ne_bytes(h.src_addr), 0, 0, 0],
+            [u32::from_ne_bytes(h.dst_addr), 0, 0, 0],
         )
     } else {
-        let h = read::<[u32; 10]>(ctx, l3).ok_or(counter::DROP_MALFORMED)?;
-        let b = h[0].to_ne_bytes();
-        if b[0] >> 4 != 6 {
+        let h = read::<Ipv6Hdr>(ctx, l3).ok_or(counter::DROP_MALFORMED)?;
+        if h.version() != 6 {
             return Err(counter::DROP_MALFORMED);
         }
-        let next = h[1].to_ne_bytes()[2];
         (
-            (l3 + IPV6_HLEN) & INNER_L4_MASK,
-            next,
-            [h[2], h[3], h[4], h[5]],
-            [h[6], h[7], h[8], h[9]],
+            (l3 + Ipv6Hdr::LEN) & INNER_L4_MASK,
+            h.next_hdr,
+            words(h.src_addr),
+            words(h.dst_addr),
         )
     };
     if protocol != PROTO_TCP && protocol != PROTO_UDP {
         return Err(counter::DROP_ICMP_UNMATCHED);
     }
+    // The ports alone (the first 4 bytes of TCP and UDP alike: not a whole `TcpHdr`/`UdpHdr`,
+    // which a quote need not hold).
+    const _: () = assert!(L4_SRC_PORT == 0 && L4_DST_PORT == 2);
     let ports = read::<[u16; 2]>(ctx, l4).ok_or(counter::DROP_MALFORMED)?;
     if l4 + 4 > end {
         return Err(counter::DROP_MALFORMED);
@@ -149,20 +164,35 @@ pub fn rewrite_quote(
     let msg_end = (pkt.l3_off & L3_MASK) + pkt.ip_len as usize;
     let old_addr = if end == End::Source { &q.src } else { &q.dst };
     let (pseudo, mut icmp) = if pkt.family == FAMILY_V4 {
-        let addr_off = l3 + if end == End::Source { 12 } else { 16 };
+        let addr_off = l3
+            + if end == End::Source {
+                IPV4_SRC
+            } else {
+                IPV4_DST
+            };
         let pseudo = csum::acc32(0, old_addr[0], addr[0]);
-        let old_check = read::<u16>(ctx, l3 + 10)?;
+        let old_check = read::<u16>(ctx, l3 + IPV4_CHECK)?;
         let new_check = csum::apply(old_check, pseudo);
         write(ctx, addr_off, addr[0])?;
-        write(ctx, l3 + 10, new_check)?;
+        write(ctx, l3 + IPV4_CHECK, new_check)?;
         (pseudo, csum::acc16(pseudo, old_check, new_check))
     } else {
-        let addr_off = l3 + if end == End::Source { 8 } else { 24 };
+        let addr_off = l3
+            + if end == End::Source {
+                IPV6_SRC
+            } else {
+                IPV6_DST
+            };
         write(ctx, addr_off, *addr)?;
         let pseudo = csum::acc_addr(0, old_addr, addr);
         (pseudo, pseudo)
     };
-    let port_off = l4 + if end == End::Source { 0 } else { 2 };
+    let port_off = l4
+        + if end == End::Source {
+            L4_SRC_PORT
+        } else {
+            L4_DST_PORT
+        };
     let old_port = if end == End::Source {
         q.src_port_be
     } else {
@@ -170,7 +200,12 @@ pub fn rewrite_quote(
     };
     write(ctx, port_off, port_be)?;
     icmp = csum::acc16(icmp, old_port, port_be);
-    let check_off = l4 + if q.protocol == PROTO_TCP { 16 } else { 6 };
+    let check_off = l4
+        + if q.protocol == PROTO_TCP {
+            TCP_CHECK
+        } else {
+            UDP_CHECK
+        };
     // The quote may stop before the L4 checksum (RFC 792 promises only 8 bytes).
     if check_off + 2 <= msg_end {
         if let Some(old) = read::<u16>(ctx, check_off) {
@@ -191,7 +226,7 @@ pub fn rewrite_quote(
 /// Applies `acc` to the ICMP checksum of `pkt`.
 #[inline(always)]
 pub fn update_checksum(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, acc: u32) -> Option<()> {
-    let off = (pkt.l4_off & L4_MASK) + 2;
+    let off = (pkt.l4_off & L4_MASK) + ICMP_CHECK;
     let old = read::<u16>(ctx, off)?;
     write(ctx, off, csum::apply(old, acc))
 }

@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod events;
 mod flow;
 mod fwd;
 mod icmp;
@@ -471,7 +472,8 @@ fn from_target(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
 /// other, the later ones follow it.
 #[inline(always)]
 fn ipv6_fragment(ctx: &XdpContext, pkt: &Packet) -> Result<u32, Exit> {
-    // Next header, reserved, offset and flags, identification.
+    // Next header, reserved, offset and flags, identification (hand-written: network-types has
+    // no IPv6 fragment header).
     let fh = parse::read::<[u8; 8]>(ctx, pkt.l4_off & L4_MASK).ok_or(Exit::Pass)?;
     let id = u32::from_ne_bytes([fh[4], fh[5], fh[6], fh[7]]);
     let inner = Packet {
@@ -602,11 +604,8 @@ fn remember_fragments(pkt: &Packet, id: u32, reverse: &ReverseValue, flags: u32)
         listener_id: reverse.listener_id,
         flags,
     };
-    if LB_REPLY_FRAGS
-        .insert(&frag_key(pkt, id), &value, 0)
-        .is_err()
-    {
-        count(counter::FLOW_INSERT_FAILED);
+    if let Err(e) = LB_REPLY_FRAGS.insert(&frag_key(pkt, id), &value, 0) {
+        events::insert_failed(events::Table::ReplyFrags, e);
     }
 }
 

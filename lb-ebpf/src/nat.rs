@@ -6,7 +6,10 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{csum, FAMILY_V4, PROTO_TCP, PROTO_UDP};
 
-use crate::parse::{read, write, Packet, L3_MASK, L4_MASK};
+use crate::parse::{
+    read, write, Packet, IPV4_CHECK, IPV4_DST, IPV4_SRC, IPV4_TTL, IPV6_DST, IPV6_NEXT_HDR,
+    IPV6_SRC, L3_MASK, L4_DST_PORT, L4_MASK, L4_SRC_PORT, TCP_CHECK, UDP_CHECK,
+};
 
 /// Which end of the packet is rewritten.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -36,30 +39,40 @@ pub fn rewrite_ip(
         &pkt.src
     };
     if pkt.family == FAMILY_V4 {
-        let addr_off = l3 + if end == End::Destination { 16 } else { 12 };
+        let addr_off = l3
+            + if end == End::Destination {
+                IPV4_DST
+            } else {
+                IPV4_SRC
+            };
         let delta = csum::acc32(0, old_addr[0], addr[0]);
         let mut ip_acc = delta;
         if forwarding {
             // TTL and protocol share a 16-bit word of the header checksum.
-            let old_word = read::<[u8; 2]>(ctx, l3 + 8)?;
+            let old_word = read::<[u8; 2]>(ctx, l3 + IPV4_TTL)?;
             let new_word = [old_word[0].wrapping_sub(1), old_word[1]];
             ip_acc = csum::acc16(
                 ip_acc,
                 u16::from_ne_bytes(old_word),
                 u16::from_ne_bytes(new_word),
             );
-            write(ctx, l3 + 8, new_word)?;
+            write(ctx, l3 + IPV4_TTL, new_word)?;
         }
-        let ip_check = read::<u16>(ctx, l3 + 10)?;
-        write(ctx, l3 + 10, csum::apply(ip_check, ip_acc))?;
+        let ip_check = read::<u16>(ctx, l3 + IPV4_CHECK)?;
+        write(ctx, l3 + IPV4_CHECK, csum::apply(ip_check, ip_acc))?;
         write(ctx, addr_off, addr[0])?;
         Some(delta)
     } else {
-        let addr_off = l3 + if end == End::Destination { 24 } else { 8 };
+        let addr_off = l3
+            + if end == End::Destination {
+                IPV6_DST
+            } else {
+                IPV6_SRC
+            };
         if forwarding {
             // Next header and hop limit, read as a pair (see `parse::read`).
-            let word = read::<[u8; 2]>(ctx, l3 + 6)?;
-            write(ctx, l3 + 6, [word[0], word[1].wrapping_sub(1)])?;
+            let word = read::<[u8; 2]>(ctx, l3 + IPV6_NEXT_HDR)?;
+            write(ctx, l3 + IPV6_NEXT_HDR, [word[0], word[1].wrapping_sub(1)])?;
         }
         write(ctx, addr_off, *addr)?;
         Some(csum::acc_addr(0, old_addr, addr))
@@ -78,11 +91,16 @@ pub fn rewrite(
     forwarding: bool,
 ) -> Option<()> {
     let l4 = pkt.l4_off & L4_MASK;
-    let port_off = l4 + if end == End::Destination { 2 } else { 0 };
+    let port_off = l4
+        + if end == End::Destination {
+            L4_DST_PORT
+        } else {
+            L4_SRC_PORT
+        };
     let old_port = read::<u16>(ctx, port_off)?;
     let check_off = match pkt.protocol {
-        PROTO_TCP => l4 + 16,
-        PROTO_UDP => l4 + 6,
+        PROTO_TCP => l4 + TCP_CHECK,
+        PROTO_UDP => l4 + UDP_CHECK,
         _ => return None,
     };
     let old_check = read::<u16>(ctx, check_off)?;

@@ -1,23 +1,66 @@
 //! Header parsing. `ptr_at` is the one bounds-checked access to packet memory; everything else
 //! reads and writes through it. Offsets are kept small and masked so the verifier can bound
 //! them after they pass through the stack.
+//!
+//! The headers are network-types' (`EthHdr`, `VlanHdr`, `Ipv4Hdr`, `Ipv6Hdr`, `TcpHdr`,
+//! `UdpHdr`, and in `too_big` its ICMP headers): read whole, or written field by field at their
+//! `offset_of!` (each store bounds-checked where it lands, as before). Their fields are byte
+//! arrays (alignment 1), as packet memory is: the loads are the ones plain arrays gave.
+//! Hand-written, because network-types has no such item: the IPv6 fragment header (see
+//! `lb_xdp_fragment`), the bits of the IPv4 fragment flags and of the TCP flags byte (the
+//! program tests several flags with one mask; `TcpHdr` has a getter per flag), and the ICMP
+//! type numbers of `icmp::kind`.
 
 use aya_ebpf::programs::XdpContext;
+use core::mem::offset_of;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
 
-pub const ETH_HLEN: usize = 14;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
-pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_8021AD: u16 = 0x88a8;
-pub const IPV6_HLEN: usize = 40;
-pub const TCP_HLEN: usize = 20;
-pub const UDP_HLEN: usize = 8;
+/// Ethertypes as `EthHdr::ether_type` holds them (network order, read natively).
+const ETH_P_IP: u16 = EtherType::Ipv4 as u16;
+const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
+const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
+const ETH_P_8021AD: u16 = EtherType::Ieee8021ad as u16;
 
+pub const IPPROTO_ICMP: u8 = IpProto::Icmp as u8;
+pub const IPPROTO_FRAGMENT: u8 = IpProto::Ipv6Frag as u8;
+pub const IPPROTO_ICMPV6: u8 = IpProto::Ipv6Icmp as u8;
+
+/// `Ipv4Hdr::frag_flags` bits (RFC 791): more fragments, don't fragment.
+const IP_MF: u8 = 0b001;
+const IP_DF: u8 = 0b010;
+
+/// The TCP flags byte (RFC 9293), the one after the data offset.
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// Field offsets of the headers the program rewrites.
+pub const IPV4_TTL: usize = offset_of!(Ipv4Hdr, ttl);
+pub const IPV4_CHECK: usize = offset_of!(Ipv4Hdr, check);
+pub const IPV4_SRC: usize = offset_of!(Ipv4Hdr, src_addr);
+pub const IPV4_DST: usize = offset_of!(Ipv4Hdr, dst_addr);
+/// Next header, then hop limit: read and written as a pair (see `read`).
+pub const IPV6_NEXT_HDR: usize = offset_of!(Ipv6Hdr, next_hdr);
+pub const IPV6_SRC: usize = offset_of!(Ipv6Hdr, src_addr);
+pub const IPV6_DST: usize = offset_of!(Ipv6Hdr, dst_addr);
+/// TCP and UDP ports lie alike; their checksums do not.
+pub const L4_SRC_PORT: usize = offset_of!(TcpHdr, source);
+pub const L4_DST_PORT: usize = offset_of!(TcpHdr, dest);
+pub const TCP_CHECK: usize = offset_of!(TcpHdr, check);
+pub const UDP_CHECK: usize = offset_of!(UdpHdr, check);
+const _: () = assert!(offset_of!(UdpHdr, src) == L4_SRC_PORT);
+const _: () = assert!(offset_of!(UdpHdr, dst) == L4_DST_PORT);
+// TTL and protocol share a 16-bit word of the header checksum; so do next header and hop limit.
+const _: () = assert!(offset_of!(Ipv4Hdr, proto) == IPV4_TTL + 1 && IPV4_TTL % 2 == 0);
+const _: () = assert!(offset_of!(Ipv6Hdr, hop_limit) == IPV6_NEXT_HDR + 1);
 
 /// Largest L3 offset (Ethernet + one VLAN tag) and L4 offset (+ a 60-byte IPv4 header).
 pub const L3_MASK: usize = 0x1f;
@@ -96,17 +139,16 @@ pub enum L3 {
     Malformed([u32; 4], u8),
 }
 
-/// The L3 offset after Ethernet and at most one 802.1Q/802.1ad tag, and the ethertype.
+/// The L3 offset after Ethernet and at most one 802.1Q/802.1ad tag, and the ethertype (as
+/// `EthHdr::ether_type` holds it).
 #[inline(always)]
 pub fn ethernet(ctx: &XdpContext) -> Option<(usize, u16)> {
-    let proto = u16::from_be(read::<u16>(ctx, 12)?);
-    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
-        let inner = u16::from_be(read::<u16>(ctx, ETH_HLEN + 2)?);
-        return Some((ETH_HLEN + 4, inner));
+    let eth = read::<EthHdr>(ctx, 0)?;
+    if eth.ether_type == ETH_P_8021Q || eth.ether_type == ETH_P_8021AD {
+        let tag = read::<VlanHdr>(ctx, EthHdr::LEN)?;
+        return Some((EthHdr::LEN + VlanHdr::LEN, tag.ether_type));
     }
-    // Ethernet header must be whole even when not tagged.
-    read::<[u8; ETH_HLEN]>(ctx, 0)?;
-    Some((ETH_HLEN, proto))
+    Some((EthHdr::LEN, eth.ether_type))
 }
 
 #[inline(always)]
@@ -122,64 +164,60 @@ pub fn ip(ctx: &XdpContext) -> L3 {
     }
 }
 
+/// An IPv6 address as the maps hold it: network-order bytes in native words.
+#[inline(always)]
+pub fn words(addr: [u8; 16]) -> [u32; 4] {
+    // SAFETY: 16 bytes either way; every bit pattern is a valid u32.
+    unsafe { core::mem::transmute(addr) }
+}
+
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, l3_off: usize) -> L3 {
     // The fixed 20 bytes; anything shorter cannot be told apart from noise: the stack drops it.
-    let Some(hdr) = read::<[u8; 20]>(ctx, l3_off) else {
+    let Some(hdr) = read::<Ipv4Hdr>(ctx, l3_off) else {
         return L3::Other;
     };
-    let dst = [
-        u32::from_ne_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
-        0,
-        0,
-        0,
-    ];
-    let src = [
-        u32::from_ne_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
-        0,
-        0,
-        0,
-    ];
-    let ihl = (hdr[0] & 0x0f) as usize * 4;
-    let ip_len = u16::from_be_bytes([hdr[2], hdr[3]]) as u32;
-    if hdr[0] >> 4 != 4 || ihl < 20 || (ip_len as usize) < ihl {
+    let dst = [u32::from_ne_bytes(hdr.dst_addr), 0, 0, 0];
+    let src = [u32::from_ne_bytes(hdr.src_addr), 0, 0, 0];
+    let ihl = hdr.ihl() as usize;
+    let ip_len = hdr.tot_len() as u32;
+    if hdr.version() != 4 || ihl < Ipv4Hdr::LEN || (ip_len as usize) < ihl {
         return L3::Malformed(dst, FAMILY_V4);
     }
-    let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let (flags, offset) = (hdr.frag_flags(), hdr.frag_offset());
     L3::Ip(Packet {
         l3_off,
         l4_off: (l3_off + ihl) & L4_MASK,
         family: FAMILY_V4,
-        protocol: hdr[9],
+        protocol: hdr.proto,
         src,
         dst,
-        ttl: hdr[8],
-        tos: hdr[1],
+        ttl: hdr.ttl,
+        tos: hdr.tos,
         ip_len,
-        fragment: frag & 0x3fff != 0,
-        later_fragment: frag & 0x1fff != 0,
-        dont_fragment: frag & 0x4000 != 0,
-        id: u16::from_ne_bytes([hdr[4], hdr[5]]) as u32,
+        fragment: flags & IP_MF != 0 || offset != 0,
+        later_fragment: offset != 0,
+        dont_fragment: flags & IP_DF != 0,
+        id: u16::from_ne_bytes(hdr.id) as u32,
     })
 }
 
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, l3_off: usize) -> L3 {
-    let Some(hdr) = read::<[u32; 10]>(ctx, l3_off) else {
+    let Some(hdr) = read::<Ipv6Hdr>(ctx, l3_off) else {
         return L3::Other;
     };
-    let b = hdr[1].to_ne_bytes();
-    let next = b[2];
+    let next = hdr.next_hdr;
     L3::Ip(Packet {
         l3_off,
-        l4_off: (l3_off + IPV6_HLEN) & L4_MASK,
+        l4_off: (l3_off + Ipv6Hdr::LEN) & L4_MASK,
         family: FAMILY_V6,
         protocol: next,
-        src: [hdr[2], hdr[3], hdr[4], hdr[5]],
-        dst: [hdr[6], hdr[7], hdr[8], hdr[9]],
-        ttl: b[3],
+        src: words(hdr.src_addr),
+        dst: words(hdr.dst_addr),
+        ttl: hdr.hop_limit,
         tos: 0,
-        ip_len: u16::from_be_bytes([b[0], b[1]]) as u32 + IPV6_HLEN as u32,
+        ip_len: hdr.payload_len() as u32 + Ipv6Hdr::LEN as u32,
         fragment: next == IPPROTO_FRAGMENT,
         later_fragment: next == IPPROTO_FRAGMENT,
         dont_fragment: true,
@@ -187,16 +225,32 @@ fn ipv6(ctx: &XdpContext, l3_off: usize) -> L3 {
     })
 }
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_FRAGMENT: u8 = 44;
-pub const IPPROTO_ICMPV6: u8 = 58;
-
 /// Is `next` an IPv6 extension header (RFC 8200 §4, RFC 7045)?
 #[inline(always)]
 pub fn is_ipv6_extension(next: u8) -> bool {
+    const HOP_BY_HOP: u8 = IpProto::HopOpt as u8;
+    const ROUTING: u8 = IpProto::Ipv6Route as u8;
+    const ESP: u8 = IpProto::Esp as u8;
+    const AH: u8 = IpProto::Ah as u8;
+    const DESTINATION: u8 = IpProto::Ipv6Opts as u8;
+    const MOBILITY: u8 = IpProto::MobilityHeader as u8;
+    const HIP: u8 = IpProto::Hip as u8;
+    const SHIM6: u8 = IpProto::Shim6 as u8;
+    const TEST1: u8 = IpProto::Test1 as u8;
+    const TEST2: u8 = IpProto::Test2 as u8;
     matches!(
         next,
-        0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140 | 253 | 254
+        HOP_BY_HOP
+            | ROUTING
+            | IPPROTO_FRAGMENT
+            | ESP
+            | AH
+            | DESTINATION
+            | MOBILITY
+            | HIP
+            | SHIM6
+            | TEST1
+            | TEST2
     )
 }
 
@@ -222,30 +276,35 @@ pub fn l4(ctx: &XdpContext, pkt: &Packet) -> Option<L4Header> {
     let payload = pkt.ip_len as usize + l3 - l4.min(pkt.ip_len as usize + l3);
     match pkt.protocol {
         PROTO_TCP => {
-            let h = read::<[u8; TCP_HLEN]>(ctx, l4)?;
-            let doff = (h[12] >> 4) as usize * 4;
+            let h = read::<TcpHdr>(ctx, l4)?;
+            // The data offset's byte, shifted: `doff()` gathers its 4 bits one by one, which
+            // LLVM leaves as 8 instructions; whole bytes it reads as one load.
+            let doff = (h._bitfield_1.get(0, 8) >> 4) as usize * 4;
             Some(L4Header {
                 ports: Ports {
-                    src_be: u16::from_ne_bytes([h[0], h[1]]),
-                    dst_be: u16::from_ne_bytes([h[2], h[3]]),
-                    tcp_flags: h[13],
+                    src_be: u16::from_ne_bytes(h.source),
+                    dst_be: u16::from_ne_bytes(h.dest),
+                    tcp_flags: h._bitfield_1.get(8, 8) as u8, // the flags byte
                 },
-                consistent: fits && payload >= TCP_HLEN && doff >= TCP_HLEN && doff <= payload,
+                consistent: fits
+                    && payload >= TcpHdr::LEN
+                    && doff >= TcpHdr::LEN
+                    && doff <= payload,
             })
         }
         PROTO_UDP => {
-            let h = read::<[u8; UDP_HLEN]>(ctx, l4)?;
-            let len = u16::from_be_bytes([h[4], h[5]]) as usize;
-            let zero_v6 = pkt.family != FAMILY_V4 && h[6] == 0 && h[7] == 0;
+            let h = read::<UdpHdr>(ctx, l4)?;
+            let len = h.len() as usize;
+            let zero_v6 = pkt.family != FAMILY_V4 && h.check == [0, 0];
             Some(L4Header {
                 ports: Ports {
-                    src_be: u16::from_ne_bytes([h[0], h[1]]),
-                    dst_be: u16::from_ne_bytes([h[2], h[3]]),
+                    src_be: u16::from_ne_bytes(h.src),
+                    dst_be: u16::from_ne_bytes(h.dst),
                     tcp_flags: 0,
                 },
                 consistent: fits
-                    && payload >= UDP_HLEN
-                    && len >= UDP_HLEN
+                    && payload >= UdpHdr::LEN
+                    && len >= UdpHdr::LEN
                     && len <= payload
                     && !zero_v6,
             })

@@ -208,6 +208,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     let now = Instant::now();
     let mut dp = datapath::open(&config, table_slots(&config))?;
+    if let Some(log) = dp.log.take() {
+        tokio::spawn(log.forward());
+    }
     let interfaces: BTreeMap<String, u32> = dp
         .attached
         .iter()

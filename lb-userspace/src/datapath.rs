@@ -41,6 +41,7 @@ use crate::{
     maps::KernelMaps,
     model::SavedModel,
     statefile::{self, StateFile, STATE_DIR},
+    xdp_log::XdpLog,
 };
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -56,6 +57,9 @@ pub struct Datapath {
     /// Interface name → how often XDP was attached afresh because the interface no longer ran
     /// our program through its pinned link (deleted and made again), since this run started.
     pub reattachments: BTreeMap<String, u64>,
+    /// The reader of the program's log (aya-log), for the agent to run (`XdpLog::forward`);
+    /// None when it could not be opened (said once, at start).
+    pub log: Option<XdpLog>,
     /// Our `lb_xdp`, for attaching again, and its kernel id.
     prog: Xdp,
     pub prog_id: u32,
@@ -441,6 +445,7 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
     fs::create_dir_all(pin_dir.join("links"))?;
     fs::set_permissions(&pin_dir, fs::Permissions::from_mode(0o700))?;
 
+    let mut log = None;
     let (maps, mut prog) = match &earlier {
         Some(_) => {
             let maps = KernelMaps::from_pins(&pin_dir.join("maps"))?;
@@ -457,6 +462,11 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
                 table_slots,
             })?;
             let maps = KernelMaps::new_pinned(&mut ebpf, &pin_dir.join("maps"))?;
+            log = XdpLog::attach(&mut ebpf)
+                .map_err(
+                    |e| warn!(error = %format!("{e:#}"), "the XDP program's log is not forwarded"),
+                )
+                .ok();
             let prog = dataplane::program_mut(&mut ebpf, PROGRAM_XDP)?;
             prog.pin(pin_dir.join("prog"))
                 .context("pinning the program")?;
@@ -470,6 +480,12 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
     };
 
     let prog_id = prog.info().context("reading our program's id")?.id();
+    if earlier.is_some() {
+        // Its ring buffer is not pinned: the program, which an earlier run loaded, holds it.
+        log = XdpLog::adopt(prog_id)
+            .map_err(|e| warn!(error = %format!("{e:#}"), "the adopted XDP program's log is not forwarded"))
+            .ok();
+    }
     let mut reattachments = BTreeMap::new();
     let mut attached = BTreeMap::new();
     let pinned_modes = earlier.as_ref().map(|s| &s.attached);
@@ -538,6 +554,7 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
         attached,
         adopted: earlier,
         reattachments,
+        log,
         prog,
         prog_id,
         xdp_mode: config.agent.xdp_mode,

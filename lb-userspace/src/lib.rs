@@ -19,3 +19,4 @@ pub mod route_epoch;
 pub mod routes;
 pub mod state;
 pub mod statefile;
+pub mod xdp_log;

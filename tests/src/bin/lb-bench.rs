@@ -17,6 +17,9 @@ use std::{fmt::Write as _, fs, path::Path, time::Instant};
 use anyhow::{bail, Context, Result};
 use lb_tests::bench::{control, e2e, forward, maps, packet, plot};
 
+/// The heading of BENCHMARKS.md's last section, written by hand, which a full run keeps.
+const KEPT: &str = "\n## Comparisons made by hand\n";
+
 fn machine() -> (String, String) {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -554,7 +557,12 @@ fn main() -> Result<()> {
         println!("(--quick: BENCHMARKS.md and docs/failover.png left as they are; a full run rewrites them)");
     } else {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-        fs::write(&path, doc).context("writing BENCHMARKS.md")?;
+        // The comparisons made by hand, at the end, stay as they are.
+        let kept = fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.find(KEPT).map(|i| old[i..].to_string()))
+            .unwrap_or_default();
+        fs::write(&path, doc + &kept).context("writing BENCHMARKS.md")?;
         println!("wrote {} and {}", path.display(), picture.display());
     }
     Ok(())
