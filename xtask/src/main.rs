@@ -23,6 +23,9 @@ const PACKAGES: &[&str] = &[
     "fonts-dejavu-core",
     "python3",
     "util-linux",
+    // sysctl and ping in the namespace tests (not in a minimal Debian).
+    "procps",
+    "iputils-ping",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 
