@@ -34,6 +34,7 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::{self, Config},
     control::Controller,
+    daemon,
     datapath::{self, Datapath},
     health::{self, HealthEvent, Schedule, TargetState},
     links::{self, LinkWatcher},
@@ -290,6 +291,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut route_recheck =
         tokio::time::interval_at((Instant::now() + ROUTE_RECHECK).into(), ROUTE_RECHECK);
     let (rechecked_tx, mut rechecked) = mpsc::channel(1);
+    // Attached, maps written, the API served: systemd may go on (Type=notify).
+    daemon::ready(&agent.ctl.config);
+    let mut watchdog = daemon::Watchdog::from_env();
 
     loop {
         let period = sweep_interval(&agent.ctl.config);
@@ -314,10 +318,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 }
             }
             _ = sighup.recv() => {
+                daemon::reloading();
                 if agent.reload().is_err() {
                     warn!("SIGHUP: reload rejected; the running config stays");
+                    daemon::reload_rejected(&agent.ctl.config);
+                } else {
+                    daemon::ready(&agent.ctl.config);
                 }
             }
+            _ = watchdog.tick() => watchdog.ping(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -604,6 +613,7 @@ impl Agent {
     }
 
     fn shut_down(mut self, keep: bool) -> Result<()> {
+        daemon::stopping();
         self.checkers.stop_all();
         let _ = std::fs::remove_file(api_path(&self.ctl.config));
         // Nobody watches the routes once the agent is gone: no cached next hop may outlive it.

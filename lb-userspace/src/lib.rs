@@ -3,9 +3,11 @@
 
 pub mod agent;
 pub mod api;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod datapath;
 pub mod dataplane;
 pub mod expiry;

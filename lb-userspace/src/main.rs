@@ -1,71 +1,16 @@
 //! `lb-agent`: the load balancer's agent (`run`, `validate`) and the clients of its control API
 //! (`status`, `targets`, `reload`). Exit codes: 0 ok, 1 runtime failure, 2 bad input.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
-use lb_userspace::{agent, api::TargetRequest, client, config};
-
-#[derive(Parser)]
-#[command(name = "lb-agent", version, about = "XDP L4 load balancer agent")]
-struct Cli {
-    /// Control API of the running agent (client commands).
-    #[arg(long, global = true, default_value = config::DEFAULT_API)]
-    api: String,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Validate the config, load and attach XDP, run health checks, the control API and
-    /// metrics until SIGINT/SIGTERM.
-    Run {
-        #[arg(long)]
-        config: PathBuf,
-        /// On exit leave programs, links and maps pinned (traffic keeps flowing); the next
-        /// `run` adopts them.
-        #[arg(long)]
-        keep_datapath: bool,
-    },
-    /// Check a config file without touching the kernel.
-    Validate {
-        #[arg(long)]
-        config: PathBuf,
-    },
-    /// Listeners, target groups and every target's state.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Register or deregister targets at run time.
-    Targets {
-        #[command(subcommand)]
-        action: TargetAction,
-    },
-    /// Re-read the config file and apply the difference (as SIGHUP does).
-    Reload,
-}
-
-#[derive(Subcommand)]
-enum TargetAction {
-    Register {
-        #[arg(long)]
-        group: String,
-        /// ADDR:PORT ([v6]:port for IPv6)
-        target: SocketAddr,
-        #[arg(long, default_value_t = config::DEFAULT_WEIGHT)]
-        weight: u32,
-        #[arg(long)]
-        zone: Option<String>,
-    },
-    Deregister {
-        #[arg(long)]
-        group: String,
-        target: SocketAddr,
-    },
-}
+use clap::Parser;
+use lb_userspace::{
+    agent,
+    api::TargetRequest,
+    cli::{Cli, Command, TargetAction},
+    client, config,
+};
 
 fn init_logs() {
     use tracing_subscriber::EnvFilter;

@@ -1,4 +1,5 @@
-//! `cargo xtask setup | build-ebpf | build | test | demo | bench`: the project's commands.
+//! `cargo xtask setup | build-ebpf | build | package | test | demo | bench`: the project's
+//! commands.
 
 use std::{
     env,
@@ -28,6 +29,9 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
+/// Builds the Debian package (`cargo xtask package`); pinned: its `--profile dev` (the tests'
+/// package of the debug build) is deprecated upstream.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 fn main() -> Result<()> {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -36,11 +40,14 @@ fn main() -> Result<()> {
         Some("setup") => setup(),
         Some("build-ebpf") => build_ebpf(),
         Some("build") => cargo(&["build", "--release"], &[]),
+        Some("package") => package(rest).map(|deb| println!("{}", deb.display())),
         Some("test") => test(rest),
         Some("bench") => bench(rest),
         Some("demo") => demo(),
         _ => {
-            eprintln!("usage: cargo xtask <setup|build-ebpf|build|test|demo|bench> [args]");
+            eprintln!(
+                "usage: cargo xtask <setup|build-ebpf|build|package [--dev]|test|demo|bench> [args]"
+            );
             std::process::exit(2);
         }
     }
@@ -128,6 +135,8 @@ fn setup() -> Result<()> {
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]))?;
     // rustfmt and clippy for the userspace crates (CI runs both).
     run(Command::new("rustup").args(["component", "add", "rustfmt", "clippy"]))?;
+    // cargo-deb for the package (and its test).
+    ensure_cargo_deb()?;
 
     // 3. bpf-linker, linked against the toolchain's own libLLVM.
     let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
@@ -180,6 +189,101 @@ fn setup() -> Result<()> {
     run(&mut cmd)
 }
 
+/// Installs cargo-deb at the pinned version unless it is there.
+fn ensure_cargo_deb() -> Result<()> {
+    let have = output(Command::new("cargo").args(["deb", "--version"])).unwrap_or_default();
+    if have.trim() == format!("cargo-deb {CARGO_DEB_VERSION}") {
+        eprintln!("cargo-deb: present ({})", have.trim());
+        return Ok(());
+    }
+    eprintln!("cargo-deb: installing {CARGO_DEB_VERSION}");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        &format!("={CARGO_DEB_VERSION}"),
+    ]))
+}
+
+/// `cargo xtask package [--dev]`: the Debian package of `lb-agent` (see
+/// `[package.metadata.deb]` in lb-userspace/Cargo.toml), in target/debian/; its path. Builds
+/// the release binary (the XDP object inside, as `cargo xtask build` does), or with `--dev`
+/// packages the debug build, quickly, into target/debian-dev/ (what `cargo xtask test`
+/// checks: the same files, another build of the binary); writes the man pages and shell
+/// completions, generated from the CLI by `lb-agent-docgen`, into target/lb-agent-docs/
+/// first.
+fn package(args: &[String]) -> Result<PathBuf> {
+    let dev = match args {
+        [] => false,
+        [a] if a == "--dev" => true,
+        _ => bail!("usage: cargo xtask package [--dev]"),
+    };
+    ensure_cargo_deb()?;
+    let profile = if dev { "dev" } else { "release" };
+    cargo(
+        &[
+            "build",
+            "--profile",
+            profile,
+            "-p",
+            "lb-userspace",
+            "--bin",
+            "lb-agent",
+            "--bin",
+            "lb-agent-docgen",
+        ],
+        &[],
+    )?;
+    let out_dir = if dev { "debug" } else { "release" };
+    let docs = root().join("target/lb-agent-docs");
+    if docs.exists() {
+        std::fs::remove_dir_all(&docs).with_context(|| format!("removing {}", docs.display()))?;
+    }
+    // Its list of files to stderr: this command's stdout is the package's path alone.
+    run(
+        Command::new(root().join("target").join(out_dir).join("lb-agent-docgen"))
+            .arg(&docs)
+            .stdout(std::io::stderr()),
+    )?;
+    let mut deb = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    deb.args([
+        "deb",
+        "-p",
+        "lb-userspace",
+        "--no-build",
+        "--profile",
+        profile,
+    ])
+    .arg("--output")
+    .arg(root().join(if dev {
+        "target/debian-dev"
+    } else {
+        "target/debian"
+    }))
+    .current_dir(root());
+    if dev {
+        // Its warnings are about the dev profile, which it discourages for releases.
+        deb.args(["--fast", "--quiet"]);
+    }
+    eprintln!("+ {deb:?}");
+    let out = deb
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("spawning {deb:?}"))?;
+    if !out.status.success() {
+        bail!("{deb:?} failed: {}", out.status);
+    }
+    // cargo-deb prints the package's path last.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_end().ends_with(".deb"))
+        .with_context(|| format!("cargo deb named no .deb: {stdout}"))?;
+    Ok(root().join(path.trim()))
+}
+
 fn build_ebpf() -> Result<()> {
     let tc = ebpf_toolchain();
     let mut cmd = Command::new("cargo");
@@ -201,12 +305,20 @@ fn test(args: &[String]) -> Result<()> {
     // What the build and the tests need (quick when everything is there): on a fresh machine
     // this command is all a user types.
     setup()?;
-    // The agent tests run the real binary (in network namespaces).
+    // The agent tests run the real binary (in network namespaces); tests/package.rs checks
+    // the Debian package, here of that debug build (quick; same layout as the release's).
     cargo(&["build", "-p", "lb-userspace", "--bin", "lb-agent"], &[])?;
+    let deb = package(&["--dev".into()])?;
     let bin = root().join("target/debug/lb-agent");
     let mut a = vec!["test"];
     a.extend(args.iter().map(String::as_str));
-    cargo(&a, &[("LB_AGENT_BIN", bin.to_str().context("path")?)])
+    cargo(
+        &a,
+        &[
+            ("LB_AGENT_BIN", bin.to_str().context("path")?),
+            ("LB_DEB", deb.to_str().context("path")?),
+        ],
+    )
 }
 
 fn demo() -> Result<()> {
