@@ -481,9 +481,18 @@ pub fn open(config: &Config, table_slots: u32) -> Result<Datapath> {
 
     let prog_id = prog.info().context("reading our program's id")?.id();
     if earlier.is_some() {
-        // Its ring buffer is not pinned: the program, which an earlier run loaded, holds it.
+        // Its ring buffer is not pinned: the program, which an earlier run loaded, holds it,
+        // and aya-log finds it by walking the loaded programs' ids, which needs CAP_SYS_ADMIN.
+        // Without it (the documented capabilities, the systemd unit) this is expected, not a
+        // fault: the events are still counted (lb_dataplane_events_total), so say it plainly.
         log = XdpLog::adopt(prog_id)
-            .map_err(|e| warn!(error = %format!("{e:#}"), "the adopted XDP program's log is not forwarded"))
+            .map_err(|e| {
+                info!(
+                    error = %format!("{e:#}"),
+                    "the adopted XDP program's log is not forwarded (reading it after a restart \
+                     needs CAP_SYS_ADMIN); its events are still counted in lb_dataplane_events_total"
+                )
+            })
             .ok();
     }
     let mut reattachments = BTreeMap::new();
