@@ -168,7 +168,18 @@ impl Agent {
             .maps
             .counters()
             .unwrap_or([0; lb_common::counter::COUNT as usize]);
-        let mut page = metrics::render(&metrics::Inputs {
+        let reattachments = self
+            .dp
+            .attached
+            .keys()
+            .map(|n| {
+                (
+                    n.clone(),
+                    self.dp.reattachments.get(n).copied().unwrap_or(0),
+                )
+            })
+            .collect();
+        metrics::render(&metrics::Inputs {
             config: &self.ctl.config,
             model: &self.ctl.model,
             listener_stats,
@@ -179,10 +190,8 @@ impl Agent {
                 failed_reconciliations: self.failed_reconciliations,
                 in_doubt: self.ctl.reconciler.in_doubt(),
             },
-        });
-        let interfaces = self.dp.attached.keys().map(String::as_str);
-        metrics::render_reattachments(&mut page, interfaces, &self.dp.reattachments);
-        metrics::render_route_cache(&mut page, &self.route_cache.status());
-        page
+            reattachments,
+            route_cache: self.route_cache.status(),
+        })
     }
 }
