@@ -21,4 +21,5 @@ pub mod route_epoch;
 pub mod routes;
 pub mod state;
 pub mod statefile;
+pub mod web;
 pub mod xdp_log;

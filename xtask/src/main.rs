@@ -27,6 +27,8 @@ const PACKAGES: &[&str] = &[
     // sysctl and ping in the namespace tests (not in a minimal Debian).
     "procps",
     "iputils-ping",
+    // The status page's test renders it in headless Chromium.
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Builds the Debian package (`cargo xtask package`); pinned: its `--profile dev` (the tests'

@@ -87,9 +87,8 @@ pub fn metrics_router(commands: Commands, limits: Limits) -> Router {
     let router = Router::new()
         .route(api::METRICS, get(metrics))
         .route(api::STATUS, get(status))
-        // WEB ASSETS: the web page (`/` and its static files, `crate::web::asset(path)`) is
-        // mounted here, e.g. `.route("/", get(web_asset)).fallback(web_asset)` with a handler
-        // that serves `asset(uri.path())` and answers `not_found` otherwise.
+        // The status page (`/` and its files), which reads GET /v1/status above.
+        .merge(crate::web::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(commands);

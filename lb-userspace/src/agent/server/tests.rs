@@ -454,3 +454,42 @@ async fn a_peer_that_does_not_read_loses_its_connection_after_the_write_deadline
     assert_eq!(answered.expect("the API is wedged").unwrap(), big);
     drop(stalled);
 }
+
+/// The status page and its files on the metrics listener: each with its type, no caching of
+/// stale copies, and a policy that allows only the page's own files; not on the control API.
+#[tokio::test]
+async fn the_metrics_listener_serves_the_status_page() {
+    let (tx, _seen) = fake_agent(status(), accept);
+    let app = metrics_router(tx, LIMITS);
+    for (path, kind) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/app.js", "text/javascript; charset=utf-8"),
+        ("/style.css", "text/css; charset=utf-8"),
+    ] {
+        let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let h = response.headers();
+        assert_eq!(h[header::CONTENT_TYPE], kind, "{path}");
+        assert_eq!(h[header::CACHE_CONTROL], "no-cache", "{path}");
+        assert!(
+            h[header::CONTENT_SECURITY_POLICY]
+                .to_str()
+                .unwrap()
+                .starts_with("default-src 'self'"),
+            "{path}"
+        );
+        assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(&body[..], crate::web::asset(path).unwrap().body, "{path}");
+    }
+    let (code, kind, answer) = call(&app, "GET", "/missing.js", "").await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    error_of(&kind, &answer);
+
+    let (tx, _seen) = fake_agent(status(), accept);
+    let api = api_router(tx, LIMITS);
+    assert_eq!(call(&api, "GET", "/", "").await.0, StatusCode::NOT_FOUND);
+}
