@@ -1,61 +1,217 @@
-//! Prometheus text exposition of the spec's metrics: traffic per listener (from the per-CPU
-//! counters), drops by reason, other data-plane events, flows, and health.
+//! The metrics page, OpenMetrics text encoded by `prometheus-client`: traffic per listener,
+//! every data-plane counter (drops and passes by reason, flows rescheduled, flow inserts failed
+//! or skipped, ICMP, reply fragments, …), flows, target health, health checks (results per
+//! target, durations per group), map writes, XDP re-attachments, the next-hop cache and the
+//! build.
+//!
+//! What is read at scrape time (the maps, the model) is encoded by a `Collector` over a
+//! snapshot taken for that scrape, so a listener, target or interface that went away is simply
+//! not on the next page. What the agent counts itself (health checks) lives in `Family`s of
+//! `HealthMetrics`; their series of a target or group that left are removed (`prune`) when
+//! the page is made.
 
-use std::{collections::BTreeMap, fmt::Write};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Mutex,
+};
 
 use lb_common::{counter, ListenerStats};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::Histogram,
+        info::Info,
+    },
+    registry::{Registry, Unit},
+};
 
 use crate::{
     config::Config,
     health::TargetState,
     model::{Model, TargetKey},
+    route_epoch::RouteCacheStatus,
 };
+
+/// The page's media type: OpenMetrics 1.0 text (what `prometheus-client` encodes, and what
+/// Prometheus asks for first).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds (seconds) of the health-check duration histogram.
 pub const DURATION_BUCKETS: [f64; 10] =
     [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
-/// What the agent counts itself (health checks); the rest is read from the maps.
-#[derive(Debug, Default)]
-pub struct HealthMetrics {
-    /// (target, result label) → checks.
-    pub checks: BTreeMap<(TargetKey, &'static str), u64>,
-    /// Cumulative counts per bucket of `DURATION_BUCKETS`, then +Inf.
-    pub buckets: [u64; DURATION_BUCKETS.len() + 1],
-    pub sum_seconds: f64,
+/// A family of data-plane counters: its name (without the `_total` every counter sample
+/// gets), help, and series.
+pub struct CounterFamily {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub series: Series,
 }
 
-impl HealthMetrics {
-    pub fn observe(&mut self, target: &TargetKey, result: &'static str, seconds: f64) {
-        *self.checks.entry((target.clone(), result)).or_default() += 1;
-        for (i, &bound) in DURATION_BUCKETS.iter().enumerate() {
-            if seconds <= bound {
-                self.buckets[i] += 1;
-            }
+/// The series of a `CounterFamily`, by `lb_common::counter` index.
+pub enum Series {
+    /// One series without labels.
+    One(u32),
+    /// A series per counter, labelled `label` = its value.
+    ByLabel(&'static str, &'static [(u32, &'static str)]),
+}
+
+/// Every counter of the data plane, each in exactly one family (a test checks that none is
+/// left out).
+pub const DATAPLANE_FAMILIES: [CounterFamily; 9] = [
+    CounterFamily {
+        name: "lb_dropped_packets",
+        help: "Packets dropped by the XDP program, by reason.",
+        series: Series::ByLabel("reason", &counter::DROP_REASONS),
+    },
+    CounterFamily {
+        name: "lb_passed_packets",
+        help: "Packets the XDP program passed to the kernel instead of forwarding them, by reason.",
+        series: Series::ByLabel(
+            "reason",
+            &[
+                (counter::PASS_TTL_EXPIRED, "ttl_expired"),
+                (counter::PASS_NO_NEIGHBOUR, "no_neighbour"),
+                (counter::PASS_FIB_OTHER, "fib_other"),
+                (counter::PASS_NOT_A_REPLY, "not_a_reply"),
+                (counter::PASS_FRAG_NEEDED, "frag_needed"),
+                (counter::REDIRECT_FAILED, "redirect_failed"),
+            ],
+        ),
+    },
+    CounterFamily {
+        name: "lb_flows_rescheduled",
+        help: "Flows whose target was removed or terminated and that were scheduled to another target.",
+        series: Series::One(counter::FLOWS_RESCHEDULED),
+    },
+    CounterFamily {
+        name: "lb_flow_insert_failures",
+        help: "New flows the flow table refused (full); their packets are still forwarded.",
+        series: Series::One(counter::FLOW_INSERT_FAILED),
+    },
+    CounterFamily {
+        name: "lb_flow_inserts_skipped",
+        help: "New flows past flow_insert_limit, forwarded by the consistent hash without an entry.",
+        series: Series::One(counter::FLOW_INSERT_SKIPPED),
+    },
+    CounterFamily {
+        name: "lb_icmp_errors_forwarded",
+        help: "ICMP errors about a balanced flow: to_target (from the network, sent to the flow's target), to_client (from a target, sent to the client from the VIP).",
+        series: Series::ByLabel(
+            "direction",
+            &[
+                (counter::ICMP_TO_TARGET, "to_target"),
+                (counter::ICMP_FROM_TARGET, "to_client"),
+            ],
+        ),
+    },
+    CounterFamily {
+        name: "lb_icmp_too_big_sent",
+        help: "Packets to a VIP too big for the target side (DF set, or IPv6), answered with fragmentation needed / packet too big from the VIP.",
+        series: Series::One(counter::ICMP_TOO_BIG_SENT),
+    },
+    CounterFamily {
+        name: "lb_reply_fragments_translated",
+        help: "Fragments of replies reverse-NATed (the first one included).",
+        series: Series::One(counter::REPLY_FRAGMENTS),
+    },
+    CounterFamily {
+        name: "lb_fib_unexpected_answers",
+        help: "FIB answers the XDP program has no case for (blackhole, unreachable or prohibited route, forwarding disabled, ...); those packets are passed (reason fib_other).",
+        series: Series::One(counter::FIB_UNEXPECTED),
+    },
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    group: String,
+    target: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
+}
+
+type Durations = Family<GroupLabels, Histogram, fn() -> Histogram>;
+
+/// What the agent counts itself: health checks by target and result, and their durations by
+/// target group.
+#[derive(Debug)]
+pub struct HealthMetrics {
+    checks: Family<CheckLabels, Counter>,
+    durations: Durations,
+    /// The label sets in the families (a `Family` cannot list them), for `prune`.
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    checks: BTreeSet<(TargetKey, &'static str)>,
+    groups: BTreeSet<String>,
+}
+
+impl Default for HealthMetrics {
+    fn default() -> Self {
+        Self {
+            checks: Family::default(),
+            durations: Durations::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            seen: Mutex::default(),
         }
-        self.buckets[DURATION_BUCKETS.len()] += 1;
-        self.sum_seconds += seconds;
     }
 }
 
-/// Label value escaping (backslash, quote, newline).
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl HealthMetrics {
+    /// A check of `target` ended with `result` (`health::Outcome::label`) after `seconds`.
+    pub fn observe(&mut self, target: &TargetKey, result: &'static str, seconds: f64) {
+        self.checks
+            .get_or_create(&check_labels(target, result))
+            .inc();
+        self.durations
+            .get_or_create(&GroupLabels {
+                group: target.group.clone(),
+            })
+            .observe(seconds);
+        let seen = self.seen.get_mut().unwrap_or_else(|e| e.into_inner());
+        seen.checks.insert((target.clone(), result));
+        seen.groups.insert(target.group.clone());
+    }
+
+    /// Removes the series of targets that are no longer in the model, and the durations of
+    /// groups that neither the config nor the model (a draining target) has any more.
+    pub fn prune(&self, config: &Config, model: &Model) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.checks.retain(|(target, result)| {
+            let keep = model.targets.contains_key(target);
+            if !keep {
+                self.checks.remove(&check_labels(target, result));
+            }
+            keep
+        });
+        seen.groups.retain(|group| {
+            let keep = config.target_groups.iter().any(|g| &g.name == group)
+                || model.targets.keys().any(|k| &k.group == group);
+            if !keep {
+                self.durations.remove(&GroupLabels {
+                    group: group.clone(),
+                });
+            }
+            keep
+        });
+    }
 }
 
-/// Everything the page is made of.
-pub struct Inputs<'a> {
-    pub config: &'a Config,
-    pub model: &'a Model,
-    /// Listener name → its traffic.
-    pub listener_stats: BTreeMap<String, ListenerStats>,
-    pub counters: [u64; counter::COUNT as usize],
-    /// Listener name → flow entries, as of the last sweep.
-    pub active_flows: BTreeMap<String, u64>,
-    pub health: &'a HealthMetrics,
-    pub writes: MapWrites,
+fn check_labels(target: &TargetKey, result: &'static str) -> CheckLabels {
+    CheckLabels {
+        group: target.group.clone(),
+        target: target_label(target),
+        result,
+    }
 }
 
 /// How the map writes are going.
@@ -67,237 +223,272 @@ pub struct MapWrites {
     pub in_doubt: usize,
 }
 
+/// Everything the page is made of.
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub model: &'a Model,
+    /// Listener name → its traffic (listeners whose counters could be read).
+    pub listener_stats: BTreeMap<String, ListenerStats>,
+    /// The data plane's counters, None when they cannot be read (their series are left out
+    /// rather than shown as 0).
+    pub counters: Option<[u64; counter::COUNT as usize]>,
+    /// Listener name → flow entries, as of the last sweep.
+    pub active_flows: BTreeMap<String, u64>,
+    pub health: &'a HealthMetrics,
+    pub writes: MapWrites,
+    /// Attached interface → times XDP was attached to it afresh since the agent started.
+    pub reattachments: BTreeMap<String, u64>,
+    pub route_cache: RouteCacheStatus,
+}
+
+/// The page: every family, then `# EOF`.
 pub fn render(i: &Inputs<'_>) -> String {
-    let mut o = String::new();
-    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    family(
-        &mut o,
-        "lb_map_write_failures_total",
-        "counter",
-        "Reconciliations in which a map write failed (the rest were written; retried every second).",
+    i.health.prune(i.config, i.model);
+    let mut registry = Registry::default();
+    registry.register("lb_build", "The agent's version and commit", build_info());
+    registry.register(
+        "lb_health_checks",
+        "Health checks by target and result (pass, timeout, response_code_mismatch, connection_refused, failed)",
+        i.health.checks.clone(),
     );
-    let _ = writeln!(
-        o,
-        "lb_map_write_failures_total {}",
-        i.writes.failed_reconciliations
+    registry.register_with_unit(
+        "lb_health_check_duration",
+        "Duration of health checks, by target group",
+        Unit::Seconds,
+        i.health.durations.clone(),
     );
-    family(
-        &mut o,
-        "lb_map_entries_in_doubt",
-        "gauge",
-        "Map entries whose last write failed, waiting to be written again.",
-    );
-    let _ = writeln!(o, "lb_map_entries_in_doubt {}", i.writes.in_doubt);
-    family(
-        &mut o,
-        "lb_packets_total",
-        "counter",
-        "Packets of a listener's flows, by direction (in: client to target; out: replies).",
-    );
-    for (l, s) in &i.listener_stats {
-        let _ = writeln!(
-            o,
-            "lb_packets_total{{listener=\"{}\",direction=\"in\"}} {}",
-            esc(l),
-            s.in_packets
-        );
-        let _ = writeln!(
-            o,
-            "lb_packets_total{{listener=\"{}\",direction=\"out\"}} {}",
-            esc(l),
-            s.out_packets
-        );
+    registry.register_collector(Box::new(Snapshot::new(i)));
+    let mut page = String::new();
+    prometheus_client::encoding::text::encode(&mut page, &registry)
+        .expect("encoding into a String does not fail");
+    page
+}
+
+/// `lb_build_info{version, git_commit}` (git_commit when built from a git checkout).
+fn build_info() -> Info<Vec<(&'static str, &'static str)>> {
+    let mut labels = vec![("version", env!("CARGO_PKG_VERSION"))];
+    if let Some(commit) = option_env!("LB_GIT_COMMIT") {
+        labels.push(("git_commit", commit));
     }
-    family(
-        &mut o,
-        "lb_bytes_total",
-        "counter",
-        "Bytes of a listener's flows, by direction.",
-    );
-    for (l, s) in &i.listener_stats {
-        let _ = writeln!(
-            o,
-            "lb_bytes_total{{listener=\"{}\",direction=\"in\"}} {}",
-            esc(l),
-            s.in_bytes
-        );
-        let _ = writeln!(
-            o,
-            "lb_bytes_total{{listener=\"{}\",direction=\"out\"}} {}",
-            esc(l),
-            s.out_bytes
-        );
-    }
-    family(
-        &mut o,
-        "lb_new_flows_total",
-        "counter",
-        "Flows scheduled to a target.",
-    );
-    for (l, s) in &i.listener_stats {
-        let _ = writeln!(
-            o,
-            "lb_new_flows_total{{listener=\"{}\"}} {}",
-            esc(l),
-            s.new_flows
-        );
-    }
-    family(
-        &mut o,
-        "lb_active_flows",
-        "gauge",
-        "Flow-table entries of the listener, as of the last expiry sweep.",
-    );
-    for l in &i.config.listeners {
-        let n = i.active_flows.get(&l.name).copied().unwrap_or(0);
-        let _ = writeln!(o, "lb_active_flows{{listener=\"{}\"}} {n}", esc(&l.name));
-    }
-    family(
-        &mut o,
-        "lb_dropped_packets_total",
-        "counter",
-        "Packets dropped by the XDP program, by reason.",
-    );
-    for &(index, reason) in counter::DROP_REASONS.iter() {
-        let _ = writeln!(
-            o,
-            "lb_dropped_packets_total{{reason=\"{reason}\"}} {}",
-            i.counters[index as usize]
-        );
-    }
-    family(
-        &mut o,
-        "lb_dataplane_events_total",
-        "counter",
-        "Other events of the XDP program: packets passed to the stack and why, flows rescheduled, flow-table inserts failed or skipped (flow_insert_limit), ICMP errors and reply fragments translated.",
-    );
-    for &(index, event) in counter::EVENTS.iter() {
-        let _ = writeln!(
-            o,
-            "lb_dataplane_events_total{{event=\"{event}\"}} {}",
-            i.counters[index as usize]
-        );
-    }
-    family(
-        &mut o,
-        "lb_target_healthy",
-        "gauge",
-        "1 when the target is healthy, else 0.",
-    );
-    let mut healthy: BTreeMap<&str, (u64, u64)> = i
-        .config
-        .target_groups
-        .iter()
-        .map(|g| (g.name.as_str(), (0, 0)))
-        .collect();
-    for (k, t) in &i.model.targets {
-        let (state, _) = i.model.shown_state(i.config, k, t);
-        let up = state == TargetState::Healthy;
-        let _ = writeln!(
-            o,
-            "lb_target_healthy{{group=\"{}\",target=\"{}\"}} {}",
-            esc(&k.group),
-            target_label(k),
-            up as u8
-        );
-        if let Some(c) = healthy.get_mut(k.group.as_str()) {
-            match state {
-                TargetState::Healthy => c.0 += 1,
-                TargetState::Unhealthy => c.1 += 1,
-                _ => {}
+    Info::new(labels)
+}
+
+/// What one scrape reads from the maps and the model, owned (a `Collector` is 'static).
+#[derive(Debug)]
+struct Snapshot {
+    /// Listener → its traffic, when readable.
+    traffic: Vec<(String, ListenerStats)>,
+    /// Every configured listener → its flow entries.
+    active_flows: Vec<(String, u64)>,
+    counters: Option<[u64; counter::COUNT as usize]>,
+    /// (group, target, healthy).
+    targets: Vec<(String, String, bool)>,
+    /// Group → (healthy, unhealthy).
+    groups: BTreeMap<String, (u64, u64)>,
+    writes: MapWrites,
+    reattachments: Vec<(String, u64)>,
+    route_cache: RouteCacheStatus,
+}
+
+impl Snapshot {
+    fn new(i: &Inputs<'_>) -> Self {
+        let mut groups: BTreeMap<String, (u64, u64)> = i
+            .config
+            .target_groups
+            .iter()
+            .map(|g| (g.name.clone(), (0, 0)))
+            .collect();
+        let mut targets = Vec::new();
+        for (k, t) in &i.model.targets {
+            let (state, _) = i.model.shown_state(i.config, k, t);
+            targets.push((
+                k.group.clone(),
+                target_label(k),
+                state == TargetState::Healthy,
+            ));
+            if let Some(c) = groups.get_mut(&k.group) {
+                match state {
+                    TargetState::Healthy => c.0 += 1,
+                    TargetState::Unhealthy => c.1 += 1,
+                    _ => {}
+                }
             }
         }
-    }
-    family(
-        &mut o,
-        "lb_healthy_targets",
-        "gauge",
-        "Healthy targets of the group.",
-    );
-    for (g, (up, _)) in &healthy {
-        let _ = writeln!(o, "lb_healthy_targets{{group=\"{}\"}} {up}", esc(g));
-    }
-    family(
-        &mut o,
-        "lb_unhealthy_targets",
-        "gauge",
-        "Unhealthy targets of the group.",
-    );
-    for (g, (_, down)) in &healthy {
-        let _ = writeln!(o, "lb_unhealthy_targets{{group=\"{}\"}} {down}", esc(g));
-    }
-    family(&mut o, "lb_health_checks_total", "counter", "Health checks by result (pass, timeout, response_code_mismatch, connection_refused, failed).");
-    for ((k, result), n) in &i.health.checks {
-        let _ = writeln!(
-            o,
-            "lb_health_checks_total{{group=\"{}\",target=\"{}\",result=\"{result}\"}} {n}",
-            esc(&k.group),
-            target_label(k)
-        );
-    }
-    family(
-        &mut o,
-        "lb_health_check_duration_seconds",
-        "histogram",
-        "Duration of health checks.",
-    );
-    for (bound, n) in DURATION_BUCKETS.iter().zip(i.health.buckets) {
-        let _ = writeln!(
-            o,
-            "lb_health_check_duration_seconds_bucket{{le=\"{bound}\"}} {n}"
-        );
-    }
-    let total = i.health.buckets[DURATION_BUCKETS.len()];
-    let _ = writeln!(
-        o,
-        "lb_health_check_duration_seconds_bucket{{le=\"+Inf\"}} {total}"
-    );
-    let _ = writeln!(
-        o,
-        "lb_health_check_duration_seconds_sum {}",
-        i.health.sum_seconds
-    );
-    let _ = writeln!(o, "lb_health_check_duration_seconds_count {total}");
-    o
-}
-
-/// `lb_xdp_reattachments_total{interface}`: for each attached interface (`interfaces`), how
-/// often XDP was attached to it afresh since the agent started (the interface was deleted and
-/// made again), appended to a page of `render`.
-pub fn render_reattachments<'a>(
-    o: &mut String,
-    interfaces: impl Iterator<Item = &'a str>,
-    counts: &BTreeMap<String, u64>,
-) {
-    let _ = writeln!(
-        o,
-        "# HELP lb_xdp_reattachments_total XDP attached afresh to an interface that no longer ran it (deleted and made again), since the agent started.\n# TYPE lb_xdp_reattachments_total counter"
-    );
-    for name in interfaces {
-        let n = counts.get(name).copied().unwrap_or(0);
-        let _ = writeln!(
-            o,
-            "lb_xdp_reattachments_total{{interface=\"{}\"}} {n}",
-            esc(name)
-        );
+        Self {
+            traffic: i
+                .listener_stats
+                .iter()
+                .map(|(l, s)| (l.clone(), *s))
+                .collect(),
+            active_flows: i
+                .config
+                .listeners
+                .iter()
+                .map(|l| {
+                    let n = i.active_flows.get(&l.name).copied().unwrap_or(0);
+                    (l.name.clone(), n)
+                })
+                .collect(),
+            counters: i.counters,
+            targets,
+            groups,
+            writes: i.writes.clone(),
+            reattachments: i
+                .reattachments
+                .iter()
+                .map(|(n, c)| (n.clone(), *c))
+                .collect(),
+            route_cache: i.route_cache.clone(),
+        }
     }
 }
 
-/// The next-hop cache: whether the data path may reuse FIB answers, and how often the route
-/// epoch moved (each move makes the data path look every destination up again).
-pub fn render_route_cache(o: &mut String, status: &crate::route_epoch::RouteCacheStatus) {
-    let _ = writeln!(
-        o,
-        "# HELP lb_route_epoch_changes_total Writes of a new route epoch (LB_ROUTE_EPOCH), since the agent started: each makes the data path look every destination up again.\n# TYPE lb_route_epoch_changes_total counter\nlb_route_epoch_changes_total {}",
-        status.changes
-    );
-    let _ = writeln!(
-        o,
-        "# HELP lb_route_cache_enabled Whether the data path may reuse FIB answers (1), or looks every packet up (0: agent.route_cache = false, policy routing or multipath routes, or starting).\n# TYPE lb_route_cache_enabled gauge\nlb_route_cache_enabled {}",
-        u8::from(status.enabled)
-    );
+/// One family of a collector: its descriptor, then a sample per (labels, value).
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (L, M)>,
+) -> std::fmt::Result {
+    let mut family = None;
+    for (labels, metric) in series {
+        if family.is_none() {
+            family = Some(encoder.encode_descriptor(name, help, None, metric.metric_type())?);
+        }
+        if let Some(f) = family.as_mut() {
+            metric.encode(f.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// A family of one series without labels.
+fn single(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> std::fmt::Result {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn gauge(v: u64) -> ConstGauge<u64> {
+    ConstGauge::new(v)
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let directions = |f: fn(&ListenerStats) -> (u64, u64)| {
+            self.traffic.iter().flat_map(move |(l, s)| {
+                let (i, o) = f(s);
+                [
+                    ([("listener", l.as_str()), ("direction", "in")], i),
+                    ([("listener", l.as_str()), ("direction", "out")], o),
+                ]
+            })
+        };
+        family(
+            &mut e,
+            "lb_packets",
+            "Packets of a listener's flows, by direction (in: client to target; out: replies).",
+            directions(|s| (s.in_packets, s.out_packets)).map(|(l, v)| (l, ConstCounter::new(v))),
+        )?;
+        family(
+            &mut e,
+            "lb_bytes",
+            "Bytes of a listener's flows, by direction.",
+            directions(|s| (s.in_bytes, s.out_bytes)).map(|(l, v)| (l, ConstCounter::new(v))),
+        )?;
+        family(
+            &mut e,
+            "lb_new_flows",
+            "Flows scheduled to a target.",
+            self.traffic
+                .iter()
+                .map(|(l, s)| ([("listener", l.as_str())], ConstCounter::new(s.new_flows))),
+        )?;
+        family(
+            &mut e,
+            "lb_active_flows",
+            "Flow-table entries of the listener, as of the last expiry sweep.",
+            self.active_flows
+                .iter()
+                .map(|(l, n)| ([("listener", l.as_str())], gauge(*n))),
+        )?;
+        if let Some(counters) = &self.counters {
+            for f in &DATAPLANE_FAMILIES {
+                let value = |index: u32| ConstCounter::new(counters[index as usize]);
+                match f.series {
+                    Series::One(index) => single(&mut e, f.name, f.help, value(index))?,
+                    Series::ByLabel(label, series) => family(
+                        &mut e,
+                        f.name,
+                        f.help,
+                        series.iter().map(|&(i, v)| ([(label, v)], value(i))),
+                    )?,
+                }
+            }
+        }
+        family(
+            &mut e,
+            "lb_target_healthy",
+            "1 when the target is healthy, else 0.",
+            self.targets.iter().map(|(g, t, up)| {
+                (
+                    [("group", g.as_str()), ("target", t.as_str())],
+                    gauge(u64::from(*up)),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "lb_healthy_targets",
+            "Healthy targets of the group.",
+            self.groups
+                .iter()
+                .map(|(g, (up, _))| ([("group", g.as_str())], gauge(*up))),
+        )?;
+        family(
+            &mut e,
+            "lb_unhealthy_targets",
+            "Unhealthy targets of the group.",
+            self.groups
+                .iter()
+                .map(|(g, (_, down))| ([("group", g.as_str())], gauge(*down))),
+        )?;
+        single(
+            &mut e,
+            "lb_map_write_failures",
+            "Reconciliations in which a map write failed (the rest were written; retried every second).",
+            ConstCounter::new(self.writes.failed_reconciliations),
+        )?;
+        single(
+            &mut e,
+            "lb_map_entries_in_doubt",
+            "Map entries whose last write failed, waiting to be written again.",
+            gauge(self.writes.in_doubt as u64),
+        )?;
+        family(
+            &mut e,
+            "lb_xdp_reattachments",
+            "XDP attached afresh to an interface that no longer ran it (deleted and made again), since the agent started.",
+            self.reattachments
+                .iter()
+                .map(|(n, c)| ([("interface", n.as_str())], ConstCounter::new(*c))),
+        )?;
+        single(
+            &mut e,
+            "lb_route_epoch_changes",
+            "Writes of a new route epoch (LB_ROUTE_EPOCH), since the agent started: each makes the data path look every destination up again.",
+            ConstCounter::new(self.route_cache.changes),
+        )?;
+        single(
+            &mut e,
+            "lb_route_cache_enabled",
+            "Whether the data path may reuse FIB answers (1), or looks every packet up (0: agent.route_cache = false, policy routing or multipath routes, or starting).",
+            gauge(u64::from(self.route_cache.enabled)),
+        )
+    }
 }
 
 fn target_label(k: &TargetKey) -> String {
@@ -305,156 +496,4 @@ fn target_label(k: &TargetKey) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reattachments_are_counted_per_interface() {
-        let mut page = String::new();
-        let counts: BTreeMap<String, u64> = [("l1".to_string(), 2)].into();
-        render_reattachments(&mut page, ["l0", "l1"].into_iter(), &counts);
-        assert_eq!(
-            page.lines().skip(1).collect::<Vec<_>>(),
-            [
-                "# TYPE lb_xdp_reattachments_total counter",
-                "lb_xdp_reattachments_total{interface=\"l0\"} 0",
-                "lb_xdp_reattachments_total{interface=\"l1\"} 2",
-            ]
-        );
-    }
-
-    #[test]
-    fn route_cache_shows_changes_and_whether_enabled() {
-        let mut page = String::new();
-        let status = crate::route_epoch::RouteCacheStatus {
-            enabled: true,
-            reason: None,
-            epoch: 7,
-            changes: 9,
-        };
-        render_route_cache(&mut page, &status);
-        let samples: Vec<&str> = page.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(
-            samples,
-            ["lb_route_epoch_changes_total 9", "lb_route_cache_enabled 1"]
-        );
-        assert!(page.contains("# TYPE lb_route_epoch_changes_total counter"));
-        assert!(page.contains("# TYPE lb_route_cache_enabled gauge"));
-        let mut page = String::new();
-        render_route_cache(&mut page, &crate::route_epoch::RouteCacheStatus::default());
-        assert!(page.lines().any(|l| l == "lb_route_cache_enabled 0"));
-    }
-
-    /// The page of the example config with a few counts, a health check of each outcome, and
-    /// the families rendered apart (re-attachments, the next-hop cache).
-    fn sample_page() -> String {
-        let config = crate::config::parse(include_str!("config/example.toml"), "x").unwrap();
-        let mut model = Model::default();
-        model
-            .sync_config(&config, std::time::Instant::now())
-            .unwrap();
-        let key = model.targets.keys().next().unwrap().clone();
-        let mut health = HealthMetrics::default();
-        health.observe(&key, "pass", 0.003);
-        health.observe(&key, "timeout", 6.0);
-        let mut counters = [0u64; counter::COUNT as usize];
-        counters[counter::DROP_NO_LISTENER as usize] = 7;
-        counters[counter::DROP_ICMP_UNMATCHED as usize] = 11;
-        counters[counter::FLOW_INSERT_SKIPPED as usize] = 13;
-        let stats = ListenerStats {
-            in_packets: 5,
-            in_bytes: 300,
-            out_packets: 4,
-            out_bytes: 200,
-            new_flows: 2,
-            ..Default::default()
-        };
-        let mut page = render(&Inputs {
-            config: &config,
-            model: &model,
-            listener_stats: [("web".to_string(), stats)].into(),
-            counters,
-            active_flows: [("web".to_string(), 3)].into(),
-            health: &health,
-            writes: MapWrites {
-                failed_reconciliations: 2,
-                in_doubt: 1,
-            },
-        });
-        render_reattachments(&mut page, ["l0"].into_iter(), &BTreeMap::new());
-        render_route_cache(&mut page, &crate::route_epoch::RouteCacheStatus::default());
-        page
-    }
-
-    /// docs/config.md, the reference, names every metric family and every label value the
-    /// agent exports.
-    #[test]
-    fn the_reference_names_every_family_and_label() {
-        let reference = include_str!("../../docs/config.md");
-        let page = sample_page();
-        let families: Vec<&str> = page
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
-        assert!(families.len() >= 16, "{families:?}");
-        let labels = counter::DROP_REASONS
-            .iter()
-            .chain(counter::EVENTS.iter())
-            .map(|(_, l)| *l);
-        let missing: Vec<String> = families
-            .iter()
-            .copied()
-            .chain(labels)
-            .filter(|name| !reference.contains(&format!("`{name}`")))
-            .map(String::from)
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "docs/config.md does not name {missing:?}"
-        );
-    }
-
-    #[test]
-    fn page_has_every_family_and_counts() {
-        let page = sample_page();
-        for line in [
-            "lb_packets_total{listener=\"web\",direction=\"in\"} 5",
-            "lb_bytes_total{listener=\"web\",direction=\"out\"} 200",
-            "lb_new_flows_total{listener=\"web\"} 2",
-            "lb_active_flows{listener=\"web\"} 3",
-            "lb_map_write_failures_total 2",
-            "lb_map_entries_in_doubt 1",
-            "lb_dropped_packets_total{reason=\"no_listener\"} 7",
-            "lb_dropped_packets_total{reason=\"icmp_unmatched\"} 11",
-            "lb_dataplane_events_total{event=\"flow_insert_skipped\"} 13",
-            "lb_dataplane_events_total{event=\"pass_ttl_expired\"} 0",
-            "# TYPE lb_dataplane_events_total counter",
-            "lb_target_healthy{group=\"web\",target=\"198.18.2.11:8080\"} 0",
-            "lb_healthy_targets{group=\"web\"} 0",
-            "lb_unhealthy_targets{group=\"web\"} 0",
-            "lb_health_checks_total{group=\"web\",target=\"198.18.2.11:8080\",result=\"timeout\"} 1",
-            "lb_health_check_duration_seconds_bucket{le=\"0.005\"} 1",
-            "lb_health_check_duration_seconds_bucket{le=\"+Inf\"} 2",
-            "lb_health_check_duration_seconds_count 2",
-            "# TYPE lb_health_check_duration_seconds histogram",
-        ] {
-            assert!(page.lines().any(|l| l == line), "missing {line:?} in\n{page}");
-        }
-        // One line per counter: every drop reason and every event, each once.
-        for (name, label, list) in [
-            (
-                "lb_dropped_packets_total",
-                "reason",
-                &counter::DROP_REASONS[..],
-            ),
-            ("lb_dataplane_events_total", "event", &counter::EVENTS[..]),
-        ] {
-            for (_, value) in list {
-                let prefix = format!("{name}{{{label}=\"{value}\"}} ");
-                let n = page.lines().filter(|l| l.starts_with(&prefix)).count();
-                assert_eq!(n, 1, "{prefix}");
-            }
-        }
-    }
-}
+mod tests;

@@ -143,7 +143,7 @@ async fn metrics(State(commands): State<Commands>) -> Result<Response, Failure> 
     Ok((
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
         )],
         page,
     )

@@ -163,26 +163,27 @@ impl Agent {
                 }
             }
         }
-        let counters = self
-            .dp
-            .maps
-            .counters()
-            .unwrap_or([0; lb_common::counter::COUNT as usize]);
-        let mut page = metrics::render(&metrics::Inputs {
+        let interfaces = self.dp.attached.keys();
+        metrics::render(&metrics::Inputs {
             config: &self.ctl.config,
             model: &self.ctl.model,
             listener_stats,
-            counters,
+            counters: self.dp.maps.counters().ok(),
             active_flows: self.active_flows.clone(),
             health: &self.health_metrics,
             writes: metrics::MapWrites {
                 failed_reconciliations: self.failed_reconciliations,
                 in_doubt: self.ctl.reconciler.in_doubt(),
             },
-        });
-        let interfaces = self.dp.attached.keys().map(String::as_str);
-        metrics::render_reattachments(&mut page, interfaces, &self.dp.reattachments);
-        metrics::render_route_cache(&mut page, &self.route_cache.status());
-        page
+            reattachments: interfaces
+                .map(|n| {
+                    (
+                        n.clone(),
+                        self.dp.reattachments.get(n).copied().unwrap_or(0),
+                    )
+                })
+                .collect(),
+            route_cache: self.route_cache.status(),
+        })
     }
 }

@@ -160,7 +160,7 @@ async fn status_and_register_reach_the_loop_typed() {
     assert_eq!(reply.target, "web/[fd00::2]:8080");
     let (code, kind, body) = call(&app, "GET", "/metrics", "").await;
     assert_eq!(code, StatusCode::OK);
-    assert_eq!(kind, "text/plain; version=0.0.4");
+    assert_eq!(kind, crate::metrics::CONTENT_TYPE);
     assert_eq!(body, b"lb_up 1\n");
     drop(app);
     assert_eq!(
