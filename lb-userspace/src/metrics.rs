@@ -90,7 +90,7 @@ pub const DATAPLANE_FAMILIES: [CounterFamily; 9] = [
     },
     CounterFamily {
         name: "lb_flow_insert_failures",
-        help: "New flows the flow table refused (full); their packets are still forwarded.",
+        help: "Inserts the flow, reply-flow or reply-fragment table refused; the packets are still forwarded.",
         series: Series::One(counter::FLOW_INSERT_FAILED),
     },
     CounterFamily {
