@@ -544,8 +544,6 @@ impl Agent {
     /// One checker per target that is in use and not draining, restarted when its check
     /// changes; the others stopped.
     fn sync_checkers(&mut self) {
-        // Targets and groups gone take their health-check series with them.
-        self.health_metrics.prune(&self.ctl.config, &self.ctl.model);
         let config = &self.ctl.config;
         let mut wanted: HashMap<TargetKey, (Box<dyn health::ProbeBox>, Schedule, TargetState)> =
             HashMap::new();

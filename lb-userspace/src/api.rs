@@ -29,7 +29,7 @@ pub const REGISTER: &str = "/v1/targets/register";
 pub const DEREGISTER: &str = "/v1/targets/deregister";
 /// `POST /v1/reload`, no body, answer [`ReloadReply`].
 pub const RELOAD: &str = "/v1/reload";
-/// `GET /metrics`: the Prometheus text page.
+/// `GET /metrics`: the metrics page (OpenMetrics text).
 pub const METRICS: &str = "/metrics";
 
 /// A target to register or deregister.

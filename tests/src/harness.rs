@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use lb_userspace::{api::Status, health::TargetState, maps::KernelMaps};
 
 use crate::topology::{backend_addr, Topology};
@@ -343,12 +343,31 @@ impl Balancer {
             .join(" "))
     }
 
-    /// The value of one metric line (`name{labels}`), from the agent's metrics endpoint at
-    /// 127.0.0.1:9900 on the balancer.
-    pub fn metric(&self, series: &str) -> Result<f64> {
-        let page = self
+    /// The agent's metrics page, from its endpoint at 127.0.0.1:9900 on the balancer; an error
+    /// unless it is served as OpenMetrics text and complete (`# EOF`).
+    pub fn metrics_page(&self) -> Result<String> {
+        let out = self
             .topo
-            .exec("lb", "curl -s -m 3 http://127.0.0.1:9900/metrics")?;
+            .exec("lb", "curl -s -i -m 3 http://127.0.0.1:9900/metrics")?;
+        let (head, page) = out
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("no HTTP header in {out:?}"))?;
+        let kind = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim())
+        });
+        ensure!(
+            kind == Some(lb_userspace::metrics::CONTENT_TYPE),
+            "metrics served as {kind:?}:\n{head}"
+        );
+        ensure!(page.ends_with("\n# EOF\n"), "an incomplete page:\n{page}");
+        Ok(page.to_string())
+    }
+
+    /// The value of one metric line (`name{labels}`), from the agent's metrics page.
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        let page = self.metrics_page()?;
         page.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .with_context(|| format!("no {series} in\n{page}"))

@@ -242,6 +242,11 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
     );
 
     // Deregister backend 3: draining (no new flows), then removed after 2s.
+    assert!(
+        b.metric(
+            "lb_health_checks_total{group=\"web\",target=\"10.0.2.13:8080\",result=\"pass\"}"
+        )? >= 1.0
+    );
     let (code, text) = b.cli(&["targets", "deregister", "--group", "web", "10.0.2.13:8080"])?;
     assert_eq!(code, 0, "{text}");
     assert!(!b.table_targets(0)?.contains("10.0.2.13:8080"));
@@ -251,6 +256,16 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
         "backend 3 removed after deregistration_delay",
         || Ok(state(&b, "10.0.2.13:8080")?.is_none().then_some(())),
     )?;
+    // Its series left the metrics page with it (its health checks included); the others stay.
+    let page = b.metrics_page()?;
+    assert!(!page.contains("target=\"10.0.2.13:8080\""), "{page}");
+    assert!(
+        page.contains(
+            "lb_health_checks_total{group=\"web\",target=\"10.0.2.12:8080\",result=\"pass\"}"
+        ),
+        "{page}"
+    );
+    assert!(page.contains("lb_build_info{version="), "{page}");
 
     // Reload: an invalid file is refused and the running config stays; a valid one applies.
     let good = std::fs::read_to_string(&b.config_path)?;

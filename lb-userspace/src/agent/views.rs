@@ -163,34 +163,26 @@ impl Agent {
                 }
             }
         }
-        let counters = self
-            .dp
-            .maps
-            .counters()
-            .unwrap_or([0; lb_common::counter::COUNT as usize]);
-        let reattachments = self
-            .dp
-            .attached
-            .keys()
-            .map(|n| {
-                (
-                    n.clone(),
-                    self.dp.reattachments.get(n).copied().unwrap_or(0),
-                )
-            })
-            .collect();
+        let interfaces = self.dp.attached.keys();
         metrics::render(&metrics::Inputs {
             config: &self.ctl.config,
             model: &self.ctl.model,
             listener_stats,
-            counters,
+            counters: self.dp.maps.counters().ok(),
             active_flows: self.active_flows.clone(),
             health: &self.health_metrics,
             writes: metrics::MapWrites {
                 failed_reconciliations: self.failed_reconciliations,
                 in_doubt: self.ctl.reconciler.in_doubt(),
             },
-            reattachments,
+            reattachments: interfaces
+                .map(|n| {
+                    (
+                        n.clone(),
+                        self.dp.reattachments.get(n).copied().unwrap_or(0),
+                    )
+                })
+                .collect(),
             route_cache: self.route_cache.status(),
         })
     }
