@@ -29,6 +29,11 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     // The status page's test renders it in headless Chromium.
     "chromium",
+    // The package: cargo-deb works out its shared-library depends with dpkg-shlibdeps, and
+    // its test verifies the unit (systemd-analyze, which looks up its man pages with man).
+    "dpkg-dev",
+    "systemd",
+    "man-db",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Builds the Debian package (`cargo xtask package`); pinned: its `--profile dev` (the tests'
