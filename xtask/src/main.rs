@@ -34,6 +34,8 @@ const PACKAGES: &[&str] = &[
     "dpkg-dev",
     "systemd",
     "man-db",
+    // /etc/services: wrk (tests, bench) resolves the "http" of its URLs through it.
+    "netbase",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Builds the Debian package (`cargo xtask package`); pinned: its `--profile dev` (the tests'
