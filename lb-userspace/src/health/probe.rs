@@ -1,12 +1,13 @@
-//! TCP and HTTP probes. Each probe is bounded by its timeout end to end, and an HTTP probe reads
-//! at most `MAX_RESPONSE_HEAD` bytes: the status line and headers, never the body.
+//! TCP and HTTP probes. Each probe is bounded by its timeout end to end, and an HTTP probe (on
+//! hyper's client) reads at most `MAX_RESPONSE_HEAD` bytes: the status line and headers, never
+//! the body.
 
 use std::{future::Future, io, net::SocketAddr, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use http_body_util::Empty;
+use hyper::{body::Bytes, header, Request};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 use super::{Outcome, Reason};
 use crate::config::Matcher;
@@ -70,65 +71,52 @@ impl Probe for HttpProbe {
 }
 
 impl HttpProbe {
-    /// Connects, sends the request and reads the response head; the status code.
+    /// Connects, sends the request and reads the response head (hyper's HTTP/1 client on one
+    /// connection); the status code. The body is never read.
     async fn exchange(&self) -> Result<u16, Outcome> {
-        let mut stream = TcpStream::connect(self.addr)
+        let stream = TcpStream::connect(self.addr)
             .await
             .map_err(|e| connect_failed(&e))?;
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-agent/{} health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-            self.path,
-            self.addr,
-            env!("CARGO_PKG_VERSION")
-        );
-        stream
-            .write_all(request.as_bytes())
+        let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+            // As most servers and their logs spell them (`Host:`), not hyper's lower case.
+            .title_case_headers(true)
+            // The head must fit in this (hyper's smallest read buffer is 8 KiB).
+            .max_buf_size(MAX_RESPONSE_HEAD)
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
             .await
             .map_err(|e| failed(format!("sending the request: {e}")))?;
-        let mut head = Vec::with_capacity(1024);
-        let mut buf = [0u8; 2048];
-        loop {
-            let n = stream
-                .read(&mut buf)
-                .await
-                .map_err(|e| failed(format!("reading the response: {e}")))?;
-            if n == 0 {
-                return Err(failed(format!(
-                    "connection closed after {} bytes, before the response head ended",
-                    head.len()
-                )));
-            }
-            head.extend_from_slice(&buf[..n]);
-            if let Some(end) = find(&head, b"\r\n\r\n") {
-                return parse_status(&head[..end]);
-            }
-            if head.len() > MAX_RESPONSE_HEAD {
-                return Err(failed(format!(
-                    "response head longer than {MAX_RESPONSE_HEAD} bytes"
-                )));
-            }
+        // The connection runs as a task of its own until the head is in, and goes when the
+        // probe ends (also when its timeout drops it).
+        let connection = AbortOnDrop(tokio::spawn(connection));
+        let request = Request::get(self.path.as_str())
+            .header(header::HOST, self.addr.to_string())
+            .header(
+                header::USER_AGENT,
+                concat!("lb-agent/", env!("CARGO_PKG_VERSION"), " health-check"),
+            )
+            .header(header::ACCEPT, "*/*")
+            .header(header::CONNECTION, "close")
+            .body(Empty::new())
+            .map_err(|e| failed(format!("path {:?}: {e}", self.path)))?;
+        let answer = sender.send_request(request).await;
+        drop(connection);
+        match answer {
+            Ok(response) => Ok(response.status().as_u16()),
+            Err(e) if e.is_parse_too_large() => Err(failed(format!(
+                "response head longer than {MAX_RESPONSE_HEAD} bytes"
+            ))),
+            Err(e) if e.is_parse() => Err(failed(format!("not an HTTP/1.x response: {e}"))),
+            Err(e) => Err(failed(format!("reading the response: {e}"))),
         }
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-/// The status code of `HTTP/1.x NNN reason`.
-fn parse_status(head: &[u8]) -> Result<u16, Outcome> {
-    let line_end = find(head, b"\r\n").unwrap_or(head.len());
-    let line = String::from_utf8_lossy(&head[..line_end]);
-    let mut parts = line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    let code = parts.next().unwrap_or_default();
-    match (
-        version.starts_with("HTTP/1."),
-        code.len() == 3,
-        code.parse::<u16>(),
-    ) {
-        (true, true, Ok(status)) if (100..=599).contains(&status) => Ok(status),
-        _ => Err(failed(format!("not an HTTP/1.x status line: {line:?}"))),
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
