@@ -45,9 +45,12 @@ pub const MAP_SCRATCH: &str = "LB_SCRATCH";
 pub const MAP_ROUTE_EPOCH: &str = "LB_ROUTE_EPOCH";
 pub const MAP_NEXT_HOPS: &str = "LB_NEXT_HOPS";
 pub const MAP_ADDR_FILTER: &str = "LB_ADDR_FILTER";
+pub const MAP_FLOW_EVENTS: &str = "LB_FLOW_EVENTS";
+pub const MAP_TARGET_STATS: &str = "LB_TARGET_STATS";
+pub const MAP_TARGET_FAILS: &str = "LB_TARGET_FAILS";
 
 /// Every map the object defines (a test checks that each resolves in the loaded object).
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 25] = [
     MAP_CONFIG,
     MAP_VIPS,
     MAP_LISTENERS,
@@ -70,6 +73,9 @@ pub const ALL_MAPS: [&str; 22] = [
     MAP_ROUTE_EPOCH,
     MAP_NEXT_HOPS,
     MAP_ADDR_FILTER,
+    MAP_FLOW_EVENTS,
+    MAP_TARGET_STATS,
+    MAP_TARGET_FAILS,
 ];
 
 /// Listeners (and so VIP:port:protocol entries) the data plane holds.
@@ -97,5 +103,8 @@ pub const MAX_INTERFACES: u32 = 64;
 /// Entries of the per-CPU `LB_NEXT_HOPS` cache: the first half by target id (packets to
 /// targets), the second by a hash of the destination (replies to clients). A power of two.
 pub const NEXT_HOP_SLOTS: u32 = 4096;
+/// Bytes of the `LB_FLOW_EVENTS` ring buffer (a power of two of pages): 64k records of 128
+/// bytes with their header.
+pub const FLOW_EVENTS_BYTES: u32 = 8 << 20;
 /// Buckets of `LB_ADDR_FILTER`. A power of two.
 pub const ADDR_FILTER_BUCKETS: u32 = 4096;

@@ -72,6 +72,9 @@ const _: () = assert!(core::mem::size_of::<ListenerValue>() == 12);
 /// `allowed_sources` covers every address of the family: skip the trie lookup.
 pub const LISTENER_F_ALLOW_ALL_V4: u32 = 1;
 pub const LISTENER_F_ALLOW_ALL_V6: u32 = 2;
+/// Access logs are on for the listener: its flows count their packets and bytes and send
+/// their start and end to `LB_FLOW_EVENTS`.
+pub const LISTENER_F_ACCESS_LOG: u32 = 4;
 
 /// Data of an `LB_ALLOW_V4` trie key: the prefix length counts the 32 listener bits first.
 #[repr(C)]
@@ -169,6 +172,8 @@ pub const REVERSE_F_AMBIGUOUS: u32 = 1;
 /// listener's `allowed_sources`, or the packet is not a reply of balanced traffic.
 pub const REVERSE_F_ALLOW_ALL_V4: u32 = 2;
 pub const REVERSE_F_ALLOW_ALL_V6: u32 = 4;
+/// The endpoint's listener is access-logged: every reply updates its flow's entry.
+pub const REVERSE_F_ACCESS_LOG: u32 = 8;
 
 /// A flow's 5-tuple: key of `LB_FLOWS` (client → VIP) and of `LB_REPLY_FLOWS`
 /// (target → client).
@@ -220,12 +225,80 @@ pub struct FlowValue {
     /// `FLOW_F_*` bits.
     pub flags: u32,
     pub _pad: u32,
+    /// The rest is kept only for an access-logged flow (`FLOW_F_LOG`): when it started
+    /// (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE), and its packets and bytes (whole
+    /// frames as received) each way, client → target (`in`) and target → client (`out`).
+    pub start_ns: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 
 /// A FIN or RST was seen: the agent expires the entry after a short linger instead of the
 /// listener's idle timeout, and a new SYN on the same tuple is scheduled afresh.
 pub const FLOW_F_CLOSING: u32 = 1;
+/// The flow is access-logged (its listener has `LISTENER_F_ACCESS_LOG`): its packets and bytes
+/// are counted in the entry, and its start and end are sent to `LB_FLOW_EVENTS`.
+pub const FLOW_F_LOG: u32 = 2;
+/// The flow's end was sent to `LB_FLOW_EVENTS` (or the sweep logged it): never again.
+pub const FLOW_F_LOGGED: u32 = 4;
+/// A FIN from the client was seen.
+pub const FLOW_F_FIN_IN: u32 = 8;
+/// A FIN from the target was seen.
+pub const FLOW_F_FIN_OUT: u32 = 16;
+/// An RST was seen, either way.
+pub const FLOW_F_RST: u32 = 32;
+/// The target answered the connection (a SYN-ACK from it was seen).
+pub const FLOW_F_ANSWERED: u32 = 64;
+/// The client sent its SYN again before the target answered: counted once as unanswered.
+pub const FLOW_F_SYN_RETRIED: u32 = 128;
+
+/// Record of `LB_FLOW_EVENTS` (a BPF ring buffer): an access-logged flow started or ended.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `FLOW_EVENT_*`.
+    pub kind: u32,
+    /// `FLOW_END_*` for an end.
+    pub reason: u32,
+    /// When it happened (`bpf_ktime_get_coarse_ns`).
+    pub time_ns: u64,
+    pub key: FlowKey,
+    /// The entry as it was then (counters included).
+    pub value: FlowValue,
+}
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 120);
+
+pub const FLOW_EVENT_START: u32 = 1;
+pub const FLOW_EVENT_END: u32 = 2;
+
+/// Why a flow ended, as the data path (or the sweep) saw it.
+pub const FLOW_END_FIN: u32 = 1;
+pub const FLOW_END_RST: u32 = 2;
+pub const FLOW_END_IDLE: u32 = 3;
+/// Its target stopped forwarding (removed, or unhealthy with termination): the agent tells
+/// which from the cookie.
+pub const FLOW_END_TARGET_GONE: u32 = 4;
+pub const FLOW_END_EVICTED: u32 = 5;
+
+/// Value of `LB_TARGET_STATS` (per CPU, by target id): what the traffic says of a target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetStats {
+    /// Flows scheduled to it (flow-table entries created, or forwarded without one).
+    pub new_flows: u64,
+    /// TCP connections it answered (SYN-ACKs seen from it).
+    pub answered: u64,
+    /// RSTs it sent.
+    pub resets: u64,
+    /// Connections whose SYN the client sent again before the target answered.
+    pub syns_unanswered: u64,
+    /// Connections it refused: an RST before any SYN-ACK.
+    pub refused: u64,
+}
+const _: () = assert!(core::mem::size_of::<TargetStats>() == 40);
 
 /// `ns >> FLOW_TICK_SHIFT` is the tick count stored in `FlowValue::last_seen_ticks`.
 pub const FLOW_TICK_SHIFT: u32 = 30;
@@ -441,7 +514,9 @@ pub mod counter {
     /// forwarding disabled on the ingress interface, …); those packets are also counted as
     /// `PASS_FIB_OTHER`.
     pub const FIB_UNEXPECTED: u32 = 24;
-    pub const COUNT: u32 = 25;
+    /// Access-log records (flow starts and ends) lost because `LB_FLOW_EVENTS` was full.
+    pub const FLOW_EVENTS_LOST: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Prometheus `reason` label of each drop counter, by index.
     pub const DROP_REASONS: [(u32, &str); 11] = [
@@ -459,7 +534,7 @@ pub mod counter {
     ];
 
     /// Prometheus `event` label of every other counter, by index.
-    pub const EVENTS: [(u32, &str); 14] = [
+    pub const EVENTS: [(u32, &str); 15] = [
         (PASS_TTL_EXPIRED, "pass_ttl_expired"),
         (PASS_NO_NEIGHBOUR, "pass_no_neighbour"),
         (PASS_FIB_OTHER, "pass_fib_other"),
@@ -474,6 +549,7 @@ pub mod counter {
         (ICMP_TOO_BIG_SENT, "icmp_too_big_sent"),
         (REDIRECT_FAILED, "redirect_failed"),
         (FIB_UNEXPECTED, "fib_unexpected"),
+        (FLOW_EVENTS_LOST, "flow_events_lost"),
     ];
 }
 
@@ -532,4 +608,6 @@ mod pod {
     unsafe impl aya::Pod for IfaceValue {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for AddrBucket {}
+    unsafe impl aya::Pod for FlowEvent {}
+    unsafe impl aya::Pod for TargetStats {}
 }

@@ -3,12 +3,12 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     counter, hash, DataplaneConfig, FlowKey, FlowValue, ListenerValue, ReverseValue, TargetValue,
-    FLOW_F_CLOSING, FLOW_TICK_SHIFT, GROUP_F_STICKY_SOURCE, NO_TARGET, TARGET_DROP, TARGET_FORWARD,
-    TARGET_F_SHARED_ENDPOINT,
+    FLOW_F_CLOSING, FLOW_F_LOG, FLOW_TICK_SHIFT, GROUP_F_STICKY_SOURCE, LISTENER_F_ACCESS_LOG,
+    NO_TARGET, REVERSE_F_ACCESS_LOG, TARGET_DROP, TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT,
 };
 
 use crate::{
-    events,
+    conn, events,
     maps::{LB_FLOOD, LB_FLOWS, LB_GROUPS, LB_REPLY_FLOWS, LB_TABLES, LB_TARGETS},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
@@ -30,11 +30,6 @@ fn now_ns() -> u64 {
 #[inline(always)]
 fn ticks(ns: u64) -> u32 {
     (ns >> FLOW_TICK_SHIFT) as u32
-}
-
-#[inline(always)]
-fn closing(tcp_flags: u8) -> bool {
-    tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
 /// The flow's recorded target, when the entry still holds: `Ok(Some)` forward to it,
@@ -68,53 +63,66 @@ pub fn decide(
     listener: &ListenerValue,
     tcp_flags: u8,
     config: &DataplaneConfig,
+    len: u64,
 ) -> Result<Decision, u32> {
     let now = now_ns();
     if let Some(entry) = LB_FLOWS.get_ptr_mut(key) {
         // SAFETY: a live map value; concurrent updates of these u32 fields are benign.
         let entry = unsafe { &mut *entry };
-        if let Some(target) = recorded(entry, tcp_flags)? {
-            if entry.last_seen_ticks != ticks(now) {
-                entry.last_seen_ticks = ticks(now);
+        match recorded(entry, tcp_flags) {
+            Ok(Some(target)) => {
+                if entry.last_seen_ticks != ticks(now) {
+                    entry.last_seen_ticks = ticks(now);
+                }
+                if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 || entry.flags & FLOW_F_LOG != 0 {
+                    conn::from_client(entry, key, tcp_flags, len);
+                }
+                if target.flags & TARGET_F_SHARED_ENDPOINT != 0 {
+                    // Its reply-flow entry may have been evicted: replies need it.
+                    record_reply(key, target, listener, false, now, config);
+                }
+                return Ok(Decision {
+                    target_id: entry.target_id,
+                    target: *target,
+                    new_flow: false,
+                });
             }
-            if closing(tcp_flags) && entry.flags & FLOW_F_CLOSING == 0 {
-                entry.flags |= FLOW_F_CLOSING;
+            // Removed, rescheduled, or a new connection on a closed tuple: schedule afresh.
+            Ok(None) => conn::replaced(entry, key),
+            Err(drop) => {
+                conn::replaced(entry, key);
+                return Err(drop);
             }
-            if target.flags & TARGET_F_SHARED_ENDPOINT != 0 {
-                // Its reply-flow entry may have been evicted: replies need it.
-                record_reply(key, target, listener.listener_id, false, now, config);
-            }
-            return Ok(Decision {
-                target_id: entry.target_id,
-                target: *target,
-                new_flow: false,
-            });
         }
-        // Removed, rescheduled, or a new connection on a closed tuple: schedule afresh.
         count(counter::FLOWS_RESCHEDULED);
     }
     let (target_id, target) = schedule(key, listener, config)?;
+    conn::signal(target_id, conn::Signal::NewFlow);
     if insert_allowed(now, config.flow_insert_limit) {
+        let log = listener.flags & LISTENER_F_ACCESS_LOG != 0;
         let entry = FlowValue {
             target_id,
             target_cookie: target.cookie,
             listener_id: listener.listener_id,
             last_seen_ticks: ticks(now),
-            flags: if closing(tcp_flags) {
-                FLOW_F_CLOSING
-            } else {
-                0
-            },
+            flags: conn::first_flags(tcp_flags, log),
             _pad: 0,
+            start_ns: now,
+            packets_in: log as u64,
+            bytes_in: if log { len } else { 0 },
+            packets_out: 0,
+            bytes_out: 0,
         };
-        if let Err(e) = LB_FLOWS.insert(key, &entry, 0) {
-            events::insert_failed(events::Table::Flows, e);
+        match LB_FLOWS.insert(key, &entry, 0) {
+            Ok(()) if log => conn::started(key, &entry),
+            Ok(()) => {}
+            Err(e) => events::insert_failed(events::Table::Flows, e),
         }
     } else {
         count(counter::FLOW_INSERT_SKIPPED);
     }
     if target.flags & TARGET_F_SHARED_ENDPOINT != 0 {
-        record_reply(key, &target, listener.listener_id, true, now, config);
+        record_reply(key, &target, listener, true, now, config);
     }
     Ok(Decision {
         target_id,
@@ -205,7 +213,7 @@ fn insert_allowed(now_ns: u64, limit: u32) -> bool {
 fn record_reply(
     key: &FlowKey,
     target: &TargetValue,
-    listener_id: u32,
+    listener: &ListenerValue,
     new_flow: bool,
     now_ns: u64,
     config: &DataplaneConfig,
@@ -231,8 +239,12 @@ fn record_reply(
         vip_addr: key.dst_addr,
         vip_port_be: key.dst_port_be,
         _pad: 0,
-        listener_id,
-        flags: 0,
+        listener_id: listener.listener_id,
+        flags: if listener.flags & LISTENER_F_ACCESS_LOG != 0 {
+            REVERSE_F_ACCESS_LOG
+        } else {
+            0
+        },
     };
     if let Err(e) = LB_REPLY_FLOWS.insert(&reply_key, &value, 0) {
         events::insert_failed(events::Table::ReplyFlows, e);

@@ -5,6 +5,7 @@
 #![no_std]
 #![no_main]
 
+mod conn;
 mod events;
 mod flow;
 mod fwd;
@@ -22,7 +23,8 @@ use lb_common::{
     next_hop_slot_of_client, next_hop_slot_of_target, AllowV4, AllowV6, DataplaneConfig,
     EndpointKey, FlowKey, FragKey, FragValue, ListenerValue, ReverseValue, VipKey, CONFIG_F_READY,
     FAMILY_V4, FRAG_F_DROP, IFACE_F_TARGETS, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6,
-    PROTO_TCP, PROTO_UDP, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS,
+    PROTO_TCP, PROTO_UDP, REVERSE_F_ACCESS_LOG, REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6,
+    REVERSE_F_AMBIGUOUS,
 };
 
 use aya_ebpf::maps::lpm_trie::Key as LpmKey;
@@ -32,7 +34,7 @@ use maps::{
     LB_REPLY_FLOWS, LB_REPLY_FRAGS, LB_REVERSE, LB_SCRATCH, LB_VIPS,
 };
 use nat::End;
-use parse::{Packet, Ports, L3, L4_MASK};
+use parse::{Packet, Ports, L3, L4_MASK, TCP_FIN, TCP_RST, TCP_SYN};
 use stats::{count, traffic, Direction};
 
 /// A verdict that ends processing early, with the counter to bump (if any).
@@ -298,14 +300,11 @@ fn to_listener(
         return Err(Exit::PassCounted(counter::PASS_TTL_EXPIRED));
     }
     let key = flow_key(pkt, ports);
-    let decision = flow::decide(&key, &listener, ports.tcp_flags, config).map_err(Exit::Drop)?;
+    let len = frame_len(ctx);
+    let decision =
+        flow::decide(&key, &listener, ports.tcp_flags, config, len).map_err(Exit::Drop)?;
     let target = decision.target;
-    traffic(
-        listener.listener_id,
-        Direction::In,
-        frame_len(ctx),
-        decision.new_flow,
-    );
+    traffic(listener.listener_id, Direction::In, len, decision.new_flow);
     let route = fwd::route_cached(
         ctx,
         next_hop_slot_of_target(decision.target_id),
@@ -544,7 +543,23 @@ fn reply(ctx: &XdpContext, pkt: &Packet, frag: Option<u32>) -> Result<u32, Exit>
         remember_fragments(pkt, id, &reverse, 0);
         count(counter::REPLY_FRAGMENTS);
     }
-    traffic(reverse.listener_id, Direction::Out, frame_len(ctx), false);
+    let len = frame_len(ctx);
+    if ports.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
+        || reverse.flags & REVERSE_F_ACCESS_LOG != 0
+    {
+        // The flow's own key: client → VIP.
+        let key = FlowKey {
+            src_addr: pkt.dst,
+            dst_addr: reverse.vip_addr,
+            src_port_be: ports.dst_be,
+            dst_port_be: reverse.vip_port_be,
+            protocol: pkt.protocol,
+            family: pkt.family,
+            _pad: 0,
+        };
+        conn::from_target(&key, ports.tcp_flags, len);
+    }
+    traffic(reverse.listener_id, Direction::Out, len, false);
     finish(
         ctx,
         pkt,

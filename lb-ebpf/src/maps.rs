@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use lb_common::{
     counter, maps::*, AddrBucket, AllowV4, AllowV6, DataplaneConfig, EndpointKey, FlowKey,
     FlowValue, FragKey, FragValue, GroupValue, IfaceValue, InsertBudget, ListenerStats,
-    ListenerValue, NextHop, ReverseValue, TargetValue, VipKey, VipValue,
+    ListenerValue, NextHop, ReverseValue, TargetStats, TargetValue, VipKey, VipValue,
 };
 
 #[map]
@@ -66,3 +66,14 @@ pub static LB_NEXT_HOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(NE
 /// Per address bucket: are there VIPs / target endpoints here at all?
 #[map]
 pub static LB_ADDR_FILTER: Array<AddrBucket> = Array::with_max_entries(ADDR_FILTER_BUCKETS, 0);
+/// Starts and ends of access-logged flows (`lb_common::FlowEvent`), for the agent's access log.
+#[map]
+pub static LB_FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
+/// Per CPU, by target id: what the traffic says of each target (passive health signals).
+#[map]
+pub static LB_TARGET_STATS: PerCpuArray<TargetStats> =
+    PerCpuArray::with_max_entries(MAX_TARGETS, 0);
+/// By target id: connections that failed in a row (refused, or SYN unanswered), back to 0 at
+/// each answered one. Shared by every CPU.
+#[map]
+pub static LB_TARGET_FAILS: Array<u64> = Array::with_max_entries(MAX_TARGETS, 0);

@@ -42,6 +42,7 @@ fn value(n: u32, last_seen_ticks: u32) -> FlowValue {
         last_seen_ticks,
         flags: 0,
         _pad: 0,
+        ..Default::default()
     }
 }
 

@@ -90,6 +90,7 @@ fn flows(entries: u32, now: u32) -> (Vec<FlowKey>, Vec<FlowValue>) {
                     last_seen_ticks: seen,
                     flags: 0,
                     _pad: 0,
+                    ..Default::default()
                 },
             )
         })
