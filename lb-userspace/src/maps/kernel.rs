@@ -12,8 +12,10 @@ use std::{
 use super::{
     batch,
     epoch::RouteEpoch,
+    events::FlowEvents,
     flows::FlowTable,
     regions::{NoRoom, TableSpace},
+    signals::TargetSignals,
     typed_map, MapView, SourcePrefix, WriteError,
 };
 use anyhow::{anyhow, Context, Result};
@@ -56,6 +58,11 @@ pub struct KernelMaps {
     /// Held for the route watcher (`route_epoch`), and pinned with the rest.
     route_epoch: Array<MapData, u32>,
     next_hops: PerCpuArray<MapData, NextHop>,
+    /// Held for the access log (`flow_events`) and the passive health signals
+    /// (`target_signals`), and pinned with the rest.
+    flow_events: MapData,
+    target_stats: MapData,
+    target_fails: MapData,
     /// Where each group's two halves live in `LB_TABLES`.
     space: TableSpace,
     /// What this process last wrote to each (group, half): its base and slots. Unchanged slots
@@ -190,6 +197,9 @@ impl KernelMaps {
             addr_filter: typed!(MAP_ADDR_FILTER),
             route_epoch: typed!(MAP_ROUTE_EPOCH),
             next_hops: typed!(MAP_NEXT_HOPS),
+            flow_events: map_data(take(MAP_FLOW_EVENTS)?, MAP_FLOW_EVENTS)?,
+            target_stats: map_data(take(MAP_TARGET_STATS)?, MAP_TARGET_STATS)?,
+            target_fails: map_data(take(MAP_TARGET_FAILS)?, MAP_TARGET_FAILS)?,
             space,
             written: StdHashMap::new(),
         })
@@ -611,6 +621,19 @@ impl KernelMaps {
         )
     }
 
+    /// A reader of its own on `LB_FLOW_EVENTS` (a duplicated descriptor): the access log's.
+    pub fn flow_events(&self) -> Result<FlowEvents> {
+        FlowEvents::from_map(dup_data(&self.flow_events, MAP_FLOW_EVENTS)?)
+    }
+
+    /// Handles of its own on `LB_TARGET_STATS` and `LB_TARGET_FAILS`.
+    pub fn target_signals(&self) -> Result<TargetSignals> {
+        TargetSignals::from_maps(
+            dup_data(&self.target_stats, MAP_TARGET_STATS)?,
+            dup_data(&self.target_fails, MAP_TARGET_FAILS)?,
+        )
+    }
+
     pub fn flow_keys(&self) -> impl Iterator<Item = Result<FlowKey>> + '_ {
         self.flows.keys().map(|k| k.context("iterating LB_FLOWS"))
     }
@@ -653,6 +676,18 @@ fn dup(fd: &aya::maps::MapFd, name: &str) -> Result<MapData> {
         .try_clone_to_owned()
         .with_context(|| format!("duplicating the descriptor of {name}"))?;
     MapData::from_fd(owned).with_context(|| format!("reopening {name}"))
+}
+
+/// The handle inside `map`, for maps kept only to hand out handles of their own.
+fn map_data(map: Map, name: &str) -> Result<MapData> {
+    match map {
+        Map::RingBuf(d) | Map::PerCpuArray(d) | Map::Array(d) => Ok(d),
+        _ => Err(anyhow!("map {name} has an unexpected type")),
+    }
+}
+
+fn dup_data(data: &MapData, name: &str) -> Result<MapData> {
+    dup(data.fd(), name)
 }
 
 fn vip_key(ip: IpAddr) -> VipKey {

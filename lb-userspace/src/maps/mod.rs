@@ -19,17 +19,21 @@ use lb_common::{
 
 pub mod batch;
 mod epoch;
+mod events;
 mod fake;
 mod faulty;
 mod flows;
 mod kernel;
 pub mod regions;
+mod signals;
 
 pub use epoch::RouteEpoch;
+pub use events::FlowEvents;
 pub use fake::{Capacities, FakeMaps};
 pub use faulty::{Fault, FaultyMaps};
 pub use flows::{FlowCursor, FlowTable, FLOW_CHUNK};
 pub use kernel::KernelMaps;
+pub use signals::{Signals, TargetSignals};
 
 /// An `allowed_sources` prefix of one listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -205,6 +209,7 @@ pub(crate) fn typed_map(data: MapData) -> Result<Map> {
         MapType::PerCpuArray => Map::PerCpuArray(data),
         MapType::DevMapHash => Map::DevMapHash(data),
         MapType::ProgramArray => Map::ProgramArray(data),
+        MapType::RingBuf => Map::RingBuf(data),
         other => bail!("unexpected map type {other:?}"),
     })
 }
