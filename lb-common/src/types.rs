@@ -278,10 +278,12 @@ pub const FLOW_EVENT_END: u32 = 2;
 pub const FLOW_END_FIN: u32 = 1;
 pub const FLOW_END_RST: u32 = 2;
 pub const FLOW_END_IDLE: u32 = 3;
-/// Its target stopped forwarding (removed, or unhealthy with termination): the agent tells
-/// which from the cookie.
-pub const FLOW_END_TARGET_GONE: u32 = 4;
+/// Its target was removed (deregistered with `connection_termination_on_deregistration`, or
+/// its group went away).
+pub const FLOW_END_TARGET_REMOVED: u32 = 4;
 pub const FLOW_END_EVICTED: u32 = 5;
+/// Its target turned unhealthy, with `connection_termination_on_unhealthy`.
+pub const FLOW_END_TARGET_UNHEALTHY: u32 = 6;
 
 /// Value of `LB_TARGET_STATS` (per CPU, by target id): what the traffic says of a target.
 #[repr(C)]

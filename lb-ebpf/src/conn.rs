@@ -8,13 +8,13 @@
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    counter, FlowEvent, FlowKey, FlowValue, FLOW_END_FIN, FLOW_END_RST, FLOW_END_TARGET_GONE,
-    FLOW_EVENT_END, FLOW_EVENT_START, FLOW_F_ANSWERED, FLOW_F_CLOSING, FLOW_F_FIN_IN,
-    FLOW_F_FIN_OUT, FLOW_F_LOG, FLOW_F_LOGGED, FLOW_F_RST, FLOW_F_SYN_RETRIED,
+    counter, FlowEvent, FlowKey, FlowValue, FLOW_END_FIN, FLOW_END_RST, FLOW_END_TARGET_REMOVED,
+    FLOW_END_TARGET_UNHEALTHY, FLOW_EVENT_END, FLOW_EVENT_START, FLOW_F_ANSWERED, FLOW_F_CLOSING,
+    FLOW_F_FIN_IN, FLOW_F_FIN_OUT, FLOW_F_LOG, FLOW_F_LOGGED, FLOW_F_RST, FLOW_F_SYN_RETRIED,
 };
 
 use crate::{
-    maps::{LB_FLOWS, LB_FLOW_EVENTS, LB_TARGET_FAILS, LB_TARGET_STATS},
+    maps::{LB_FLOWS, LB_FLOW_EVENTS, LB_TARGETS, LB_TARGET_FAILS, LB_TARGET_STATS},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats::count,
 };
@@ -72,9 +72,9 @@ fn answered(target_id: u32) {
 }
 
 /// Sends a record of `kind` (`reason` for an end) about flow `key`, with its entry `value`
-/// and `flags` as its flags; a record the ring buffer has no room for is counted as lost.
+/// and `flags` as its flags; false when the ring buffer had no room for it (counted as lost).
 #[inline(always)]
-pub fn event(kind: u32, reason: u32, key: &FlowKey, value: &FlowValue, flags: u32) {
+pub fn event(kind: u32, reason: u32, key: &FlowKey, value: &FlowValue, flags: u32) -> bool {
     match LB_FLOW_EVENTS.reserve::<FlowEvent>(0) {
         Some(mut record) => {
             let p = record.as_mut_ptr();
@@ -89,8 +89,12 @@ pub fn event(kind: u32, reason: u32, key: &FlowKey, value: &FlowValue, flags: u3
                 (*p).value.flags = flags;
             }
             record.submit(0);
+            true
         }
-        None => count(counter::FLOW_EVENTS_LOST),
+        None => {
+            count(counter::FLOW_EVENTS_LOST);
+            false
+        }
     }
 }
 
@@ -120,7 +124,8 @@ pub fn started(key: &FlowKey, entry: &FlowValue) {
 
 /// With `f` the flow's flags after a packet with `tcp_flags`: when that packet ended the flow
 /// (an RST, or the first packet without FIN once both sides sent theirs), sends its end; the
-/// flags to keep.
+/// flags to keep. An end the ring buffer had no room for is not marked logged: the sweep
+/// logs it when it removes the entry.
 #[inline(always)]
 fn ended(entry: &FlowValue, key: &FlowKey, f: u32, tcp_flags: u8) -> u32 {
     if f & FLOW_F_LOGGED != 0 {
@@ -134,8 +139,11 @@ fn ended(entry: &FlowValue, key: &FlowKey, f: u32, tcp_flags: u8) -> u32 {
     } else {
         return f;
     };
-    event(FLOW_EVENT_END, reason, key, entry, f | FLOW_F_LOGGED);
-    f | FLOW_F_LOGGED
+    if event(FLOW_EVENT_END, reason, key, entry, f | FLOW_F_LOGGED) {
+        f | FLOW_F_LOGGED
+    } else {
+        f
+    }
 }
 
 /// A client's packet of a flow whose entry holds (its target still forwarding): only called
@@ -220,8 +228,15 @@ pub fn replaced(entry: &mut FlowValue, key: &FlowKey) {
     } else if f & FLOW_F_CLOSING != 0 {
         FLOW_END_FIN
     } else {
-        FLOW_END_TARGET_GONE
+        // A live target's value names its address; a removed one's (a tombstone) does not.
+        match LB_TARGETS.get(entry.target_id) {
+            Some(t) if t.cookie == entry.target_cookie && t.family != 0 => {
+                FLOW_END_TARGET_UNHEALTHY
+            }
+            _ => FLOW_END_TARGET_REMOVED,
+        }
     };
-    event(FLOW_EVENT_END, reason, key, entry, f | FLOW_F_LOGGED);
-    entry.flags = f | FLOW_F_LOGGED;
+    if event(FLOW_EVENT_END, reason, key, entry, f | FLOW_F_LOGGED) {
+        entry.flags = f | FLOW_F_LOGGED;
+    }
 }

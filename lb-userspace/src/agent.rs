@@ -32,6 +32,7 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    access_log::{self, AccessLog},
     config::{self, Config},
     control::Controller,
     daemon,
@@ -108,6 +109,10 @@ struct Agent {
     links: Option<LinkWatcher>,
     /// The route epoch of the next-hop cache (its watcher runs as a task of its own).
     route_cache: RouteCache,
+    /// The access log's thread (None: its ring buffer could not be opened), and the names it
+    /// was last sent.
+    access_log: Option<AccessLog>,
+    log_names: access_log::Names,
 }
 
 /// Tables built off the runtime thread, by spec.
@@ -266,7 +271,22 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .map_err(|e| warn!(error = %format!("{e:#}"), "not watching interfaces: an interface deleted and made again is not re-attached"))
             .ok(),
         route_cache,
+        access_log: None,
+        log_names: access_log::Names::default(),
     };
+    agent.access_log = agent
+        .dp
+        .maps
+        .flow_events()
+        .and_then(|events| {
+            AccessLog::start(
+                events,
+                agent.ctl.config.agent.access_log.clone(),
+                access_log::Names::default(),
+            )
+        })
+        .map_err(|e| warn!(error = %format!("{e:#}"), "no access log: its events cannot be read"))
+        .ok();
     agent.lookup_new_routes();
     agent.apply(now, "start");
     // From now on tables are built off the runtime thread: probes and API calls go on.
@@ -319,6 +339,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             _ = sighup.recv() => {
                 daemon::reloading();
+                if let Some(log) = &agent.access_log {
+                    log.reopen(); // after logrotate moved it
+                }
                 if agent.reload().is_err() {
                     warn!("SIGHUP: reload rejected; the running config stays");
                     daemon::reload_rejected(&agent.ctl.config);
@@ -407,7 +430,34 @@ impl Agent {
     fn apply(&mut self, now: Instant, why: &str) -> Option<Duration> {
         let result = self.reconcile_now(now, why);
         self.start_builds();
+        self.update_log_names();
         result
+    }
+
+    /// Tells the access log the names of listeners and targets, when they changed.
+    fn update_log_names(&mut self) {
+        let Some(log) = &self.access_log else {
+            return;
+        };
+        let model = &self.ctl.model;
+        let names = access_log::Names {
+            listeners: self
+                .ctl
+                .config
+                .listeners
+                .iter()
+                .filter_map(|l| Some((model.listener_ids.get(&l.name)?, l.name.clone())))
+                .collect(),
+            targets: model
+                .targets
+                .iter()
+                .map(|(k, t)| (t.id, (t.cookie, k.clone())))
+                .collect(),
+        };
+        if names != self.log_names {
+            log.set_names(names.clone());
+            self.log_names = names;
+        }
     }
 
     fn reconcile_now(&mut self, now: Instant, why: &str) -> Option<Duration> {

@@ -6,6 +6,7 @@
 //! accept them, so an older client reads a newer agent.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
 };
@@ -156,6 +157,24 @@ pub struct DatapathStatus {
     /// counters could not be read.
     #[serde(default)]
     pub drops: Vec<Drops>,
+    /// The access log (`agent.access_log`); null when it is off.
+    #[serde(default)]
+    pub access_log: Option<AccessLogStatus>,
+}
+
+/// The access log's counters since the agent started (`lb_access_log_*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessLogStatus {
+    pub path: String,
+    /// Records written, by close reason.
+    pub records: BTreeMap<String, u64>,
+    /// Records that could not be written (the file could not be opened or written).
+    pub write_errors: u64,
+    /// Flow starts and ends the data path could not send (its ring buffer was full), since
+    /// the data plane was loaded; null when the counters could not be read.
+    pub events_lost: Option<u64>,
+    /// Logged flows whose start was seen and whose end was not yet.
+    pub open_flows: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +273,13 @@ mod tests {
                     reason: "not_allowed".into(),
                     packets: 7,
                 }],
+                access_log: Some(AccessLogStatus {
+                    path: "/var/log/lb-agent/access.log".into(),
+                    records: [("fin".to_string(), 9), ("rst".to_string(), 1)].into(),
+                    write_errors: 0,
+                    events_lost: Some(0),
+                    open_flows: 3,
+                }),
             },
         }
     }

@@ -298,6 +298,7 @@ mod tests {
                     changes: 0,
                 },
                 drops: vec![],
+                access_log: None,
             },
         };
         let table = status_table(&status);

@@ -58,7 +58,8 @@ pub struct Refused {
 }
 
 /// `[agent]` keys a reload applies; the others need a restart.
-pub const RELOADABLE_AGENT_KEYS: [&str; 2] = ["target_interfaces", "flow_insert_limit"];
+pub const RELOADABLE_AGENT_KEYS: [&str; 3] =
+    ["target_interfaces", "flow_insert_limit", "access_log"];
 
 /// The `[agent]` a reload runs with: the running one with the new file's reloadable keys, and
 /// notes on what it leaves for the next start. `target_interfaces` naming an interface XDP is
@@ -67,6 +68,7 @@ pub fn reloaded_agent(running: &AgentConfig, new: &AgentConfig) -> (AgentConfig,
     let mut agent = running.clone();
     let mut notes = Vec::new();
     agent.flow_insert_limit = new.flow_insert_limit;
+    agent.access_log = new.access_log.clone();
     let attached = new
         .target_interfaces
         .iter()
@@ -81,6 +83,7 @@ pub fn reloaded_agent(running: &AgentConfig, new: &AgentConfig) -> (AgentConfig,
     }
     let mut rest = new.clone();
     rest.flow_insert_limit = agent.flow_insert_limit;
+    rest.access_log = agent.access_log.clone();
     rest.target_interfaces = agent.target_interfaces.clone();
     if rest != agent {
         notes.push(format!(

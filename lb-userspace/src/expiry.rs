@@ -12,7 +12,9 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{FlowKey, FLOW_F_CLOSING, FLOW_TICK_SHIFT, PROTO_UDP};
+use lb_common::{
+    FlowKey, FlowValue, FLOW_F_CLOSING, FLOW_F_LOG, FLOW_F_LOGGED, FLOW_TICK_SHIFT, PROTO_UDP,
+};
 use tracing::warn;
 
 use crate::maps::{FlowTable, FLOW_CHUNK};
@@ -35,6 +37,8 @@ pub struct ExpiryPlan {
     pub listeners: HashMap<u32, ListenerTimeouts>,
     /// Target id → (address words, port in network order).
     pub targets: HashMap<u32, ([u32; 4], u16)>,
+    /// The access log is on: report access-logged flows (`Sweep::logged`).
+    pub access_log: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,18 +46,38 @@ pub struct Sweep {
     pub expired: usize,
     /// Listener name → live flow entries.
     pub active: BTreeMap<String, u64>,
+    /// With `ExpiryPlan::access_log`: what the access log learns from the pass.
+    pub logged: LoggedFlows,
+}
+
+/// The access-logged flows a sweep saw (`crate::access_log`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoggedFlows {
+    /// When the pass began (CLOCK_MONOTONIC_COARSE ns): a logged flow that started before
+    /// and is neither in `live` nor in `ended` was evicted. 0: the pass did not look at every
+    /// entry (access log off, or it stopped on an error), so nothing can be said of evictions.
+    pub began_ns: u64,
+    /// Entries it removed whose end was not logged yet (the data path marks the ones it
+    /// logged): idle, or closed without a last packet after the FINs.
+    pub ended: Vec<(FlowKey, FlowValue)>,
+    /// Logged flows it left in the table.
+    pub live: HashSet<FlowKey>,
 }
 
 /// The tick the XDP program stamps now (`bpf_ktime_get_coarse_ns() >> FLOW_TICK_SHIFT`).
 pub fn now_ticks() -> u32 {
+    (now_coarse_ns() >> FLOW_TICK_SHIFT) as u32
+}
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of the XDP program's `bpf_ktime_get_coarse_ns`.
+pub fn now_coarse_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: a valid out-parameter.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
-    (ns >> FLOW_TICK_SHIFT) as u32
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Ticks a flow may idle for `d` (rounded up, plus one for the stamp's own coarseness).
@@ -81,8 +105,12 @@ pub fn reply_key(key: &FlowKey, addr: [u32; 4], port_be: u16) -> FlowKey {
 /// returned.
 pub fn sweep(table: &mut FlowTable, plan: &ExpiryPlan, now: u32) -> Sweep {
     let mut out = Sweep::default();
-    if let Err(e) = sweep_chunks(table, plan, now, FLOW_CHUNK, &mut out) {
-        warn!("idle-flow sweep stopped: {e:#}");
+    let began_ns = now_coarse_ns();
+    match sweep_chunks(table, plan, now, FLOW_CHUNK, &mut out) {
+        Ok(()) if plan.access_log => out.logged.began_ns = began_ns,
+        Ok(()) => {}
+        // A partial pass cannot tell evicted flows from unvisited ones.
+        Err(e) => warn!("idle-flow sweep stopped: {e:#}"),
     }
     out
 }
@@ -134,13 +162,20 @@ fn sweep_chunks(
             } else {
                 idle
             };
+            let logged = plan.access_log && v.flags & FLOW_F_LOG != 0;
             if now.wrapping_sub(v.last_seen_ticks) > ticks(idle) {
                 expired.push(*key);
+                if logged && v.flags & FLOW_F_LOGGED == 0 {
+                    out.logged.ended.push((*key, *v));
+                }
                 if let Some(&(addr, port_be)) = plan.targets.get(&v.target_id) {
                     replies.push(reply_key(key, addr, port_be));
                 }
             } else {
                 *active.entry(v.listener_id).or_default() += 1;
+                if logged {
+                    out.logged.live.insert(*key);
+                }
             }
         }
         // The walk has left these entries' buckets: removing them does not disturb it.

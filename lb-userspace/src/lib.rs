@@ -1,6 +1,7 @@
 //! The agent's library: config, health checks, target model, desired state, reconciler, map
 //! writer and the control API. The `lb-agent` binary and the tests use the same code.
 
+pub mod access_log;
 pub mod agent;
 pub mod api;
 pub mod cli;

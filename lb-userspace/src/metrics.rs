@@ -30,6 +30,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    api::AccessLogStatus,
     config::Config,
     health::TargetState,
     model::{Model, TargetKey},
@@ -66,7 +67,7 @@ pub enum Series {
 /// before the families of [`DATAPLANE_FAMILIES`] (a duplicate, for compatibility).
 pub const COMPAT_EVENTS: &str = "lb_dataplane_events";
 
-pub const DATAPLANE_FAMILIES: [CounterFamily; 9] = [
+pub const DATAPLANE_FAMILIES: [CounterFamily; 10] = [
     CounterFamily {
         name: "lb_dropped_packets",
         help: "Packets dropped by the XDP program, by reason.",
@@ -127,6 +128,11 @@ pub const DATAPLANE_FAMILIES: [CounterFamily; 9] = [
         name: "lb_fib_unexpected_answers",
         help: "FIB answers the XDP program has no case for (blackhole, unreachable or prohibited route, forwarding disabled, ...); those packets are passed (reason fib_other).",
         series: Series::One(counter::FIB_UNEXPECTED),
+    },
+    CounterFamily {
+        name: "lb_access_log_events_lost",
+        help: "Access-logged flow starts and ends the XDP program could not send because its ring buffer was full (an end lost this way is logged by the sweep instead, with reason from the entry's flags).",
+        series: Series::One(counter::FLOW_EVENTS_LOST),
     },
 ];
 
@@ -243,6 +249,8 @@ pub struct Inputs<'a> {
     /// Attached interface → times XDP was attached to it afresh since the agent started.
     pub reattachments: BTreeMap<String, u64>,
     pub route_cache: RouteCacheStatus,
+    /// The access log's counters, when it is on.
+    pub access_log: Option<AccessLogStatus>,
 }
 
 /// The page: every family, then `# EOF`.
@@ -292,6 +300,7 @@ struct Snapshot {
     writes: MapWrites,
     reattachments: Vec<(String, u64)>,
     route_cache: RouteCacheStatus,
+    access_log: Option<AccessLogStatus>,
 }
 
 impl Snapshot {
@@ -343,6 +352,7 @@ impl Snapshot {
                 .map(|(n, c)| (n.clone(), *c))
                 .collect(),
             route_cache: i.route_cache.clone(),
+            access_log: i.access_log.clone(),
         }
     }
 }
@@ -419,6 +429,28 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(l, n)| ([("listener", l.as_str())], gauge(*n))),
         )?;
+        if let Some(log) = &self.access_log {
+            family(
+                &mut e,
+                "lb_access_log_records",
+                "Access-log records written, by close reason (fin, rst, idle_timeout, target_removed, target_unhealthy, evicted).",
+                log.records
+                    .iter()
+                    .map(|(r, n)| ([("reason", r.as_str())], ConstCounter::new(*n))),
+            )?;
+            single(
+                &mut e,
+                "lb_access_log_write_errors",
+                "Access-log records that could not be written (the file could not be opened or written).",
+                ConstCounter::new(log.write_errors),
+            )?;
+            single(
+                &mut e,
+                "lb_access_log_open_flows",
+                "Access-logged flows whose start was seen and whose end was not yet.",
+                gauge(log.open_flows),
+            )?;
+        }
         if let Some(counters) = &self.counters {
             for f in &DATAPLANE_FAMILIES {
                 let value = |index: u32| ConstCounter::new(counters[index as usize]);

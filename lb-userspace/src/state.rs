@@ -24,9 +24,9 @@ use std::{
 use lb_common::{
     addr, AddrBucket, DataplaneConfig, EndpointKey, IfaceValue, ListenerValue, ReverseValue,
     TargetValue, VipValue, CONFIG_F_READY, GROUP_F_STICKY_SOURCE, IFACE_F_TARGETS,
-    LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, REVERSE_F_ALLOW_ALL_V4,
-    REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS, TARGET_DROP, TARGET_FORWARD,
-    TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
+    LISTENER_F_ACCESS_LOG, LISTENER_F_ALLOW_ALL_V4, LISTENER_F_ALLOW_ALL_V6, REVERSE_F_ACCESS_LOG,
+    REVERSE_F_ALLOW_ALL_V4, REVERSE_F_ALLOW_ALL_V6, REVERSE_F_AMBIGUOUS, TARGET_DROP,
+    TARGET_FORWARD, TARGET_F_SHARED_ENDPOINT, TARGET_RESCHEDULE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -92,9 +92,13 @@ pub fn identity(ip: IpAddr, port: u16) -> Vec<u8> {
     id
 }
 
-/// The `REVERSE_F_ALLOW_ALL_*` bits of a reply endpoint's one listener, from its flags.
+/// The `REVERSE_F_ALLOW_ALL_*` and `REVERSE_F_ACCESS_LOG` bits of a reply endpoint's one
+/// listener, from its flags.
 pub fn reverse_allow_flags(listener_flags: u32) -> u32 {
     let mut f = 0;
+    if listener_flags & LISTENER_F_ACCESS_LOG != 0 {
+        f |= REVERSE_F_ACCESS_LOG;
+    }
     if listener_flags & LISTENER_F_ALLOW_ALL_V4 != 0 {
         f |= REVERSE_F_ALLOW_ALL_V4;
     }
@@ -281,6 +285,9 @@ pub fn desired(
             .iter()
             .any(|c| c.len == 0 && c.addr.is_ipv6());
         let mut flags = 0;
+        if l.access_log && !config.agent.access_log.is_empty() {
+            flags |= LISTENER_F_ACCESS_LOG;
+        }
         if all_v4 {
             flags |= LISTENER_F_ALLOW_ALL_V4;
         }

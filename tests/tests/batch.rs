@@ -346,6 +346,7 @@ fn sweep_case(what: &str, has_reply: fn(usize) -> bool) {
     let plan = ExpiryPlan {
         listeners: [(0, timeouts("l0")), (1, timeouts("l1"))].into(),
         targets: targets.clone(),
+        access_log: false,
     };
     let s = expiry::sweep(&mut table, &plan, now + 1);
     // Even flows (listener 0) expired; odd ones (listener 1) live.

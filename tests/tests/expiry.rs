@@ -40,6 +40,7 @@ fn flows_expire_after_their_listeners_idle_timeout() {
     let plan = ExpiryPlan {
         listeners: [(0, timeouts("web-tcp")), (1, timeouts("web-udp"))].into(),
         targets: Default::default(),
+        access_log: false,
     };
     let mut table = w.maps.flow_table().expect("flow table handles");
     let now = expiry::now_ticks();

@@ -120,6 +120,11 @@ impl Agent {
             return Err(Failure::bad_request(format!("{e:#}")));
         }
         self.lookup_new_routes();
+        if let Some(log) = &self.access_log {
+            // A new path, or (logrotate) the same file moved away: write to the path afresh.
+            log.set_path(self.ctl.config.agent.access_log.clone());
+            log.reopen();
+        }
         let took = self.apply(now, "reload");
         self.sync_checkers();
         for n in &notes {

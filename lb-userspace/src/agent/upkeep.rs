@@ -82,6 +82,7 @@ impl Agent {
                 .iter()
                 .map(|(&id, t)| (id, (t.addr, t.port_be)))
                 .collect(),
+            access_log: self.access_log.is_some() && !self.ctl.config.agent.access_log.is_empty(),
         };
         let done = done.clone();
         tokio::task::spawn_blocking(move || {
@@ -188,5 +189,8 @@ impl Agent {
         }
         self.active_flows = sweep.active;
         self.flow_table = Some(table);
+        if let Some(log) = &self.access_log {
+            log.swept(sweep.logged);
+        }
     }
 }

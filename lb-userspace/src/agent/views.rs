@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::Agent;
 use crate::{
     api::{
-        DatapathStatus, Drops, GroupStatus, InterfaceStatus, LastCheck, ListenerStatus, MapsStatus,
-        Status, TargetStatus, Traffic,
+        AccessLogStatus, DatapathStatus, Drops, GroupStatus, InterfaceStatus, LastCheck,
+        ListenerStatus, MapsStatus, Status, TargetStatus, Traffic,
     },
     health::TargetState,
     metrics,
@@ -111,7 +111,8 @@ impl Agent {
                 }
             })
             .collect();
-        let drops = match self.dp.maps.counters() {
+        let counters = self.dp.maps.counters();
+        let drops = match &counters {
             Ok(counters) => lb_common::counter::DROP_REASONS
                 .iter()
                 .map(|&(i, reason)| Drops {
@@ -136,8 +137,20 @@ impl Agent {
                 },
                 route_cache: self.route_cache.status(),
                 drops,
+                access_log: self.access_log_status(counters.ok().as_ref()),
             },
         }
+    }
+
+    /// The access log's counters, when it is on.
+    pub(super) fn access_log_status(
+        &self,
+        counters: Option<&[u64; lb_common::counter::COUNT as usize]>,
+    ) -> Option<AccessLogStatus> {
+        let path = &self.ctl.config.agent.access_log;
+        let log = self.access_log.as_ref().filter(|_| !path.is_empty())?;
+        let lost = counters.map(|c| c[lb_common::counter::FLOW_EVENTS_LOST as usize]);
+        Some(log.stats.status(path, lost))
     }
 
     /// A listener's counters (None when they cannot be read).
@@ -169,6 +182,7 @@ impl Agent {
             model: &self.ctl.model,
             listener_stats,
             counters: self.dp.maps.counters().ok(),
+            access_log: self.access_log_status(None),
             active_flows: self.active_flows.clone(),
             health: &self.health_metrics,
             writes: metrics::MapWrites {

@@ -65,6 +65,9 @@ pub struct AgentConfig {
     /// links do not change and no policy routing makes answers depend on more than the
     /// destination (`crate::route_epoch`). false: a FIB lookup for every packet.
     pub route_cache: bool,
+    /// Where the access log goes: one JSON line per finished flow of the listeners that have
+    /// `access_log` on (reopened on SIGHUP, for logrotate). "": off.
+    pub access_log: String,
 }
 
 impl Default for AgentConfig {
@@ -80,6 +83,7 @@ impl Default for AgentConfig {
             target_interfaces: None,
             flow_insert_limit: lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT,
             route_cache: true,
+            access_log: String::new(),
         }
     }
 }
@@ -120,6 +124,10 @@ pub struct ListenerConfig {
     /// tcp: 350s, udp (and tcp_udp's UDP flows): 120s.
     #[serde(default)]
     pub idle_timeout: Option<Duration>,
+    /// Log this listener's flows when `agent.access_log` is set (the default); false: not
+    /// logged, and its packets pay nothing for it.
+    #[serde(default = "default_true")]
+    pub access_log: bool,
 }
 
 fn default_protocol() -> Protocol {

@@ -21,7 +21,7 @@ impl FlowEvents {
     }
 
     /// The next record, if one is waiting (records of another size are skipped).
-    pub fn next(&mut self) -> Option<FlowEvent> {
+    pub fn next_event(&mut self) -> Option<FlowEvent> {
         loop {
             let item = self.ring.next()?;
             if item.len() == size_of::<FlowEvent>() {

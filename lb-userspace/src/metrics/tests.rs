@@ -162,6 +162,16 @@ impl World {
             writes: MapWrites::default(),
             reattachments: BTreeMap::new(),
             route_cache: RouteCacheStatus::default(),
+            access_log: Some(crate::api::AccessLogStatus {
+                path: "/var/log/lb-agent/access.log".into(),
+                records: crate::access_log::REASONS
+                    .iter()
+                    .map(|r| (r.to_string(), 1))
+                    .collect(),
+                write_errors: 0,
+                events_lost: Some(0),
+                open_flows: 2,
+            }),
         }
     }
 

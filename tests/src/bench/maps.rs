@@ -69,6 +69,7 @@ fn plan() -> ExpiryPlan {
                 )
             })
             .collect(),
+        access_log: false,
     }
 }
 

@@ -32,6 +32,7 @@ fn status() -> Status {
             },
             route_cache: RouteCacheStatus::default(),
             drops: vec![],
+            access_log: None,
         },
     }
 }
