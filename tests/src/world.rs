@@ -192,12 +192,22 @@ impl World {
 
     /// As `new`, with a flow table of `flow_table` entries.
     pub fn with_flow_table(flow_table: u32) -> Result<Self> {
+        Self::build(flow_table, "")
+    }
+
+    /// As `new`, with `agent.access_log` set: every fixture listener's flows are logged.
+    pub fn with_access_log() -> Result<Self> {
+        Self::build(4096, "access_log = \"/dev/null\"\n")
+    }
+
+    /// `agent_keys`: more `[agent]` lines for the fixture config.
+    fn build(flow_table: u32, agent_keys: &str) -> Result<Self> {
         let mut ebpf = dataplane::load(MapSizes {
             flow_table,
             table_slots: GROUPS * 2 * TABLE_SIZE,
         })?;
         let mut maps = KernelMaps::new(&mut ebpf)?;
-        let controller = provision(&mut maps)?;
+        let controller = provision(&mut maps, agent_keys)?;
         let cookies = controller
             .model
             .targets
@@ -290,8 +300,8 @@ impl World {
 }
 
 /// Provisions the fixture world through the agent's config loader, controller and reconciler.
-fn provision(maps: &mut KernelMaps) -> Result<Controller> {
-    let text = config_text();
+fn provision(maps: &mut KernelMaps, agent_keys: &str) -> Result<Controller> {
+    let text = config_text().replacen("\n", &format!("\n{agent_keys}"), 1);
     let config = config::parse(&text, "fixtures.toml")
         .with_context(|| format!("the fixture config:\n{text}"))?;
     let interfaces = BTreeMap::from([
