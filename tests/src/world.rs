@@ -197,7 +197,12 @@ impl World {
 
     /// As `new`, with `agent.access_log` set: every fixture listener's flows are logged.
     pub fn with_access_log() -> Result<Self> {
-        Self::build(4096, "access_log = \"/dev/null\"\n")
+        Self::build_with_access_log(4096)
+    }
+
+    /// As `with_access_log`, with a flow table of `flow_table` entries.
+    pub fn build_with_access_log(flow_table: u32) -> Result<Self> {
+        Self::build(flow_table, "access_log = \"/dev/null\"\n")
     }
 
     /// `agent_keys`: more `[agent]` lines for the fixture config.

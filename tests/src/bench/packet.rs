@@ -24,6 +24,8 @@ struct Case {
     expect: u32,
     /// `flow_insert_limit` while the case runs.
     insert_limit: u32,
+    /// Runs in the world with `agent.access_log` set (every listener logged).
+    logged: bool,
 }
 
 /// The insert budget is checked on every new flow but never reached.
@@ -71,6 +73,16 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
         lab.cli,
         &Packet::tcp(CLIENT4, 39999, VIP4, 80, TCP_SYN).bytes(),
     )?;
+    // The same paths with the access log on: the flow's counters, its start event, and a
+    // flow lookup per reply.
+    let mut logged = World::build_with_access_log(DEFAULT_FLOW_TABLE_SIZE)?;
+    logged.run(
+        lab.cli,
+        &Packet::tcp(CLIENT4, 39999, VIP4, 80, TCP_SYN).bytes(),
+    )?;
+    let mut ring = logged.maps.flow_events()?;
+    let syn_logged = Packet::tcp(CLIENT4, 40000, VIP4, 80, TCP_SYN).bytes();
+    let established_logged = established.clone();
     let cases = [
         Case {
             name: "new TCP flow (flow-table miss + insert)",
@@ -86,6 +98,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             ingress_backend: false,
             expect: 4,
             insert_limit: NEVER_REACHED,
+            logged: false,
         },
         Case {
             name: "new TCP flow past the insert budget (no insert)",
@@ -99,6 +112,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             ingress_backend: false,
             expect: 4,
             insert_limit: 1,
+            logged: false,
         },
         Case {
             name: "established flow (hit)",
@@ -106,6 +120,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             ingress_backend: false,
             expect: 4,
             insert_limit: NEVER_REACHED,
+            logged: false,
         },
         Case {
             name: "reply (reverse NAT)",
@@ -113,6 +128,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             ingress_backend: true,
             expect: 4,
             insert_limit: NEVER_REACHED,
+            logged: false,
         },
         Case {
             name: "ICMP frag-needed to a VIP (to the flow's target)",
@@ -120,6 +136,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             ingress_backend: false,
             expect: 4,
             insert_limit: NEVER_REACHED,
+            logged: false,
         },
         Case {
             name: "non-VIP pass",
@@ -127,6 +144,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             ingress_backend: false,
             expect: 2,
             insert_limit: NEVER_REACHED,
+            logged: false,
         },
         Case {
             name: "dropped (VIP, no listener)",
@@ -134,6 +152,37 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
             ingress_backend: false,
             expect: 1,
             insert_limit: NEVER_REACHED,
+            logged: false,
+        },
+        Case {
+            name: "new TCP flow, access-logged (insert + start event)",
+            frame: Box::new(move |n| {
+                let mut f = syn_logged.clone();
+                let src = u32::from_be_bytes([10, 1, 0, 0]) + 400 + (n / 50_000) as u32;
+                f[26..30].copy_from_slice(&src.to_be_bytes());
+                f[34..36].copy_from_slice(&(10_000 + (n % 50_000) as u16).to_be_bytes());
+                f
+            }),
+            ingress_backend: false,
+            expect: 4,
+            insert_limit: NEVER_REACHED,
+            logged: true,
+        },
+        Case {
+            name: "established flow, access-logged (counters)",
+            frame: Box::new(move |_| established_logged.clone()),
+            ingress_backend: false,
+            expect: 4,
+            insert_limit: NEVER_REACHED,
+            logged: true,
+        },
+        Case {
+            name: "reply, access-logged (flow lookup + counters)",
+            frame: Box::new(|_| Packet::tcp("10.2.0.11", 8080, CLIENT4, 39999, TCP_ACK).bytes()),
+            ingress_backend: true,
+            expect: 4,
+            insert_limit: NEVER_REACHED,
+            logged: true,
         },
     ];
 
@@ -145,6 +194,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
     let mut floors = vec![Vec::new(); cases.len()];
     for _ in 0..rounds {
         for (c, case) in cases.iter().enumerate() {
+            let world = if case.logged { &mut logged } else { &mut world };
             world.set_insert_limit(case.insert_limit)?;
             let ingress = if case.ingress_backend {
                 lab.bk
@@ -166,7 +216,7 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
                     Ok(timed(floor, ingress, &floor_frame)?.1)
                 };
                 let before = if i % 2 == 0 {
-                    Some(run_floor(&mut world)?)
+                    Some(run_floor(world)?)
                 } else {
                     None
                 };
@@ -175,8 +225,13 @@ pub fn run(calls: u64, rounds: usize) -> Result<Vec<Row>> {
                 anyhow::ensure!(action == case.expect, "{}: action {action}", case.name);
                 let floor = match before {
                     Some(f) => f,
-                    None => run_floor(&mut world)?,
+                    None => run_floor(world)?,
                 };
+                if case.logged {
+                    // Read the start events as the agent would (outside the timed call), so
+                    // the ring never fills.
+                    while ring.next_event().is_some() {}
+                }
                 diffs.push(duration as f64 - floor as f64);
                 floor_ns.push(floor as f64);
             }
