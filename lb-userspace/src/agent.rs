@@ -45,7 +45,7 @@ use crate::{
     reconcile::{build_table, Reconciler},
     route_epoch::RouteCache,
     routes::{Answer, NetlinkRoutes},
-    state::{RoleSource, TableSpec},
+    state::{self, RoleSource, TableSpec, ZoneScope},
     statefile::{self, StateFile},
 };
 
@@ -113,6 +113,8 @@ struct Agent {
     /// was last sent.
     access_log: Option<AccessLog>,
     log_names: access_log::Names,
+    /// Each group's zone scope as last seen, and how often it entered the fallback.
+    zone_scopes: BTreeMap<String, (ZoneScope, u64)>,
 }
 
 /// Tables built off the runtime thread, by spec.
@@ -273,6 +275,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         route_cache,
         access_log: None,
         log_names: access_log::Names::default(),
+        zone_scopes: BTreeMap::new(),
     };
     agent.access_log = agent
         .dp
@@ -431,7 +434,37 @@ impl Agent {
         let result = self.reconcile_now(now, why);
         self.start_builds();
         self.update_log_names();
+        self.follow_zone_scopes();
         result
+    }
+
+    /// Logs (and counts) groups entering and leaving the zone fallback.
+    fn follow_zone_scopes(&mut self) {
+        let c = &self.ctl.config;
+        let mut next = BTreeMap::new();
+        for g in &c.target_groups {
+            let targets = self
+                .ctl
+                .model
+                .targets
+                .iter()
+                .filter(|(k, _)| k.group == g.name)
+                .map(|(_, t)| t);
+            let scope = state::zone_scope(c, g, targets);
+            let (was, mut entered) = self
+                .zone_scopes
+                .get(&g.name)
+                .copied()
+                .unwrap_or((ZoneScope::All, 0));
+            if scope == ZoneScope::Fallback && was != ZoneScope::Fallback {
+                entered += 1;
+                warn!(group = %g.name, zone = %c.agent.zone, "no healthy target in this node's zone: new flows go to the other zones' healthy targets (zone fallback)");
+            } else if was == ZoneScope::Fallback && scope != ZoneScope::Fallback {
+                info!(group = %g.name, zone = %c.agent.zone, scope = scope.as_str(), "zone fallback over");
+            }
+            next.insert(g.name.clone(), (scope, entered));
+        }
+        self.zone_scopes = next;
     }
 
     /// Tells the access log the names of listeners and targets, when they changed.

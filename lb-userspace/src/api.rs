@@ -18,7 +18,7 @@ use crate::{
     health::{Reason, TargetState},
     model::Origin,
     route_epoch::RouteCacheStatus,
-    state::RoleSource,
+    state::{RoleSource, ZoneScope},
 };
 
 /// `GET /v1/status`.
@@ -82,6 +82,9 @@ pub struct ApiError {
 /// `GET /v1/status`: what `lb-agent status --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
+    /// This node's zone (`agent.zone`); null when it has none.
+    #[serde(default)]
+    pub zone: Option<String>,
     pub listeners: Vec<ListenerStatus>,
     pub target_groups: Vec<GroupStatus>,
     pub datapath: DatapathStatus,
@@ -120,8 +123,19 @@ pub struct GroupStatus {
     pub name: String,
     /// No healthy target: new flows go to all its non-draining targets.
     pub fail_open: bool,
+    /// Its effective `cross_zone` (the group's, else `agent.cross_zone`).
+    #[serde(default)]
+    pub cross_zone: bool,
+    /// Which zones its new flows go to: `all`, `local` (this node's zone), or `fallback`
+    /// (this node's zone has no healthy target: every zone's).
+    #[serde(default = "all_zones")]
+    pub zone_scope: ZoneScope,
     pub health_check: HealthCheckConfig,
     pub targets: Vec<TargetStatus>,
+}
+
+fn all_zones() -> ZoneScope {
+    ZoneScope::All
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -214,6 +228,7 @@ mod tests {
 
     fn status() -> Status {
         Status {
+            zone: None,
             listeners: vec![ListenerStatus {
                 name: "web".into(),
                 address: "198.18.100.10".parse().unwrap(),
@@ -233,6 +248,8 @@ mod tests {
             target_groups: vec![GroupStatus {
                 name: "web".into(),
                 fail_open: false,
+                cross_zone: false,
+                zone_scope: crate::state::ZoneScope::All,
                 health_check: HealthCheckConfig::default(),
                 targets: vec![TargetStatus {
                     target: "[fd00::1]:8080".parse().unwrap(),

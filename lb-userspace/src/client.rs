@@ -274,6 +274,7 @@ mod tests {
             targets_routed: Some(routed),
         };
         let status = Status {
+            zone: None,
             listeners: vec![],
             target_groups: vec![],
             datapath: DatapathStatus {

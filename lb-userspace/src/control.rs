@@ -58,8 +58,13 @@ pub struct Refused {
 }
 
 /// `[agent]` keys a reload applies; the others need a restart.
-pub const RELOADABLE_AGENT_KEYS: [&str; 3] =
-    ["target_interfaces", "flow_insert_limit", "access_log"];
+pub const RELOADABLE_AGENT_KEYS: [&str; 5] = [
+    "target_interfaces",
+    "flow_insert_limit",
+    "access_log",
+    "zone",
+    "cross_zone",
+];
 
 /// The `[agent]` a reload runs with: the running one with the new file's reloadable keys, and
 /// notes on what it leaves for the next start. `target_interfaces` naming an interface XDP is
@@ -69,6 +74,8 @@ pub fn reloaded_agent(running: &AgentConfig, new: &AgentConfig) -> (AgentConfig,
     let mut notes = Vec::new();
     agent.flow_insert_limit = new.flow_insert_limit;
     agent.access_log = new.access_log.clone();
+    agent.zone = new.zone.clone();
+    agent.cross_zone = new.cross_zone;
     let attached = new
         .target_interfaces
         .iter()
@@ -84,11 +91,13 @@ pub fn reloaded_agent(running: &AgentConfig, new: &AgentConfig) -> (AgentConfig,
     let mut rest = new.clone();
     rest.flow_insert_limit = agent.flow_insert_limit;
     rest.access_log = agent.access_log.clone();
+    rest.zone = agent.zone.clone();
+    rest.cross_zone = agent.cross_zone;
     rest.target_interfaces = agent.target_interfaces.clone();
     if rest != agent {
         notes.push(format!(
             "[agent] changes other than {} take effect at the next start (not applied by reload)",
-            RELOADABLE_AGENT_KEYS.join(" and ")
+            RELOADABLE_AGENT_KEYS.join(", ")
         ));
     }
     (agent, notes)

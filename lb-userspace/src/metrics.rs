@@ -251,6 +251,8 @@ pub struct Inputs<'a> {
     pub route_cache: RouteCacheStatus,
     /// The access log's counters, when it is on.
     pub access_log: Option<AccessLogStatus>,
+    /// Group → (in zone fallback now, times it entered it), for groups that balance by zone.
+    pub zone_fallback: BTreeMap<String, (bool, u64)>,
 }
 
 /// The page: every family, then `# EOF`.
@@ -301,6 +303,10 @@ struct Snapshot {
     reattachments: Vec<(String, u64)>,
     route_cache: RouteCacheStatus,
     access_log: Option<AccessLogStatus>,
+    zone_fallback: Vec<(String, bool, u64)>,
+    /// (group, target, zone) of every target that has a zone.
+    zones: Vec<(String, String, String)>,
+    node_zone: String,
 }
 
 impl Snapshot {
@@ -353,6 +359,21 @@ impl Snapshot {
                 .collect(),
             route_cache: i.route_cache.clone(),
             access_log: i.access_log.clone(),
+            zone_fallback: i
+                .zone_fallback
+                .iter()
+                .map(|(g, (now, n))| (g.clone(), *now, *n))
+                .collect(),
+            zones: i
+                .model
+                .targets
+                .iter()
+                .filter_map(|(k, t)| {
+                    let z = t.zone.as_deref().filter(|z| !z.is_empty())?;
+                    Some((k.group.clone(), target_label(k), z.to_string()))
+                })
+                .collect(),
+            node_zone: i.config.agent.zone.clone(),
         }
     }
 }
@@ -428,6 +449,45 @@ impl Collector for Snapshot {
             self.active_flows
                 .iter()
                 .map(|(l, n)| ([("listener", l.as_str())], gauge(*n))),
+        )?;
+        if !self.node_zone.is_empty() {
+            family(
+                &mut e,
+                "lb_node_zone_info",
+                "This node's zone (agent.zone); absent when it has none.",
+                [([("zone", self.node_zone.as_str())], gauge(1))],
+            )?;
+        }
+        family(
+            &mut e,
+            "lb_target_zone_info",
+            "A target's zone (targets without one are not listed).",
+            self.zones.iter().map(|(g, t, z)| {
+                (
+                    [
+                        ("group", g.as_str()),
+                        ("target", t.as_str()),
+                        ("zone", z.as_str()),
+                    ],
+                    gauge(1),
+                )
+            }),
+        )?;
+        family(
+            &mut e,
+            "lb_zone_fallback",
+            "1 while a group's new flows go to other zones because this node's zone has no healthy target (cross_zone off).",
+            self.zone_fallback
+                .iter()
+                .map(|(g, now, _)| ([("group", g.as_str())], gauge(*now as u64))),
+        )?;
+        family(
+            &mut e,
+            "lb_zone_fallbacks",
+            "Times a group entered the zone fallback.",
+            self.zone_fallback
+                .iter()
+                .map(|(g, _, n)| ([("group", g.as_str())], ConstCounter::new(*n))),
         )?;
         if let Some(log) = &self.access_log {
             family(

@@ -31,7 +31,7 @@ use lb_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Cidr, Config, Stickiness},
+    config::{Cidr, Config, Stickiness, TargetGroupConfig},
     health::TargetState,
     maps::addr_filter_counts,
     model::{Model, Target, TargetKey},
@@ -355,9 +355,11 @@ pub fn desired(
             .iter()
             .filter(|(k, _)| k.group == g.name)
             .collect();
+        let scope = zone_scope(config, g, members.iter().map(|(_, t)| *t));
+        let in_scope = |t: &Target| scope.includes(&config.agent.zone, t);
         let any_healthy = members
             .iter()
-            .any(|(_, t)| t.draining_until.is_none() && t.health == TargetState::Healthy);
+            .any(|(_, t)| in_scope(t) && serving(t) && t.health == TargetState::Healthy);
         let mut table = Vec::new();
         for (key, t) in &members {
             let endpoint = (addr::to_words(key.addr).0, key.port.to_be());
@@ -367,7 +369,8 @@ pub fn desired(
                 0
             };
             let draining = t.draining_until.is_some();
-            let eligible = !draining && (t.health == TargetState::Healthy || !any_healthy);
+            let eligible =
+                !draining && in_scope(t) && (t.health == TargetState::Healthy || !any_healthy);
             let state = if draining || eligible {
                 TARGET_FORWARD
             } else {
@@ -414,6 +417,76 @@ pub fn desired(
     }
     d.addr_filter = addr_filter_counts(d.vips.keys(), d.reverse.keys());
     d
+}
+
+/// Which zones a group's new flows go to (NLB's cross-zone load balancing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZoneScope {
+    /// Every zone: the node has no zone (`agent.zone` empty) or the group balances across
+    /// zones (`cross_zone`).
+    All,
+    /// The node's zone, and targets without a zone (reachable from every zone).
+    Local,
+    /// The node's zone has no healthy target while other zones have: every zone's healthy
+    /// targets. (NLB would take the zone out of DNS; one node cannot.)
+    Fallback,
+}
+
+impl ZoneScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Local => "local",
+            Self::Fallback => "fallback",
+        }
+    }
+
+    /// Is `t` in this scope, on a node in `node_zone`?
+    pub fn includes(self, node_zone: &str, t: &Target) -> bool {
+        match self {
+            Self::All | Self::Fallback => true,
+            Self::Local => in_zone(node_zone, t),
+        }
+    }
+}
+
+/// Is `t` in `node_zone` (or without a zone, and so in every zone)?
+fn in_zone(node_zone: &str, t: &Target) -> bool {
+    t.zone
+        .as_deref()
+        .is_none_or(|z| z.is_empty() || z == node_zone)
+}
+
+/// Registered and not draining: may take new flows when healthy (or in fail-open).
+fn serving(t: &Target) -> bool {
+    t.draining_until.is_none()
+}
+
+/// The zones group `g`'s new flows go to, given its `targets`: all of them unless the node has
+/// a zone and the group's `cross_zone` (else `agent.cross_zone`) is off; then the node's zone
+/// while it has a healthy target; else, while another zone has one, every zone (fallback);
+/// and with no healthy target anywhere (fail-open), the node's zone if it has a target that
+/// is not draining, else every zone.
+pub fn zone_scope<'a>(
+    config: &Config,
+    g: &TargetGroupConfig,
+    targets: impl Iterator<Item = &'a Target> + Clone,
+) -> ZoneScope {
+    let node = config.agent.zone.as_str();
+    if node.is_empty() || g.cross_zone.unwrap_or(config.agent.cross_zone) {
+        return ZoneScope::All;
+    }
+    let healthy = |t: &&Target| serving(t) && t.health == TargetState::Healthy;
+    if targets.clone().filter(healthy).any(|t| in_zone(node, t)) {
+        ZoneScope::Local
+    } else if targets.clone().any(|t| healthy(&t)) {
+        ZoneScope::Fallback
+    } else if targets.filter(|t| serving(t)).any(|t| in_zone(node, t)) {
+        ZoneScope::Local
+    } else {
+        ZoneScope::All
+    }
 }
 
 /// When the desired state will next change by itself (slow-start steps, draining deadlines,

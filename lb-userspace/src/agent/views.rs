@@ -11,7 +11,7 @@ use crate::{
     },
     health::TargetState,
     metrics,
-    state::RoleSource,
+    state::{self, RoleSource, ZoneScope},
 };
 
 impl Agent {
@@ -75,9 +75,18 @@ impl Agent {
                             && t.health == TargetState::Healthy
                     })
                     .count();
+                let group_targets = self
+                    .ctl
+                    .model
+                    .targets
+                    .iter()
+                    .filter(|(k, _)| k.group == g.name)
+                    .map(|(_, t)| t);
                 GroupStatus {
                     name: g.name.clone(),
                     fail_open: healthy == 0 && !in_table.is_empty(),
+                    cross_zone: g.cross_zone.unwrap_or(c.agent.cross_zone),
+                    zone_scope: state::zone_scope(c, g, group_targets),
                     health_check: g.health_check.clone(),
                     targets,
                 }
@@ -123,6 +132,7 @@ impl Agent {
             Err(_) => Vec::new(),
         };
         Status {
+            zone: (!c.agent.zone.is_empty()).then(|| c.agent.zone.clone()),
             listeners,
             target_groups: groups,
             datapath: DatapathStatus {
@@ -183,6 +193,17 @@ impl Agent {
             listener_stats,
             counters: self.dp.maps.counters().ok(),
             access_log: self.access_log_status(None),
+            zone_fallback: self
+                .zone_scopes
+                .iter()
+                .filter(|(g, _)| {
+                    let c = &self.ctl.config;
+                    !c.agent.zone.is_empty()
+                        && c.group(g)
+                            .is_some_and(|g| !g.cross_zone.unwrap_or(c.agent.cross_zone))
+                })
+                .map(|(g, (scope, n))| (g.clone(), (*scope == ZoneScope::Fallback, *n)))
+                .collect(),
             active_flows: self.active_flows.clone(),
             health: &self.health_metrics,
             writes: metrics::MapWrites {

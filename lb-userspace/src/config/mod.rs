@@ -68,6 +68,11 @@ pub struct AgentConfig {
     /// Where the access log goes: one JSON line per finished flow of the listeners that have
     /// `access_log` on (reopened on SIGHUP, for logrotate). "": off.
     pub access_log: String,
+    /// This node's zone; "": none (zones play no part in balancing).
+    pub zone: String,
+    /// The default of `target_group.cross_zone`: false = new flows prefer targets in this
+    /// node's zone (NLB's default).
+    pub cross_zone: bool,
 }
 
 impl Default for AgentConfig {
@@ -84,6 +89,8 @@ impl Default for AgentConfig {
             flow_insert_limit: lb_common::maps::DEFAULT_FLOW_INSERT_LIMIT,
             route_cache: true,
             access_log: String::new(),
+            zone: String::new(),
+            cross_zone: false,
         }
     }
 }
@@ -187,6 +194,9 @@ pub struct TargetGroupConfig {
     pub slow_start: Duration,
     #[serde(default = "default_hash_table_size")]
     pub hash_table_size: u32,
+    /// Overrides `agent.cross_zone` for this group.
+    #[serde(default)]
+    pub cross_zone: Option<bool>,
     #[serde(default)]
     pub health_check: HealthCheckConfig,
     #[serde(default, rename = "target")]

@@ -1,4 +1,4 @@
-use std::{net::IpAddr, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use lb_common::{IFACE_F_TARGETS, TARGET_DROP, TARGET_FORWARD, TARGET_RESCHEDULE};
 
@@ -6,7 +6,7 @@ use super::*;
 use crate::{
     health::{Outcome, Reason, Transition},
     maps::FakeMaps,
-    state::RoleSource,
+    state::{self, RoleSource, ZoneScope},
 };
 
 const CONFIG: &str = r#"[agent]
@@ -731,12 +731,28 @@ fn reload_applies_only_the_reloadable_agent_keys() {
     new.flow_insert_limit = 1000;
     new.target_interfaces = Some(vec!["eth0".into()]);
     new.pin_path = "/sys/fs/bpf/other".into();
+    new.access_log = "/var/log/lb-agent/access.log".into();
+    new.zone = "a".into();
+    new.cross_zone = true;
     let (agent, notes) = reloaded_agent(&running, &new);
     assert_eq!(agent.flow_insert_limit, 1000);
+    assert_eq!(
+        (
+            agent.access_log.as_str(),
+            agent.zone.as_str(),
+            agent.cross_zone
+        ),
+        ("/var/log/lb-agent/access.log", "a", true)
+    );
     assert_eq!(agent.target_interfaces, new.target_interfaces);
     assert_eq!(agent.pin_path, running.pin_path, "needs a restart");
     assert_eq!(notes.len(), 1);
-    assert!(notes[0].contains("other than target_interfaces and flow_insert_limit"));
+    assert!(
+        notes[0].contains(
+            "other than target_interfaces, flow_insert_limit, access_log, zone, cross_zone"
+        ),
+        "{notes:?}"
+    );
     // An interface added in the same reload is not attached yet: its role waits too.
     new.interfaces.push("eth1".into());
     new.target_interfaces = Some(vec!["eth1".into()]);
@@ -1029,4 +1045,125 @@ fn an_interface_in_doubt_is_written_again() {
     w.step(200);
     assert_eq!(w.maps.ops[before..], ["add_interface 3 0x1"]);
     assert_eq!(w.step(300).applied, Applied::default());
+}
+
+/// The node in zone "a"; 11 and 12 in zone "a", 13 in zone "b" (unless `zone13` says).
+fn zoned(zone13: Option<&str>, patch: impl Fn(&mut Config)) -> World {
+    World::new(|c| {
+        c.agent.zone = "a".into();
+        let web = &mut c.target_groups[0];
+        web.targets[0].zone = Some("a".into());
+        web.targets[1].zone = Some("a".into());
+        web.targets[2].zone = zone13.map(str::to_string);
+        patch(c);
+    })
+}
+
+impl World {
+    fn scope(&self) -> ZoneScope {
+        let g = &self.c.config.target_groups[0];
+        let web: Vec<&crate::model::Target> = self
+            .c
+            .model
+            .targets
+            .iter()
+            .filter(|(k, _)| k.group == "web")
+            .map(|(_, t)| t)
+            .collect();
+        state::zone_scope(&self.c.config, g, web.into_iter())
+    }
+
+    fn all_healthy(&mut self, ms: u64) {
+        for l in [11, 12, 13] {
+            self.transition(l, TargetState::Healthy, ms);
+        }
+        self.step(ms);
+    }
+}
+
+#[test]
+fn new_flows_stay_in_the_nodes_zone_and_fall_back_when_it_has_no_healthy_target() {
+    let mut w = zoned(Some("b"), |_| {});
+    // Nothing healthy yet: fail-open, but within the node's zone.
+    assert_eq!((w.scope(), w.slots().len()), (ZoneScope::Local, 2));
+    assert!(w.slots().iter().all(|&(l, _)| l != 13), "{:?}", w.slots());
+    w.all_healthy(1000);
+    assert_eq!(w.scope(), ZoneScope::Local);
+    let local = w.slots();
+    assert_eq!(local.iter().map(|s| s.0).collect::<Vec<_>>(), [11, 12]);
+    assert!(
+        local.iter().all(|&(_, n)| n > 400),
+        "weighted as usual: {local:?}"
+    );
+    // Zone a's targets fail: its flows fall back to zone b's healthy target.
+    w.transition(11, TargetState::Unhealthy, 2000);
+    w.transition(12, TargetState::Unhealthy, 2000);
+    w.step(2000);
+    assert_eq!(
+        (w.scope(), w.slots()),
+        (ZoneScope::Fallback, vec![(13, 1009)])
+    );
+    // Zone b's fails too: nothing healthy anywhere, fail-open over the node's zone.
+    w.transition(13, TargetState::Unhealthy, 3000);
+    w.step(3000);
+    assert_eq!(w.scope(), ZoneScope::Local);
+    assert_eq!(w.slots().iter().map(|s| s.0).collect::<Vec<_>>(), [11, 12]);
+    // One of zone a's back: only it.
+    w.transition(11, TargetState::Healthy, 4000);
+    w.step(4000);
+    assert_eq!((w.scope(), w.slots()), (ZoneScope::Local, vec![(11, 1009)]));
+}
+
+#[test]
+fn cross_zone_or_a_node_without_a_zone_spreads_over_every_zone() {
+    for (agent_zone, agent_cross, group_cross, want) in [
+        ("a", false, Some(true), ZoneScope::All),
+        ("a", true, None, ZoneScope::All),
+        ("a", true, Some(false), ZoneScope::Local),
+        ("", false, None, ZoneScope::All),
+        ("", false, Some(false), ZoneScope::All),
+    ] {
+        let mut w = zoned(Some("b"), |c| {
+            c.agent.zone = agent_zone.into();
+            c.agent.cross_zone = agent_cross;
+            c.target_groups[0].cross_zone = group_cross;
+        });
+        w.all_healthy(1000);
+        let n = if want == ZoneScope::All { 3 } else { 2 };
+        assert_eq!(
+            (w.scope(), w.slots().len()),
+            (want, n),
+            "zone {agent_zone:?}, agent cross_zone {agent_cross}, group {group_cross:?}"
+        );
+    }
+}
+
+#[test]
+fn a_target_without_a_zone_serves_every_zone() {
+    let mut w = zoned(None, |_| {});
+    w.all_healthy(1000);
+    assert_eq!(w.slots().len(), 3, "{:?}", w.slots());
+    // Zone a's two fail: the zone-less target is still local, so no fallback.
+    w.transition(11, TargetState::Unhealthy, 2000);
+    w.transition(12, TargetState::Unhealthy, 2000);
+    w.step(2000);
+    assert_eq!((w.scope(), w.slots()), (ZoneScope::Local, vec![(13, 1009)]));
+}
+
+#[test]
+fn nodes_of_one_zone_build_the_same_table_whatever_the_order() {
+    let table = |reverse: bool| {
+        let mut w = zoned(Some("b"), |c| {
+            if reverse {
+                c.target_groups[0].targets.reverse();
+            }
+        });
+        w.all_healthy(1000);
+        let by_id: BTreeMap<u32, u8> = [11u8, 12, 13].into_iter().map(|l| (w.id(l), l)).collect();
+        let held = &w.maps.held.tables[&w.web()].1;
+        held.iter().map(|id| by_id[id]).collect::<Vec<u8>>()
+    };
+    let (a, b) = (table(false), table(true));
+    assert_eq!(a.len(), 1009);
+    assert_eq!(a, b, "same zone, same config: the same table");
 }

@@ -172,6 +172,7 @@ impl World {
                 events_lost: Some(0),
                 open_flows: 2,
             }),
+            zone_fallback: [("web".to_string(), (true, 1))].into(),
         }
     }
 

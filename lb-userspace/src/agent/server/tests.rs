@@ -18,6 +18,7 @@ use crate::{
 
 fn status() -> Status {
     Status {
+        zone: None,
         listeners: vec![],
         target_groups: vec![],
         datapath: DatapathStatus {
@@ -43,6 +44,8 @@ fn big_status(n: usize) -> Status {
     s.target_groups.push(crate::api::GroupStatus {
         name: "web".into(),
         fail_open: false,
+        cross_zone: false,
+        zone_scope: crate::state::ZoneScope::All,
         health_check: Default::default(),
         targets: (0..n)
             .map(|i| crate::api::TargetStatus {
