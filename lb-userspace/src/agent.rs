@@ -113,8 +113,9 @@ struct Agent {
     /// was last sent.
     access_log: Option<AccessLog>,
     log_names: access_log::Names,
-    /// Each group's zone scope as last seen, and how often it entered the fallback.
-    zone_scopes: BTreeMap<String, (ZoneScope, u64)>,
+    /// Each group's zone scope as last seen, how often it entered the fallback (counted once
+    /// a target of the zone was checked), and whether this fallback was counted.
+    zone_scopes: BTreeMap<String, (ZoneScope, u64, bool)>,
 }
 
 /// Tables built off the runtime thread, by spec.
@@ -450,19 +451,29 @@ impl Agent {
                 .iter()
                 .filter(|(k, _)| k.group == g.name)
                 .map(|(_, t)| t);
-            let scope = state::zone_scope(c, g, targets);
-            let (was, mut entered) = self
+            let scope = state::zone_scope(c, g, targets.clone());
+            let (was, mut entered, mut warned) = self
                 .zone_scopes
                 .get(&g.name)
                 .copied()
-                .unwrap_or((ZoneScope::All, 0));
-            if scope == ZoneScope::Fallback && was != ZoneScope::Fallback {
+                .unwrap_or((ZoneScope::All, 0, false));
+            // While every target of the zone is still waiting for its first checks (start,
+            // registration) its flows go elsewhere too, but nothing failed: not counted until
+            // one of them has been checked.
+            let failed = targets
+                .filter(|t| state::in_zone(&c.agent.zone, t))
+                .any(|t| t.health != TargetState::Initial);
+            if scope == ZoneScope::Fallback && failed && !warned {
                 entered += 1;
+                warned = true;
                 warn!(group = %g.name, zone = %c.agent.zone, "no healthy target in this node's zone: new flows go to the other zones' healthy targets (zone fallback)");
             } else if was == ZoneScope::Fallback && scope != ZoneScope::Fallback {
-                info!(group = %g.name, zone = %c.agent.zone, scope = scope.as_str(), "zone fallback over");
+                if warned {
+                    info!(group = %g.name, zone = %c.agent.zone, scope = scope.as_str(), "zone fallback over");
+                }
+                warned = false;
             }
-            next.insert(g.name.clone(), (scope, entered));
+            next.insert(g.name.clone(), (scope, entered, warned));
         }
         self.zone_scopes = next;
     }

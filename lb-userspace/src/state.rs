@@ -452,7 +452,7 @@ impl ZoneScope {
 }
 
 /// Is `t` in `node_zone` (or without a zone, and so in every zone)?
-fn in_zone(node_zone: &str, t: &Target) -> bool {
+pub fn in_zone(node_zone: &str, t: &Target) -> bool {
     t.zone
         .as_deref()
         .is_none_or(|z| z.is_empty() || z == node_zone)

@@ -202,7 +202,7 @@ impl Agent {
                         && c.group(g)
                             .is_some_and(|g| !g.cross_zone.unwrap_or(c.agent.cross_zone))
                 })
-                .map(|(g, (scope, n))| (g.clone(), (*scope == ZoneScope::Fallback, *n)))
+                .map(|(g, (scope, n, _))| (g.clone(), (*scope == ZoneScope::Fallback, *n)))
                 .collect(),
             active_flows: self.active_flows.clone(),
             health: &self.health_metrics,
