@@ -39,7 +39,7 @@ use crate::{
     datapath::{self, Datapath},
     health::{self, HealthEvent, Schedule, TargetState},
     links::{self, LinkWatcher},
-    maps::{FlowTable, RouteEpoch},
+    maps::{FlowTable, RouteEpoch, TargetSignals},
     metrics::HealthMetrics,
     model::{Model, TargetKey},
     reconcile::{build_table, Reconciler},
@@ -116,7 +116,15 @@ struct Agent {
     /// Each group's zone scope as last seen, how often it entered the fallback (counted once
     /// a target of the zone was checked), and whether this fallback was counted.
     zone_scopes: BTreeMap<String, (ZoneScope, u64, bool)>,
+    /// The passive health signals' handles (None: they could not be opened), the cookie of the
+    /// target each id's counters belong to, and the ejections so far by target.
+    signals: Option<TargetSignals>,
+    signal_cookies: HashMap<u32, u32>,
+    passive_ejections: BTreeMap<TargetKey, u64>,
 }
+
+/// How often the failures in a row are read, while some group ejects on them.
+const PASSIVE_POLL: Duration = Duration::from_millis(200);
 
 /// Tables built off the runtime thread, by spec.
 type BuiltTables = Vec<(TableSpec, Result<Vec<u32>>)>;
@@ -277,7 +285,24 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         access_log: None,
         log_names: access_log::Names::default(),
         zone_scopes: BTreeMap::new(),
+        signals: None,
+        signal_cookies: HashMap::new(),
+        passive_ejections: BTreeMap::new(),
     };
+    agent.signals = agent
+        .dp
+        .maps
+        .target_signals()
+        .map_err(|e| warn!(error = %format!("{e:#}"), "no passive health signals: their maps cannot be read"))
+        .ok();
+    // Counters of the targets the maps already served (an adopted data plane) are theirs.
+    agent.signal_cookies = agent
+        .ctl
+        .model
+        .targets
+        .values()
+        .map(|t| (t.id, t.cookie))
+        .collect();
     agent.access_log = agent
         .dp
         .maps
@@ -315,6 +340,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut route_recheck =
         tokio::time::interval_at((Instant::now() + ROUTE_RECHECK).into(), ROUTE_RECHECK);
     let (rechecked_tx, mut rechecked) = mpsc::channel(1);
+    let mut passive = tokio::time::interval(PASSIVE_POLL);
+    passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // Attached, maps written, the API served: systemd may go on (Type=notify).
     daemon::ready(&agent.ctl.config);
     let mut watchdog = daemon::Watchdog::from_env();
@@ -353,6 +380,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     daemon::ready(&agent.ctl.config);
                 }
             }
+            _ = passive.tick(), if agent.passive_on() => agent.check_passive(),
             _ = watchdog.tick() => watchdog.ping(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -432,11 +460,89 @@ impl Agent {
     /// Reconciles, logs state changes, and keeps checkers and the state file in step; then
     /// starts building the tables the maps wait for. A failed write is logged and retried.
     fn apply(&mut self, now: Instant, why: &str) -> Option<Duration> {
+        self.reset_new_targets_signals();
         let result = self.reconcile_now(now, why);
         self.start_builds();
         self.update_log_names();
         self.follow_zone_scopes();
         result
+    }
+
+    /// Zeroes the passive signals of ids a new target took (before it can get traffic).
+    fn reset_new_targets_signals(&mut self) {
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        let now: HashMap<u32, u32> = self
+            .ctl
+            .model
+            .targets
+            .values()
+            .map(|t| (t.id, t.cookie))
+            .collect();
+        for (&id, &cookie) in &now {
+            if self.signal_cookies.get(&id) != Some(&cookie) {
+                if let Err(e) = signals.reset(id) {
+                    warn!(error = %format!("{e:#}"), id, "resetting a new target's passive signals");
+                }
+            }
+        }
+        self.signal_cookies = now;
+    }
+
+    /// Does some group eject targets on passive signals?
+    fn passive_on(&self) -> bool {
+        self.signals.is_some()
+            && self
+                .ctl
+                .config
+                .target_groups
+                .iter()
+                .any(|g| g.health_check.passive_unhealthy_after > 0)
+    }
+
+    /// Ejects the healthy targets whose last `passive_unhealthy_after` connections failed:
+    /// unhealthy at once, their checker restarted from unhealthy (so `healthy_threshold` passes
+    /// bring them back), their failures counted from 0 again.
+    fn check_passive(&mut self) {
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        let mut ejected = Vec::new();
+        for (key, t) in &self.ctl.model.targets {
+            let Some(g) = self.ctl.config.group(&key.group) else {
+                continue;
+            };
+            let after = g.health_check.passive_unhealthy_after;
+            if after == 0 || t.health != TargetState::Healthy || t.draining_until.is_some() {
+                continue;
+            }
+            match signals.failures_in_a_row(t.id) {
+                Ok(n) if n >= after as u64 => ejected.push((key.clone(), t.id, n)),
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(error = %format!("{e:#}"), target = %key, "reading failures in a row")
+                }
+            }
+        }
+        if ejected.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (key, id, n) in &ejected {
+            if !self.ctl.model.eject(key, now) {
+                continue;
+            }
+            warn!(target = %key, failures_in_a_row = n, "target unhealthy: its last connections failed (passive health, Target.ConnectionsFailed); it comes back through the health checks");
+            *self.passive_ejections.entry(key.clone()).or_default() += 1;
+            if let Err(e) = signals.clear_failures(*id) {
+                warn!(error = %format!("{e:#}"), target = %key, "clearing failures in a row");
+            }
+            // Its checker starts again from unhealthy: healthy_threshold passes to come back.
+            self.checkers.retain(|k, _| k != key);
+        }
+        self.apply(now, "passive health");
+        self.sync_checkers();
     }
 
     /// Logs (and counts) groups entering and leaving the zone fallback.

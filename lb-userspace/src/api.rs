@@ -151,6 +151,28 @@ pub struct TargetStatus {
     pub receives_new_flows: bool,
     /// Null until its first check.
     pub last_check: Option<LastCheck>,
+    /// What its traffic says of it (TCP): null when the counters cannot be read.
+    #[serde(default)]
+    pub passive: Option<PassiveSignals>,
+}
+
+/// A target's passive health signals, from the data path (`lb_target_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassiveSignals {
+    /// Flows scheduled to it.
+    pub new_flows: u64,
+    /// Connections it answered (SYN-ACK seen).
+    pub answered: u64,
+    /// Connections it reset (an RST from it).
+    pub resets: u64,
+    /// Connections whose SYN the client sent again before it answered.
+    pub syns_unanswered: u64,
+    /// Connections it refused (an RST before any SYN-ACK).
+    pub refused: u64,
+    /// Connections that failed (refused or unanswered) since its last answered one.
+    pub failures_in_a_row: u64,
+    /// Times passive health made it unhealthy since the agent started.
+    pub ejections: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -263,6 +285,15 @@ mod tests {
                         result: "pass".into(),
                         detail: String::new(),
                         latency_ms: 0.5,
+                    }),
+                    passive: Some(PassiveSignals {
+                        new_flows: 10,
+                        answered: 9,
+                        resets: 1,
+                        syns_unanswered: 0,
+                        refused: 1,
+                        failures_in_a_row: 1,
+                        ejections: 0,
                     }),
                 }],
             }],

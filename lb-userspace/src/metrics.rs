@@ -30,7 +30,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    api::AccessLogStatus,
+    api::{AccessLogStatus, PassiveSignals},
     config::Config,
     health::TargetState,
     model::{Model, TargetKey},
@@ -253,6 +253,8 @@ pub struct Inputs<'a> {
     pub access_log: Option<AccessLogStatus>,
     /// Group → (in zone fallback now, times it entered it), for groups that balance by zone.
     pub zone_fallback: BTreeMap<String, (bool, u64)>,
+    /// Each target's passive health signals (targets whose counters could be read).
+    pub passive: BTreeMap<TargetKey, PassiveSignals>,
 }
 
 /// The page: every family, then `# EOF`.
@@ -304,6 +306,8 @@ struct Snapshot {
     route_cache: RouteCacheStatus,
     access_log: Option<AccessLogStatus>,
     zone_fallback: Vec<(String, bool, u64)>,
+    /// (group, target label, signals).
+    passive: Vec<(String, String, PassiveSignals)>,
     /// (group, target, zone) of every target that has a zone.
     zones: Vec<(String, String, String)>,
     node_zone: String,
@@ -374,6 +378,11 @@ impl Snapshot {
                 })
                 .collect(),
             node_zone: i.config.agent.zone.clone(),
+            passive: i
+                .passive
+                .iter()
+                .map(|(k, p)| (k.group.clone(), target_label(k), *p))
+                .collect(),
         }
     }
 }
@@ -449,6 +458,39 @@ impl Collector for Snapshot {
             self.active_flows
                 .iter()
                 .map(|(l, n)| ([("listener", l.as_str())], gauge(*n))),
+        )?;
+        type Field = fn(&PassiveSignals) -> u64;
+        let passive: [(&str, &str, Field); 6] = [
+            ("lb_target_new_flows", "Flows scheduled to the target (its entries created, or forwarded without one).", |p| p.new_flows),
+            ("lb_target_connections_answered", "TCP connections the target answered (SYN-ACK seen).", |p| p.answered),
+            ("lb_target_resets", "TCP connections the target reset (an RST from it).", |p| p.resets),
+            ("lb_target_syns_unanswered", "TCP connections whose SYN the client sent again before the target answered.", |p| p.syns_unanswered),
+            ("lb_target_connections_refused", "TCP connections the target refused (an RST before any SYN-ACK).", |p| p.refused),
+            ("lb_passive_ejections", "Times passive health made the target unhealthy (passive_unhealthy_after failed connections in a row).", |p| p.ejections),
+        ];
+        for (name, help, field) in passive {
+            family(
+                &mut e,
+                name,
+                help,
+                self.passive.iter().map(|(g, t, p)| {
+                    (
+                        [("group", g.as_str()), ("target", t.as_str())],
+                        ConstCounter::new(field(p)),
+                    )
+                }),
+            )?;
+        }
+        family(
+            &mut e,
+            "lb_target_failed_connections_in_a_row",
+            "TCP connections of the target that failed (refused or unanswered) since its last answered one.",
+            self.passive.iter().map(|(g, t, p)| {
+                (
+                    [("group", g.as_str()), ("target", t.as_str())],
+                    gauge(p.failures_in_a_row),
+                )
+            }),
         )?;
         if !self.node_zone.is_empty() {
             family(

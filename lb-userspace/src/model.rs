@@ -297,6 +297,21 @@ impl Model {
         }
     }
 
+    /// Passive health: `key` turns unhealthy at once (its connections failed); false when it is
+    /// not a healthy, registered target.
+    pub fn eject(&mut self, key: &TargetKey, at: Instant) -> bool {
+        match self.targets.get_mut(key) {
+            Some(t) if t.health == TargetState::Healthy && t.draining_until.is_none() => {
+                t.health = TargetState::Unhealthy;
+                t.reason = Some(Reason::ConnectionsFailed);
+                t.unhealthy_since = Some(at);
+                t.slow_start_from = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Removes targets whose draining ended (leaving tombstones for their ids); their keys.
     pub fn expire_draining(&mut self, config: &Config, now: Instant) -> Vec<TargetKey> {
         let done: Vec<TargetKey> = self

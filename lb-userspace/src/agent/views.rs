@@ -7,10 +7,11 @@ use super::Agent;
 use crate::{
     api::{
         AccessLogStatus, DatapathStatus, Drops, GroupStatus, InterfaceStatus, LastCheck,
-        ListenerStatus, MapsStatus, Status, TargetStatus, Traffic,
+        ListenerStatus, MapsStatus, PassiveSignals, Status, TargetStatus, Traffic,
     },
     health::TargetState,
     metrics,
+    model::TargetKey,
     state::{self, RoleSource, ZoneScope},
 };
 
@@ -61,6 +62,7 @@ impl Agent {
                                 detail: l.detail.clone(),
                                 latency_ms: l.latency_ms,
                             }),
+                            passive: self.passive_signals(k, t.id),
                         }
                     })
                     .collect();
@@ -152,6 +154,20 @@ impl Agent {
         }
     }
 
+    /// A target's passive health signals (None when they cannot be read).
+    pub(super) fn passive_signals(&self, key: &TargetKey, id: u32) -> Option<PassiveSignals> {
+        let s = self.signals.as_ref()?.get(id).ok()?;
+        Some(PassiveSignals {
+            new_flows: s.stats.new_flows,
+            answered: s.stats.answered,
+            resets: s.stats.resets,
+            syns_unanswered: s.stats.syns_unanswered,
+            refused: s.stats.refused,
+            failures_in_a_row: s.failures_in_a_row,
+            ejections: self.passive_ejections.get(key).copied().unwrap_or(0),
+        })
+    }
+
     /// The access log's counters, when it is on.
     pub(super) fn access_log_status(
         &self,
@@ -193,6 +209,13 @@ impl Agent {
             listener_stats,
             counters: self.dp.maps.counters().ok(),
             access_log: self.access_log_status(None),
+            passive: self
+                .ctl
+                .model
+                .targets
+                .iter()
+                .filter_map(|(k, t)| Some((k.clone(), self.passive_signals(k, t.id)?)))
+                .collect(),
             zone_fallback: self
                 .zone_scopes
                 .iter()

@@ -235,6 +235,10 @@ pub struct HealthCheckConfig {
     pub timeout: Option<Duration>,
     pub healthy_threshold: u32,
     pub unhealthy_threshold: u32,
+    /// Passive health: a healthy target whose last this-many connections failed in a row
+    /// (refused, or SYN unanswered, as the data path saw them) turns unhealthy at once; it
+    /// comes back through the active checks. 0: off.
+    pub passive_unhealthy_after: u32,
 }
 
 impl Default for HealthCheckConfig {
@@ -248,6 +252,7 @@ impl Default for HealthCheckConfig {
             timeout: None,
             healthy_threshold: 5,
             unhealthy_threshold: 2,
+            passive_unhealthy_after: 0,
         }
     }
 }
@@ -816,6 +821,15 @@ impl HealthCheckConfig {
             if !(2..=10).contains(&v) {
                 problem(format!("{at}.{key}"), format!("{v} is outside 2..=10"));
             }
+        }
+        if self.passive_unhealthy_after > 1000 {
+            problem(
+                format!("{at}.passive_unhealthy_after"),
+                format!(
+                    "{} is outside 0..=1000 (0: off)",
+                    self.passive_unhealthy_after
+                ),
+            );
         }
         let bad_path = !self.path.starts_with('/')
             || self.path.len() > 1024

@@ -1167,3 +1167,33 @@ fn nodes_of_one_zone_build_the_same_table_whatever_the_order() {
     assert_eq!(a.len(), 1009);
     assert_eq!(a, b, "same zone, same config: the same table");
 }
+
+#[test]
+fn passive_ejection_takes_only_a_healthy_target_out() {
+    let mut w = World::new(|_| {});
+    // Initial targets are not ejected (their checks decide).
+    assert!(!w.c.model.eject(&key(11), w.at(0)));
+    w.all_healthy(1000);
+    assert!(w.c.model.eject(&key(12), w.at(2000)));
+    let t = &w.c.model.targets[&key(12)];
+    assert_eq!(
+        (t.health, t.reason),
+        (TargetState::Unhealthy, Some(Reason::ConnectionsFailed))
+    );
+    assert!(!w.c.model.eject(&key(12), w.at(2100)), "already unhealthy");
+    w.step(2000);
+    assert_eq!(
+        w.slots().iter().map(|s| s.0).collect::<Vec<_>>(),
+        [11, 13],
+        "out of the table at once"
+    );
+    assert_eq!(
+        w.target_state(12),
+        TARGET_RESCHEDULE,
+        "termination on unhealthy"
+    );
+    // A draining target is not ejected.
+    w.c.model
+        .deregister(&key(13), w.at(3000), Duration::from_secs(30));
+    assert!(!w.c.model.eject(&key(13), w.at(3000)));
+}

@@ -52,6 +52,9 @@ pub enum Reason {
     DeregistrationInProgress,
     #[serde(rename = "Target.NotInUse")]
     NotInUse,
+    /// Passive health: `passive_unhealthy_after` connections in a row failed.
+    #[serde(rename = "Target.ConnectionsFailed")]
+    ConnectionsFailed,
 }
 
 impl Reason {
@@ -64,6 +67,7 @@ impl Reason {
             Self::ConnectionRefused => "Target.ConnectionRefused",
             Self::DeregistrationInProgress => "Target.DeregistrationInProgress",
             Self::NotInUse => "Target.NotInUse",
+            Self::ConnectionsFailed => "Target.ConnectionsFailed",
         }
     }
 }

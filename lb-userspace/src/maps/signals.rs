@@ -54,6 +54,13 @@ impl TargetSignals {
         })
     }
 
+    /// Target `id`'s failed connections in a row (one syscall: the ejection poll's read).
+    pub fn failures_in_a_row(&self, id: u32) -> Result<u64> {
+        self.fails
+            .get(&id, 0)
+            .with_context(|| format!("reading LB_TARGET_FAILS[{id}]"))
+    }
+
     /// Zeroes target `id`'s counters (a new target took the id) on every CPU.
     pub fn reset(&mut self, id: u32) -> Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| e).context("counting CPUs")?;

@@ -173,6 +173,12 @@ impl World {
                 open_flows: 2,
             }),
             zone_fallback: [("web".to_string(), (true, 1))].into(),
+            passive: self
+                .model
+                .targets
+                .keys()
+                .map(|k| (k.clone(), crate::api::PassiveSignals::default()))
+                .collect(),
         }
     }
 

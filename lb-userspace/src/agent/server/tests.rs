@@ -57,6 +57,7 @@ fn big_status(n: usize) -> Status {
                 reason: None,
                 receives_new_flows: true,
                 last_check: None,
+                passive: None,
             })
             .collect(),
     });
