@@ -23,6 +23,8 @@ use crate::{
 
 /// `GET /v1/status`.
 pub const STATUS: &str = "/v1/status";
+/// `POST /v1/plan`, body [`PlanRequest`], answer [`Plan`]: what a config would change.
+pub const PLAN: &str = "/v1/plan";
 /// `POST /v1/targets/register`, body [`TargetRequest`], answer [`TargetReply`].
 pub const REGISTER: &str = "/v1/targets/register";
 /// `POST /v1/targets/deregister`, body [`TargetRequest`] (`weight`, `zone` ignored), answer
@@ -77,6 +79,63 @@ pub struct ReloadReply {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiError {
     pub error: String,
+}
+
+/// `POST /v1/plan`: the config to preview (its text: the agent may not see the caller's
+/// files), or none for the agent's own config file (`reload --dry-run`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    #[serde(default)]
+    pub config: Option<String>,
+    /// The file's name in error messages.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// What a config would change if the agent reloaded it now (nothing is changed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The config previewed.
+    pub config: String,
+    /// What a reload would leave for the next start (`[agent]` keys).
+    pub notes: Vec<String>,
+    pub groups: Vec<GroupPlan>,
+    /// Live flows counted in the flow table (not closing).
+    pub live_flows: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GroupPlan {
+    pub name: String,
+    /// `added`, `removed`, `changed` (its table or a target's fate) or `unchanged`.
+    pub change: String,
+    pub table_size_before: u32,
+    pub table_size_after: u32,
+    /// Table slots whose target changes (all of them when the group appears, goes, or its
+    /// table size changes): the share of new flows that would go elsewhere.
+    pub slots_moved: u64,
+    pub share_moved: f64,
+    /// Live flows whose target is removed (its flows end), terminated (rescheduled: TCP
+    /// clients get a reset), or starts draining (its flows go on until the delay ends).
+    pub flows_removed: u64,
+    pub flows_terminated: u64,
+    pub flows_draining: u64,
+    pub targets: Vec<TargetPlan>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TargetPlan {
+    pub target: SocketAddr,
+    /// Its share of the group's table (of new flows), now and after.
+    pub share_before: f64,
+    pub share_after: f64,
+    pub starts_new_flows: bool,
+    pub stops_new_flows: bool,
+    /// `stays`, `added`, `draining`, `removed` or `terminated`.
+    pub fate: String,
+    /// Its live flows now.
+    pub live_flows: u64,
 }
 
 /// `GET /v1/status`: what `lb-agent status --json` prints.

@@ -54,7 +54,25 @@ pub enum Command {
         action: TargetAction,
     },
     /// Re-read the config file and apply the difference (as SIGHUP does).
-    Reload,
+    Reload {
+        /// Show what the reload would change (as `plan` does), and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: the plan as the control API's JSON.
+        #[arg(long, requires = "dry_run")]
+        json: bool,
+    },
+    /// Ask the running agent what a config would change, changing nothing: per group the
+    /// share of table slots that move, the targets that start or stop receiving new flows,
+    /// and the live flows whose target would be removed, terminated or drained.
+    Plan {
+        /// The config to preview (TOML); its text is sent to the agent.
+        #[arg(long)]
+        config: PathBuf,
+        /// The plan as the control API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -13,7 +13,9 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::api::{self, ApiError, ReloadReply, Status, TargetReply, TargetRequest};
+use crate::api::{
+    self, ApiError, Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest,
+};
 
 /// The agent refused the call as bad input (HTTP 4xx): exit code 2.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,10 @@ impl Api {
 
     pub async fn reload(&self) -> Result<ReloadReply> {
         self.call(Method::POST, api::RELOAD, None::<&()>).await
+    }
+
+    pub async fn plan(&self, request: &PlanRequest) -> Result<Plan> {
+        self.call(Method::POST, api::PLAN, Some(request)).await
     }
 
     /// One call with a typed answer: a 4xx is [`BadRequest`] with the agent's message, any

@@ -153,6 +153,33 @@ impl Controller {
         state::desired(&self.config, &self.model, self.hash_key, &flags, now)
     }
 
+    /// What a reload with `config` would make of the registrations and the desired state,
+    /// changing nothing: the config as it would run, the model, the desired state, and notes
+    /// on what the reload would leave for the next start. Refused as `reload` would refuse it.
+    pub fn preview(
+        &self,
+        mut config: Config,
+        now: Instant,
+    ) -> Result<(Config, Model, Desired, Vec<String>)> {
+        self.check_registrations(&config)?;
+        let (agent, notes) = reloaded_agent(&self.config.agent, &config.agent);
+        config.agent = agent;
+        let mut model = self.model.clone();
+        model
+            .sync_config(&config, now)
+            .map_err(anyhow::Error::msg)?;
+        let roles =
+            state::interface_roles(&config, &model, &self.interfaces, &self.routes.egress());
+        let desired = state::desired(
+            &config,
+            &model,
+            self.hash_key,
+            &roles.values(&self.interfaces),
+            now,
+        );
+        Ok((config, model, desired, notes))
+    }
+
     /// Which attached interfaces face targets, and how that was decided.
     pub fn interface_roles(&self) -> InterfaceRoles {
         state::interface_roles(

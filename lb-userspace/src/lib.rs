@@ -17,6 +17,7 @@ pub mod links;
 pub mod maps;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod reconcile;
 pub mod route_epoch;
 pub mod routes;

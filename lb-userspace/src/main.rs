@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Parser;
 use lb_userspace::{
     agent,
-    api::TargetRequest,
+    api::{PlanRequest, TargetRequest},
     cli::{Cli, Command, TargetAction},
     client, config,
 };
@@ -110,7 +110,27 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 reply.target, reply.maps_written_ms
             );
         }
-        Command::Reload => {
+        Command::Reload {
+            dry_run: true,
+            json,
+        } => {
+            let plan = client::Api::new(&cli.api)?
+                .plan(&PlanRequest::default())
+                .await?;
+            print_plan(&plan, json)?;
+        }
+        Command::Plan { config, json } => {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| client::BadRequest(format!("reading {}: {e}", config.display())))?;
+            let plan = client::Api::new(&cli.api)?
+                .plan(&PlanRequest {
+                    config: Some(text),
+                    path: Some(config.display().to_string()),
+                })
+                .await?;
+            print_plan(&plan, json)?;
+        }
+        Command::Reload { dry_run: false, .. } => {
             let reply = client::Api::new(&cli.api)?.reload().await?;
             println!("reloaded: {}", reply.summary);
             for note in &reply.notes {
@@ -119,4 +139,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_plan(plan: &lb_userspace::api::Plan, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(plan)?);
+    } else {
+        print!("{}", lb_userspace::plan::table(plan));
+    }
+    Ok(())
 }

@@ -169,7 +169,7 @@ pub struct Tombstone {
 }
 
 /// All targets, and the ids of everything.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Model {
     pub targets: BTreeMap<TargetKey, Target>,
     pub listener_ids: Ids<String>,

@@ -9,10 +9,11 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    api::{ReloadReply, Status, TargetReply, TargetRequest},
+    api::{Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest},
     config,
     control::{self, Refused},
     model::TargetKey,
+    plan,
 };
 
 /// A command for the agent's loop; the loop answers on its one-shot sender.
@@ -25,6 +26,8 @@ pub enum Command {
     Deregister(TargetRequest, oneshot::Sender<Outcome<TargetReply>>),
     /// Re-read the config file.
     Reload(oneshot::Sender<Outcome<ReloadReply>>),
+    /// What a config would change (`lb-agent plan`, `reload --dry-run`).
+    Plan(PlanRequest, oneshot::Sender<Outcome<Plan>>),
 }
 
 /// A command's result: its answer, or why it was refused (the HTTP status and the message).
@@ -73,7 +76,64 @@ impl Agent {
                 let outcome = self.reload();
                 self.answer_when_published(reply, outcome);
             }
+            Command::Plan(request, reply) => self.plan(request, reply),
         }
+    }
+
+    /// Previews a config: the tables and fates now, in the loop; the live flows counted on a
+    /// blocking thread with handles of its own, then the answer.
+    fn plan(&mut self, request: PlanRequest, reply: oneshot::Sender<Outcome<Plan>>) {
+        let (config, name) = match &request.config {
+            Some(text) => {
+                let name = request.path.clone().unwrap_or_else(|| "NEW".into());
+                (config::parse(text, &name), name)
+            }
+            None => {
+                let name = self.config_path.display().to_string();
+                (config::load(&self.config_path), name)
+            }
+        };
+        let config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(Failure::bad_request(format!(
+                    "the config is invalid:\n{e}"
+                ))));
+                return;
+            }
+        };
+        let pending = match plan::plan(&self.ctl, config, &name, Instant::now()) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = reply.send(Err(Failure::bad_request(format!("{e:#}"))));
+                return;
+            }
+        };
+        let table = match self.dp.maps.flow_table() {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = reply.send(Err(Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("opening the flow table: {e:#}"),
+                )));
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            let counted = tokio::task::spawn_blocking(move || plan::count_live(&table)).await;
+            let answer = match counted {
+                Ok(Ok(live)) => Ok(pending.with_flows(&live)),
+                Ok(Err(e)) => Err(Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("counting live flows: {e:#}"),
+                )),
+                Err(e) => Err(Failure::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("counting live flows: {e}"),
+                )),
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     /// Answers a call that changed the maps only once the tables it needs are published (a

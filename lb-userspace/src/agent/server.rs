@@ -38,14 +38,16 @@ use tower_http::{limit::RequestBodyLimitLayer, timeout::TimeoutLayer};
 use tracing::{debug, warn};
 
 use super::commands::{Command, Failure};
-use crate::api::{self, ApiError, ReloadReply, Status, TargetReply, TargetRequest};
+use crate::api::{
+    self, ApiError, Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest,
+};
 
 /// The bounds of one listener.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     /// Open connections at most.
     pub connections: usize,
-    /// Largest request body (the API takes small JSON).
+    /// Largest request body (the API takes small JSON, and a config to preview).
     pub body: usize,
     /// Time to send a request's head (and the longest a keep-alive connection stays idle).
     pub header_read: Duration,
@@ -57,7 +59,7 @@ pub struct Limits {
 
 pub const LIMITS: Limits = Limits {
     connections: 32,
-    body: 64 * 1024,
+    body: 1024 * 1024,
     header_read: Duration::from_secs(5),
     // Under the CLI's 30 s, so that a call the agent is too slow for gets an answer.
     request: Duration::from_secs(25),
@@ -74,6 +76,7 @@ pub fn api_router(commands: Commands, limits: Limits) -> Router {
         .route(api::REGISTER, post(register))
         .route(api::DEREGISTER, post(deregister))
         .route(api::RELOAD, post(reload))
+        .route(api::PLAN, post(plan))
         .route(api::METRICS, get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -169,6 +172,15 @@ async fn deregister(
 
 async fn reload(State(commands): State<Commands>) -> Result<Json<ReloadReply>, Failure> {
     ask(&commands, Command::Reload).await?.map(Json)
+}
+
+async fn plan(
+    State(commands): State<Commands>,
+    JsonBody(request): JsonBody<PlanRequest>,
+) -> Result<Json<Plan>, Failure> {
+    ask(&commands, |r| Command::Plan(request, r))
+        .await?
+        .map(Json)
 }
 
 async fn not_found(uri: Uri) -> Failure {

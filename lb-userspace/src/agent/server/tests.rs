@@ -95,6 +95,10 @@ fn fake_agent(
                     seen.push("reload".into());
                     let _ = r.send(Err(Failure::bad_request("bad config")));
                 }
+                Command::Plan(p, r) => {
+                    seen.push(format!("plan {:?}", p.path));
+                    let _ = r.send(Err(Failure::bad_request("bad config")));
+                }
             }
         }
         seen
