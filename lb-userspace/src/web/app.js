@@ -80,12 +80,23 @@ function lastCheck(c) {
   return c.detail ? `${c.result} in ${latency} (${c.detail})` : `${c.result} in ${latency}`;
 }
 
+/** What the traffic says of a target: refused and unanswered connections, and in a row. */
+function passive(p) {
+  if (!p) return "–";
+  return `refused ${p.refused}, unanswered ${p.syns_unanswered}; ${p.failures_in_a_row} in a row`;
+}
+
 function renderGroups(status) {
   const groups = status.target_groups.map((g) => {
     const section = el("section", null, { class: "group", "data-group": g.name });
     const h = el("h3", g.name);
     if (g.fail_open) {
       h.appendChild(el("span", "fail-open: no healthy target, new flows go to all", { class: "badge warn" }));
+    }
+    if (g.zone_scope === "fallback") {
+      h.appendChild(el("span", `zone fallback: no healthy target in zone ${status.zone}, new flows go to the other zones`, { class: "badge warn" }));
+    } else if (g.zone_scope === "local") {
+      h.appendChild(el("span", `zone ${status.zone} only`, { class: "badge" }));
     }
     section.appendChild(h);
     const hc = g.health_check;
@@ -96,7 +107,7 @@ function renderGroups(status) {
     table.appendChild(el("caption", `Targets of ${g.name}`));
     const head = el("thead");
     head.appendChild(
-      row(["Target", "State", "Reason", "Last check", "Weight", "Zone", "New flows"].map((h) => el("th", h, { scope: "col" }))),
+      row(["Target", "State", "Reason", "Last check", "Weight", "Zone", "New flows", "Connections failed"].map((h) => el("th", h, { scope: "col" }))),
     );
     table.appendChild(head);
     const body = el("tbody");
@@ -111,12 +122,13 @@ function renderGroups(status) {
             num(t.weight),
             t.zone || "–",
             t.receives_new_flows ? "yes" : "no",
+            passive(t.passive),
           ],
           { "data-target": t.target, "data-state": t.state },
         ),
       );
     }
-    if (g.targets.length === 0) body.appendChild(row([el("td", "no targets", { colspan: "7" })]));
+    if (g.targets.length === 0) body.appendChild(row([el("td", "no targets", { colspan: "8" })]));
     table.appendChild(body);
     section.appendChild(table);
     return section;
