@@ -126,9 +126,9 @@ fn healthy(b: &Balancer, i: usize) -> Result<bool> {
     Ok(state(b, i)?.is_some_and(|(s, _)| s == "healthy"))
 }
 
-#[test]
-fn a_target_whose_service_stops_is_ejected_on_its_connections_and_comes_back_by_checks(
-) -> Result<()> {
+/// Two targets, their services on 9000 and health ports on 8080, both healthy; the balancer,
+/// and b2's service's handle.
+fn healthy_pair() -> Result<(Balancer, usize)> {
     let mut topo = Topology::new(Options {
         backends: 2,
         ..Options::default()
@@ -138,10 +138,17 @@ fn a_target_whose_service_stops_is_ejected_on_its_connections_and_comes_back_by_
     }
     let _s1 = service(&mut topo, 1)?;
     let s2 = service(&mut topo, 2)?;
-    let mut b = Balancer::start(topo, &config(), &[])?;
+    let b = Balancer::start(topo, &config(), &[])?;
     poll(Duration::from_secs(20), "both targets healthy", || {
         Ok((healthy(&b, 1)? && healthy(&b, 2)?).then_some(()))
     })?;
+    Ok((b, s2))
+}
+
+#[test]
+fn a_target_whose_service_stops_is_ejected_on_its_connections_and_comes_back_by_checks(
+) -> Result<()> {
+    let (mut b, s2) = healthy_pair()?;
 
     // b2's service dies; its health port goes on answering.
     b.topo.stop(s2, libc::SIGKILL)?;
@@ -218,6 +225,83 @@ fn a_target_whose_service_stops_is_ejected_on_its_connections_and_comes_back_by_
         (back - ejected.0).as_secs_f64() > INTERVAL_S * 0.9,
         "two passes take at least an interval: back after {:?}",
         back - ejected.0
+    );
+    Ok(())
+}
+
+/// Parallel clients: 8 threads, each connecting for SECONDS with a 3 s timeout.
+const PARALLEL: &str = r#"
+import socket, sys, threading, time
+vip, seconds = sys.argv[1], float(sys.argv[2])
+start = time.monotonic()
+lock = threading.Lock()
+def run():
+    while time.monotonic() - start < seconds:
+        t = time.monotonic() - start
+        try:
+            s = socket.create_connection((vip, 80), timeout=3)
+            answer = s.recv(64).decode().strip() or "EMPTY"
+            s.close()
+        except OSError:
+            answer = "ERR"
+        with lock:
+            print(f"{t:.3f} {answer}", flush=True)
+        time.sleep(0.05)
+threads = [threading.Thread(target=run) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+"#;
+
+#[test]
+fn a_target_that_stops_answering_syns_is_ejected_on_its_unanswered_connections() -> Result<()> {
+    let (b, _s2) = healthy_pair()?;
+    // b2's firewall drops its service's SYNs; its health port still answers.
+    b.topo.exec(
+        "b2",
+        "nft add table inet lbtest && nft add chain inet lbtest input '{ type filter hook input priority 0; }' && nft add rule inet lbtest input tcp dport 9000 drop",
+    )?;
+    let script = b.topo.dir().join("parallel.py");
+    std::fs::write(&script, PARALLEL)?;
+    let clients = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.topo.ns("cli"), "python3"])
+        .arg(&script)
+        .args([VIP, "4"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let dropping = Instant::now();
+    let ejected = poll(Duration::from_secs(10), "b2 ejected", || {
+        Ok(state(&b, 2)?
+            .filter(|(s, _)| s == "unhealthy")
+            .map(|(_, r)| (dropping.elapsed(), r)))
+    })?;
+    let out = clients.wait_with_output()?;
+    let answers: Vec<&str> = std::str::from_utf8(&out.stdout)?
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(_, a)| a))
+        .collect();
+    println!(
+        "FIGURE passive ejection (SYNs dropped): b2 unhealthy {:.0} ms after its SYNs began to be dropped (clients retransmit a SYN after 1 s; check interval {INTERVAL_S} s); {} of {} connections failed",
+        ejected.0.as_secs_f64() * 1000.0,
+        answers.iter().filter(|a| **a == "ERR").count(),
+        answers.len()
+    );
+    assert_eq!(ejected.1.as_deref(), Some("Target.ConnectionsFailed"));
+    assert!(
+        ejected.0.as_secs_f64() < INTERVAL_S,
+        "ejected after {:?}",
+        ejected.0
+    );
+    let labels = format!("{{group=\"web\",target=\"{}:9000\"}}", backend_addr(2));
+    assert!(b.metric(&format!("lb_target_syns_unanswered_total{labels}"))? >= 3.0);
+    assert_eq!(
+        b.metric(&format!("lb_passive_ejections_total{labels}"))?,
+        1.0
+    );
+    // Connections whose SYN was sent again after the ejection were rescheduled to b1, which
+    // answered them: only those that gave up before fail.
+    assert!(
+        answers.iter().filter(|a| **a == "b1").count() > 20,
+        "{answers:?}"
     );
     Ok(())
 }
