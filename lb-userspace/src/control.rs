@@ -298,6 +298,13 @@ impl Controller {
             }
             .into());
         };
+        if let Some(why) = zone.as_deref().and_then(config::check_zone) {
+            return Err(Refused {
+                status: 400,
+                message: format!("{key} refused: zone: {why}"),
+            }
+            .into());
+        }
         let problems = config::check_target(
             &self.config,
             group,

@@ -209,6 +209,13 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
         )
     };
     assert_eq!(register("127.0.0.1:8080")?.0, 400);
+    let register_zone = |zone: &str| {
+        api_post(
+            &b,
+            "/v1/targets/register",
+            &format!(r#"{{"group":"web","target":"10.0.2.14:8080","zone":"{zone}"}}"#),
+        )
+    };
     let (status, answer) = register(&on_vip)?;
     assert_eq!(status, 409, "{answer}");
     // The API's own refusals, each a JSON error: a bad body names the field, a body over the
@@ -223,6 +230,12 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
     assert!(
         error.contains("bad request body: target: invalid socket address syntax"),
         "{error}"
+    );
+    let (status, answer) = register_zone(&"z".repeat(65))?;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer.contains("zone: 65 characters; at most 64"),
+        "{answer}"
     );
     let big = format!(
         r#"{{"group":"web","target":"10.0.2.14:8080","zone":"{}"}}"#,

@@ -481,6 +481,9 @@ impl Config {
             let mut seen = HashSet::new();
             for (j, t) in g.targets.iter().enumerate() {
                 let at = |f: &str| format!("target_group[{i}].target[{j}].{f}");
+                if let Some(why) = t.zone.as_deref().and_then(check_zone) {
+                    problem(at("zone"), why);
+                }
                 if !seen.insert((t.address, t.port.0)) {
                     problem(
                         at("address"),
@@ -593,6 +596,18 @@ pub struct TargetProblem {
     /// `LB_REVERSE` entries).
     pub invalid: bool,
     pub message: String,
+}
+
+/// A zone's name: at most 64 printable characters (it is a metric label and a status field);
+/// why not, else None.
+pub fn check_zone(zone: &str) -> Option<String> {
+    if zone.len() > 64 {
+        Some(format!("{} characters; at most 64", zone.len()))
+    } else if zone.chars().any(char::is_control) {
+        Some(format!("{zone:?} has a control character"))
+    } else {
+        None
+    }
 }
 
 /// The one check of a target, from the config (`target_group[i].target[j]`) or registered
@@ -720,6 +735,9 @@ pub fn reverse_entries<'a>(
 
 impl AgentConfig {
     fn validate(&self, problem: &mut impl FnMut(String, String)) {
+        if let Some(why) = check_zone(&self.zone) {
+            problem("agent.zone".into(), why);
+        }
         if self.interfaces.is_empty() {
             problem(
                 "agent.interfaces".into(),

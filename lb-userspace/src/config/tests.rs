@@ -676,3 +676,33 @@ fn the_reference_documents_every_key() {
         "docs/config.md has no row for {missing:?}"
     );
 }
+
+#[test]
+fn passive_ejection_and_zones_have_bounds() {
+    rejects(
+        &BASE.replace(
+            "interval = \"10s\"",
+            "interval = \"10s\"\npassive_unhealthy_after = 1001",
+        ),
+        15,
+        "target_group[0].health_check.passive_unhealthy_after",
+        "1001 is outside 0..=1000",
+    );
+    rejects(
+        &BASE.replace(
+            "interfaces = [\"eth0\"]",
+            &format!("interfaces = [\"eth0\"]\nzone = \"{}\"", "z".repeat(65)),
+        ),
+        3,
+        "agent.zone",
+        "65 characters; at most 64",
+    );
+    rejects(
+        &BASE.replacen("port = 8080\n", "port = 8080\nzone = \"a\\tb\"\n", 1),
+        20,
+        "target_group[0].target[0].zone",
+        "has a control character",
+    );
+    let ok = BASE.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nzone = \"eu-west-1a\"\ncross_zone = true\naccess_log = \"/var/log/lb/access.log\"");
+    assert_eq!(problems(&ok), Vec::<String>::new());
+}
