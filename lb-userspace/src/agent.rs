@@ -296,13 +296,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .map_err(|e| warn!(error = %format!("{e:#}"), "no passive health signals: their maps cannot be read"))
         .ok();
     // Counters of the targets the maps already served (an adopted data plane) are theirs.
-    agent.signal_cookies = agent
-        .ctl
-        .model
-        .targets
-        .values()
-        .map(|t| (t.id, t.cookie))
-        .collect();
+    agent.signal_cookies = agent.ctl.model.cookies();
     agent.access_log = agent
         .dp
         .maps
@@ -473,13 +467,7 @@ impl Agent {
         let Some(signals) = self.signals.as_mut() else {
             return;
         };
-        let now: HashMap<u32, u32> = self
-            .ctl
-            .model
-            .targets
-            .values()
-            .map(|t| (t.id, t.cookie))
-            .collect();
+        let now = self.ctl.model.cookies();
         for (&id, &cookie) in &now {
             if self.signal_cookies.get(&id) != Some(&cookie) {
                 if let Err(e) = signals.reset(id) {
@@ -550,13 +538,7 @@ impl Agent {
         let c = &self.ctl.config;
         let mut next = BTreeMap::new();
         for g in &c.target_groups {
-            let targets = self
-                .ctl
-                .model
-                .targets
-                .iter()
-                .filter(|(k, _)| k.group == g.name)
-                .map(|(_, t)| t);
+            let targets = self.ctl.model.group_targets(&g.name);
             let scope = state::zone_scope(c, g, targets.clone());
             let (was, mut entered, mut warned) = self
                 .zone_scopes

@@ -297,6 +297,22 @@ impl Model {
         }
     }
 
+    /// The targets of group `group`.
+    pub fn group_targets<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> impl Iterator<Item = &'a Target> + Clone + 'a {
+        self.targets
+            .iter()
+            .filter(move |(k, _)| k.group == group)
+            .map(|(_, t)| t)
+    }
+
+    /// Every target's id and the cookie it holds the id with.
+    pub fn cookies(&self) -> std::collections::HashMap<u32, u32> {
+        self.targets.values().map(|t| (t.id, t.cookie)).collect()
+    }
+
     /// Passive health: `key` turns unhealthy at once (its connections failed); false when it is
     /// not a healthy, registered target.
     pub fn eject(&mut self, key: &TargetKey, at: Instant) -> bool {

@@ -77,18 +77,11 @@ impl Agent {
                             && t.health == TargetState::Healthy
                     })
                     .count();
-                let group_targets = self
-                    .ctl
-                    .model
-                    .targets
-                    .iter()
-                    .filter(|(k, _)| k.group == g.name)
-                    .map(|(_, t)| t);
                 GroupStatus {
                     name: g.name.clone(),
                     fail_open: healthy == 0 && !in_table.is_empty(),
                     cross_zone: g.cross_zone.unwrap_or(c.agent.cross_zone),
-                    zone_scope: state::zone_scope(c, g, group_targets),
+                    zone_scope: state::zone_scope(c, g, self.ctl.model.group_targets(&g.name)),
                     health_check: g.health_check.clone(),
                     targets,
                 }

@@ -1062,15 +1062,7 @@ fn zoned(zone13: Option<&str>, patch: impl Fn(&mut Config)) -> World {
 impl World {
     fn scope(&self) -> ZoneScope {
         let g = &self.c.config.target_groups[0];
-        let web: Vec<&crate::model::Target> = self
-            .c
-            .model
-            .targets
-            .iter()
-            .filter(|(k, _)| k.group == "web")
-            .map(|(_, t)| t)
-            .collect();
-        state::zone_scope(&self.c.config, g, web.into_iter())
+        state::zone_scope(&self.c.config, g, self.c.model.group_targets("web"))
     }
 
     fn all_healthy(&mut self, ms: u64) {
