@@ -183,11 +183,8 @@ pub fn from_client(entry: &mut FlowValue, key: &FlowKey, tcp_flags: u8, len: u64
     if f & FLOW_F_LOG != 0 {
         entry.packets_in += 1;
         entry.bytes_in += len;
-        f = ended(entry, key, f, tcp_flags);
     }
-    if f != entry.flags {
-        entry.flags = f;
-    }
+    settle(entry, key, f, tcp_flags);
 }
 
 /// A target's reply of the flow `key` (client → VIP): only called for an access-logged
@@ -222,6 +219,15 @@ pub fn from_target(key: &FlowKey, tcp_flags: u8, len: u64) {
     if f & FLOW_F_LOG != 0 {
         entry.packets_out += 1;
         entry.bytes_out += len;
+    }
+    settle(entry, key, f, tcp_flags);
+}
+
+/// Keeps the flow's flags `f` after a packet with `tcp_flags` (written only when they
+/// changed), having sent its end when the packet ended an access-logged flow.
+#[inline(always)]
+fn settle(entry: &mut FlowValue, key: &FlowKey, mut f: u32, tcp_flags: u8) {
+    if f & FLOW_F_LOG != 0 {
         f = ended(entry, key, f, tcp_flags);
     }
     if f != entry.flags {
