@@ -47,8 +47,10 @@ use crate::api::{
 pub struct Limits {
     /// Open connections at most.
     pub connections: usize,
-    /// Largest request body (the API takes small JSON, and a config to preview).
+    /// Largest request body (the API takes small JSON).
     pub body: usize,
+    /// Largest body of `POST /v1/plan` (a config to preview).
+    pub config_body: usize,
     /// Time to send a request's head (and the longest a keep-alive connection stays idle).
     pub header_read: Duration,
     /// Time for a whole call, from its head to its answer.
@@ -59,7 +61,8 @@ pub struct Limits {
 
 pub const LIMITS: Limits = Limits {
     connections: 32,
-    body: 1024 * 1024,
+    body: 64 * 1024,
+    config_body: 1024 * 1024,
     header_read: Duration::from_secs(5),
     // Under the CLI's 30 s, so that a call the agent is too slow for gets an answer.
     request: Duration::from_secs(25),
@@ -69,15 +72,21 @@ pub const LIMITS: Limits = Limits {
 /// The commands' way to the agent's loop.
 type Commands = mpsc::Sender<Command>;
 
-/// The control API on the unix socket: the status, targets and reload, and the metrics.
+/// The control API on the unix socket: the status, targets, reload and plan, and the metrics.
+/// Bodies are small JSON (`Limits::body`), but for a config to preview (`Limits::config_body`).
 pub fn api_router(commands: Commands, limits: Limits) -> Router {
-    let router = Router::new()
+    let small = Router::new()
         .route(api::STATUS, get(status))
         .route(api::REGISTER, post(register))
         .route(api::DEREGISTER, post(deregister))
         .route(api::RELOAD, post(reload))
-        .route(api::PLAN, post(plan))
         .route(api::METRICS, get(metrics))
+        .layer(RequestBodyLimitLayer::new(limits.body));
+    let config = Router::new()
+        .route(api::PLAN, post(plan))
+        .layer(RequestBodyLimitLayer::new(limits.config_body));
+    let router = small
+        .merge(config)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(commands);
@@ -92,17 +101,17 @@ pub fn metrics_router(commands: Commands, limits: Limits) -> Router {
         .route(api::STATUS, get(status))
         // The status page (`/` and its files), which reads GET /v1/status above.
         .merge(crate::web::router())
+        .layer(RequestBodyLimitLayer::new(limits.body))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(commands);
     limited(router, limits)
 }
 
-/// The limits of every route, the outermost last: the body's size, the call's deadline, and
-/// errors from these layers made JSON.
+/// The limits of every route (their bodies' sizes are set with the routes), the outermost
+/// last: the call's deadline, and errors from these layers made JSON.
 fn limited(router: Router, limits: Limits) -> Router {
     router
-        .layer(RequestBodyLimitLayer::new(limits.body))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             limits.request,

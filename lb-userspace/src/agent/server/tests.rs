@@ -248,13 +248,26 @@ async fn a_body_over_the_limit_is_a_413() {
     let (code, kind, answer) = call(&app, "POST", "/v1/reload", &body).await;
     assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(!error_of(&kind, &answer).is_empty());
+    // A config to preview may be bigger (it reaches the agent, here refused as a bad config),
+    // up to its own limit.
+    let config = |n: usize| format!(r#"{{"config":"{}"}}"#, "#".repeat(n));
+    let (code, kind, answer) = call(&app, "POST", "/v1/plan", &config(LIMITS.body)).await;
+    assert_eq!(
+        (code, error_of(&kind, &answer).as_str()),
+        (StatusCode::BAD_REQUEST, "bad config")
+    );
+    let (code, _, _) = call(&app, "POST", "/v1/plan", &config(LIMITS.config_body)).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
     // Just under the limit is read.
     let zone = "z".repeat(LIMITS.body - 100);
     let body = format!(r#"{{"group":"web","target":"10.0.2.14:80","zone":"{zone}"}}"#);
     let (code, _, answer) = call(&app, "POST", "/v1/targets/register", &body).await;
     assert_eq!(code, StatusCode::OK, "{}", String::from_utf8_lossy(&answer));
     drop(app);
-    assert_eq!(seen.await.unwrap(), ["register web 10.0.2.14:80"]);
+    assert_eq!(
+        seen.await.unwrap(),
+        ["plan None", "register web 10.0.2.14:80"]
+    );
 }
 
 #[tokio::test]
