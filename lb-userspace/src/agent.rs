@@ -297,6 +297,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         .ok();
     // Counters of the targets the maps already served (an adopted data plane) are theirs.
     agent.signal_cookies = agent.ctl.model.cookies();
+    // Named from the start: after a restart the ring may hold records of the earlier run.
+    agent.log_names = agent.log_names();
     agent.access_log = agent
         .dp
         .maps
@@ -305,7 +307,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             AccessLog::start(
                 events,
                 agent.ctl.config.agent.access_log.clone(),
-                access_log::Names::default(),
+                agent.log_names.clone(),
             )
         })
         .map_err(|e| warn!(error = %format!("{e:#}"), "no access log: its events cannot be read"))
@@ -571,8 +573,17 @@ impl Agent {
         let Some(log) = &self.access_log else {
             return;
         };
+        let names = self.log_names();
+        if names != self.log_names {
+            log.set_names(names.clone());
+            self.log_names = names;
+        }
+    }
+
+    /// The names of listeners and targets by id, as the access log needs them.
+    fn log_names(&self) -> access_log::Names {
         let model = &self.ctl.model;
-        let names = access_log::Names {
+        access_log::Names {
             listeners: self
                 .ctl
                 .config
@@ -585,10 +596,6 @@ impl Agent {
                 .iter()
                 .map(|(k, t)| (t.id, (t.cookie, k.clone())))
                 .collect(),
-        };
-        if names != self.log_names {
-            log.set_names(names.clone());
-            self.log_names = names;
         }
     }
 
