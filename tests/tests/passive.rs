@@ -197,7 +197,14 @@ fn a_target_whose_service_stops_is_ejected_on_its_connections_and_comes_back_by_
         "ejected after {:?}, not well within the {INTERVAL_S} s interval",
         ejected.0
     );
-    assert!(errors.len() >= 3 && errors.len() <= 6, "{errors:?}");
+    // The third failure in a row crosses passive_unhealthy_after; the agent reads the counters
+    // every 200 ms, so failures go on for at most one poll (and a map write) after it. How many
+    // that is depends on the clients' pace (about 25 a second reach b2), so the bound is time.
+    assert!(errors.len() >= 3, "{errors:?}");
+    assert!(
+        errors[errors.len() - 1] - errors[2] < 0.3,
+        "failures went on more than a poll after the third: {errors:?}"
+    );
     let after: Vec<&(f64, String)> = lines.iter().filter(|(t, _)| *t > last_error).collect();
     assert!(
         after.len() > 20 && after.iter().all(|(_, a)| a == "b1"),
