@@ -295,10 +295,15 @@ fn sweep_case(what: &str, has_reply: fn(usize) -> bool) {
     let mut table = maps.flow_table().expect("flow table");
     let now = expiry::now_ticks();
     let n = 3 * FLOW_CHUNK as u32 + 17;
-    // Even n: idle for ~1,000 s; odd n: seen now.
+    // Even n: idle for ~1,000 s; odd n: seen now. Ticks wrap, as the sweep reads them: a
+    // machine up for less than 1,000 s has fewer.
     let (keys, values): (Vec<FlowKey>, Vec<FlowValue>) = (0..n)
         .map(|i| {
-            let seen = if i % 2 == 0 { now - 1000 } else { now };
+            let seen = if i % 2 == 0 {
+                now.wrapping_sub(1000)
+            } else {
+                now
+            };
             (key(i), value(i, seen))
         })
         .unzip();
