@@ -8,6 +8,7 @@
 //! `commands` carries out the API's commands, `views` builds the status and the metrics page,
 //! `server` serves the API, `upkeep` sweeps flows and follows routes and links.
 
+mod announcing;
 mod commands;
 mod server;
 mod upkeep;
@@ -121,6 +122,13 @@ struct Agent {
     signals: Option<TargetSignals>,
     signal_cookies: HashMap<u32, u32>,
     passive_ejections: BTreeMap<TargetKey, u64>,
+    /// Scale-out: the task that makes BIRD announce what this node can serve, with the
+    /// settings it was last given (None: `[announce]` was never on).
+    announcer: Option<(crate::announce::Announcer, crate::config::AnnounceConfig)>,
+    /// `lb-agent drain` in progress.
+    drain: Option<announcing::Drain>,
+    /// Stopping (the VIPs are being withdrawn before XDP detaches).
+    stopping: bool,
 }
 
 /// How often the failures in a row are read, while some group ejects on them.
@@ -288,6 +296,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         signals: None,
         signal_cookies: HashMap::new(),
         passive_ejections: BTreeMap::new(),
+        announcer: None,
+        drain: None,
+        stopping: false,
     };
     agent.signals = agent
         .dp
@@ -338,6 +349,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (rechecked_tx, mut rechecked) = mpsc::channel(1);
     let mut passive = tokio::time::interval(PASSIVE_POLL);
     passive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut drain_sample = tokio::time::interval(announcing::DRAIN_SAMPLE);
+    drain_sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // Attached, maps written, the API served: systemd may go on (Type=notify).
     daemon::ready(&agent.ctl.config);
     let mut watchdog = daemon::Watchdog::from_env();
@@ -377,10 +390,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 }
             }
             _ = passive.tick(), if agent.passive_on() => agent.check_passive(),
+            _ = drain_sample.tick(), if agent.drain.is_some() => agent.sample_drain(),
             _ = watchdog.tick() => watchdog.ping(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+    }
+    if !opts.keep_datapath {
+        // The router first: no new client packet may reach a node without XDP.
+        agent.withdraw_before_stop().await;
     }
     agent.shut_down(opts.keep_datapath)
 }
@@ -461,6 +479,7 @@ impl Agent {
         self.start_builds();
         self.update_log_names();
         self.follow_zone_scopes();
+        self.follow_announcements();
         result
     }
 

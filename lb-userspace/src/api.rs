@@ -34,6 +34,8 @@ pub const DEREGISTER: &str = "/v1/targets/deregister";
 pub const RELOAD: &str = "/v1/reload";
 /// `GET /metrics`: the metrics page (OpenMetrics text).
 pub const METRICS: &str = "/metrics";
+/// `lb-agent drain`: POST starts (or cancels) draining, GET reports its progress.
+pub const DRAIN: &str = "/v1/drain";
 
 /// A target to register or deregister.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -147,7 +149,98 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     pub target_groups: Vec<GroupStatus>,
     pub datapath: DatapathStatus,
+    /// The VIPs announced over BGP through BIRD (`[announce]`); null when it is off.
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
 }
+
+/// What this node announces, as BIRD reports it (`lb_vip_announced` and friends).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    pub bird_socket: String,
+    /// The file of the VIPs' static protocols BIRD includes.
+    pub bird_config: String,
+    /// null while the agent talks to BIRD; else why it cannot (it retries every second).
+    pub bird_error: Option<String>,
+    /// `lb-agent drain` withdrew every VIP.
+    pub draining: bool,
+    /// The VIPs, then the return routes (`announce.return_routes`).
+    pub routes: Vec<RouteAnnouncement>,
+    /// BIRD's BGP and BFD protocols (`show protocols`).
+    pub sessions: Vec<BgpSession>,
+    /// When BIRD last confirmed a VIP announced or withdrawn (RFC 3339).
+    pub last_change: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteAnnouncement {
+    /// `198.18.100.10/32`, `0.0.0.0/0`.
+    pub prefix: String,
+    /// vip | return.
+    pub kind: String,
+    /// Its static protocol in BIRD.
+    pub protocol: String,
+    /// What the agent wants: a VIP announced while a listener of it can serve, a return route
+    /// while the node runs and does not drain.
+    pub wanted: bool,
+    /// Why: serving | fail_open | checking | no_target | draining | stopping.
+    pub reason: String,
+    /// What BIRD says (its protocol up); null when not known (BIRD not reachable).
+    pub announced: Option<bool>,
+    /// When BIRD confirmed the last change (RFC 3339).
+    pub since: Option<String>,
+}
+
+/// One of BIRD's protocols as `show protocols` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSession {
+    pub name: String,
+    /// BGP or BFD.
+    pub protocol: String,
+    /// up | down | start | …
+    pub state: String,
+    /// BIRD's info column (Established, Active, Connect, …).
+    pub info: String,
+    /// BIRD's since column.
+    pub since: String,
+}
+
+/// `POST /v1/drain`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Announce again (end a drain).
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// A drain's progress (`POST` and `GET /v1/drain`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub draining: bool,
+    /// When the drain began (RFC 3339).
+    pub since: Option<String>,
+    pub elapsed_s: f64,
+    /// BIRD confirmed every VIP withdrawn.
+    pub withdrawn: bool,
+    /// From the drain command to BIRD's confirmation.
+    pub withdrawn_after_ms: Option<f64>,
+    /// Over the last second: client packets to the VIPs still arriving, replies reverse-NATed,
+    /// flow-table entries created.
+    pub client_packets_per_s: u64,
+    pub reply_packets_per_s: u64,
+    pub new_flows_per_s: u64,
+    /// Since the last client packet to a VIP reached this node.
+    pub quiet_for_s: f64,
+    /// `announce.drain_timeout`: how long `lb-agent drain` waits by default.
+    pub timeout_s: f64,
+    /// Withdrawn, and no client packet for `DRAIN_QUIET_S` (the router sends nothing here any more):
+    /// the node can stop.
+    pub done: bool,
+}
+
+/// A drain is done when no client packet arrived for this long after the withdrawal.
+pub const DRAIN_QUIET_S: f64 = 1.0;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListenerStatus {
@@ -310,6 +403,7 @@ mod tests {
     fn status() -> Status {
         Status {
             zone: None,
+            announce: None,
             listeners: vec![ListenerStatus {
                 name: "web".into(),
                 address: "198.18.100.10".parse().unwrap(),

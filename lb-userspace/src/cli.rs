@@ -73,6 +73,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Scale-out: stop announcing this node's VIPs (BIRD withdraws them), keep forwarding
+    /// what still arrives, and report progress until the router sends nothing here (or the
+    /// timeout); then the node can stop.
+    Drain {
+        /// How long to wait for the client traffic to stop (default: announce.drain_timeout).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Withdraw and return at once, without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// End a drain: announce the VIPs again (while this node can serve them).
+        #[arg(long, conflicts_with_all = ["timeout", "no_wait"])]
+        cancel: bool,
+        /// The drain's state as the control API's JSON (the last one, when waiting).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::api::{
-    self, ApiError, Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest,
+    self, ApiError, DrainRequest, DrainStatus, Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest,
 };
 
 /// The agent refused the call as bad input (HTTP 4xx): exit code 2.
@@ -61,6 +61,14 @@ impl Api {
 
     pub async fn plan(&self, request: &PlanRequest) -> Result<Plan> {
         self.call(Method::POST, api::PLAN, Some(request)).await
+    }
+
+    pub async fn drain(&self, request: &DrainRequest) -> Result<DrainStatus> {
+        self.call(Method::POST, api::DRAIN, Some(request)).await
+    }
+
+    pub async fn drain_status(&self) -> Result<DrainStatus> {
+        self.call(Method::GET, api::DRAIN, None::<&()>).await
     }
 
     /// One call with a typed answer: a 4xx is [`BadRequest`] with the agent's message, any
@@ -152,6 +160,19 @@ fn word<T: Serialize>(v: &T) -> String {
         Ok(other) => other.to_string(),
         Err(_) => "?".into(),
     }
+}
+
+/// One line of a drain's progress.
+pub fn drain_line(d: &DrainStatus) -> String {
+    let withdrawn = match (d.withdrawn, d.withdrawn_after_ms) {
+        (true, Some(ms)) => format!("withdrawn (BIRD confirmed {ms:.1} ms after the command)"),
+        (true, None) => "withdrawn".into(),
+        (false, _) => "withdrawing (BIRD has not confirmed yet)".into(),
+    };
+    format!(
+        "{:6.1} s  {withdrawn}; last second: {} client packets/s, {} replies/s, {} new flows/s; quiet for {:.1} s",
+        d.elapsed_s, d.client_packets_per_s, d.reply_packets_per_s, d.new_flows_per_s, d.quiet_for_s
+    )
 }
 
 /// The status as tables: listeners, then each group with its targets.
@@ -281,6 +302,7 @@ mod tests {
         };
         let status = Status {
             zone: None,
+            announce: None,
             listeners: vec![],
             target_groups: vec![],
             datapath: DatapathStatus {

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod agent;
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod client;

@@ -130,6 +130,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 .await?;
             print_plan(&plan, json)?;
         }
+        Command::Drain {
+            timeout,
+            no_wait,
+            cancel,
+            json,
+        } => return drain(&cli.api, timeout, no_wait, cancel, json).await,
         Command::Reload { dry_run: false, .. } => {
             let reply = client::Api::new(&cli.api)?.reload().await?;
             println!("reloaded: {}", reply.summary);
@@ -139,6 +145,61 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `lb-agent drain`: withdraw, then (unless --no-wait) a line a second until the router sends
+/// nothing here; exit 1 when the timeout comes first.
+async fn drain(
+    api: &str,
+    timeout: Option<std::time::Duration>,
+    no_wait: bool,
+    cancel: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use lb_userspace::api::DrainRequest;
+    let api = client::Api::new(api)?;
+    let mut d = api.drain(&DrainRequest { cancel }).await?;
+    if cancel || no_wait {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        } else if cancel {
+            println!("drain cancelled: the VIPs are announced again while this node can serve them");
+        } else {
+            println!("draining: the VIPs are being withdrawn (`lb-agent drain` again follows it)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let limit = timeout.unwrap_or(std::time::Duration::from_secs_f64(d.timeout_s));
+    let started = std::time::Instant::now();
+    let mut printed = -1.0;
+    loop {
+        if !json && (d.done || d.elapsed_s - printed >= 1.0) {
+            println!("{}", client::drain_line(&d));
+            printed = d.elapsed_s;
+        }
+        if d.done || started.elapsed() >= limit {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        d = api.drain_status().await?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    }
+    if d.done {
+        if !json {
+            println!(
+                "drained after {:.1} s: no client packet for {:.1} s; the node can stop ({} reply packets/s still pass: targets route replies through it until it goes)",
+                d.elapsed_s, d.quiet_for_s, d.reply_packets_per_s
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "lb-agent: not drained after {limit:?}: client packets still arrive (the VIPs stay withdrawn; `lb-agent drain` follows it again, --cancel announces again)"
+        );
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn print_plan(plan: &lb_userspace::api::Plan, json: bool) -> anyhow::Result<()> {

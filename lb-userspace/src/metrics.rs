@@ -255,6 +255,10 @@ pub struct Inputs<'a> {
     pub zone_fallback: BTreeMap<String, (bool, u64)>,
     /// Each target's passive health signals (targets whose counters could be read).
     pub passive: BTreeMap<TargetKey, PassiveSignals>,
+    /// Scale-out: what is announced through BIRD (None: `[announce]` never on), and whether
+    /// a drain is in progress.
+    pub announce: Option<crate::announce::AnnounceMetrics>,
+    pub draining: bool,
 }
 
 /// The page: every family, then `# EOF`.
@@ -311,6 +315,8 @@ struct Snapshot {
     /// (group, target, zone) of every target that has a zone.
     zones: Vec<(String, String, String)>,
     node_zone: String,
+    announce: Option<crate::announce::AnnounceMetrics>,
+    draining: bool,
 }
 
 impl Snapshot {
@@ -378,6 +384,8 @@ impl Snapshot {
                 })
                 .collect(),
             node_zone: i.config.agent.zone.clone(),
+            announce: i.announce.clone(),
+            draining: i.draining,
             passive: i
                 .passive
                 .iter()
@@ -531,6 +539,9 @@ impl Collector for Snapshot {
                 .iter()
                 .map(|(g, _, n)| ([("group", g.as_str())], ConstCounter::new(*n))),
         )?;
+        if let Some(a) = &self.announce {
+            self.encode_announce(&mut e, a)?;
+        }
         if let Some(log) = &self.access_log {
             family(
                 &mut e,
@@ -635,6 +646,96 @@ impl Collector for Snapshot {
             "lb_route_cache_enabled",
             "Whether the data path may reuse FIB answers (1), or looks every packet up (0: agent.route_cache = false, policy routing or multipath routes, or starting).",
             gauge(u64::from(self.route_cache.enabled)),
+        )
+    }
+}
+
+impl Snapshot {
+    /// `lb_vip_*`, `lb_bird_up`, `lb_bgp_session_up`, `lb_announce_*`, `lb_draining`.
+    fn encode_announce(
+        &self,
+        e: &mut DescriptorEncoder<'_>,
+        a: &crate::announce::AnnounceMetrics,
+    ) -> std::fmt::Result {
+        let vips: Vec<(String, bool, bool, u64)> = a
+            .routes
+            .iter()
+            .filter_map(|(r, w, up, n)| match r {
+                crate::announce::Route::Vip(ip) => Some((ip.to_string(), *w, *up, *n)),
+                crate::announce::Route::Return(_) => None,
+            })
+            .collect();
+        let returns: Vec<(String, bool)> = a
+            .routes
+            .iter()
+            .filter_map(|(r, _, up, _)| match r {
+                crate::announce::Route::Return(c) => Some((format!("{}/{}", c.addr, c.len), *up)),
+                crate::announce::Route::Vip(_) => None,
+            })
+            .collect();
+        family(
+            e,
+            "lb_return_route_announced",
+            "1 while BIRD announces the return route to the targets (announce.return_routes).",
+            returns
+                .iter()
+                .map(|(p, up)| ([("prefix", p.as_str())], gauge(u64::from(*up)))),
+        )?;
+        family(
+            e,
+            "lb_vip_announced",
+            "1 while BIRD announces the VIP (its static protocol up), as BIRD last reported.",
+            vips.iter()
+                .map(|(v, _, up, _)| ([("vip", v.as_str())], gauge(u64::from(*up)))),
+        )?;
+        family(
+            e,
+            "lb_vip_announce_wanted",
+            "1 while the agent wants the VIP announced (a listener of it can serve, no drain).",
+            vips.iter()
+                .map(|(v, w, _, _)| ([("vip", v.as_str())], gauge(u64::from(*w)))),
+        )?;
+        family(
+            e,
+            "lb_vip_announce_changes",
+            "Announcements and withdrawals of the VIP BIRD confirmed, since the agent started.",
+            vips.iter()
+                .map(|(v, _, _, n)| ([("vip", v.as_str())], ConstCounter::new(*n))),
+        )?;
+        single(
+            e,
+            "lb_bird_up",
+            "1 while the agent talks to BIRD over its control socket.",
+            gauge(u64::from(a.bird_up)),
+        )?;
+        family(
+            e,
+            "lb_bgp_session_up",
+            "1 while BIRD's BGP or BFD protocol is up (a BGP session established), as BIRD reports.",
+            a.sessions.iter().map(|s| {
+                (
+                    [("protocol", s.name.as_str()), ("kind", s.protocol.as_str())],
+                    gauge(u64::from(s.state == "up")),
+                )
+            }),
+        )?;
+        if let Some(t) = a.last_change {
+            let secs = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64();
+            single(
+                e,
+                "lb_announce_last_change_timestamp_seconds",
+                "When BIRD last confirmed a VIP announced or withdrawn (Unix time).",
+                ConstGauge::new(secs),
+            )?;
+        }
+        single(
+            e,
+            "lb_draining",
+            "1 while `lb-agent drain` keeps the VIPs withdrawn.",
+            gauge(u64::from(self.draining)),
         )
     }
 }

@@ -36,6 +36,9 @@ const PACKAGES: &[&str] = &[
     "man-db",
     // /etc/services: wrk (tests, bench) resolves the "http" of its URLs through it.
     "netbase",
+    // Scale-out: BIRD 2 announces the VIPs over BGP (the router and the nodes of its
+    // namespace test each run one).
+    "bird2",
 ];
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Builds the Debian package (`cargo xtask package`); pinned: its `--profile dev` (the tests'

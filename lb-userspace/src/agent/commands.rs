@@ -9,7 +9,10 @@ use tracing::{info, warn};
 
 use super::Agent;
 use crate::{
-    api::{Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest},
+    api::{
+        DrainRequest, DrainStatus, Plan, PlanRequest, ReloadReply, Status, TargetReply,
+        TargetRequest,
+    },
     config,
     control::{self, Refused},
     model::TargetKey,
@@ -28,6 +31,9 @@ pub enum Command {
     Reload(oneshot::Sender<Outcome<ReloadReply>>),
     /// What a config would change (`lb-agent plan`, `reload --dry-run`).
     Plan(PlanRequest, oneshot::Sender<Outcome<Plan>>),
+    /// `lb-agent drain`: withdraw the VIPs (or announce them again), then its progress.
+    Drain(DrainRequest, oneshot::Sender<Outcome<DrainStatus>>),
+    DrainStatus(oneshot::Sender<DrainStatus>),
 }
 
 /// A command's result: its answer, or why it was refused (the HTTP status and the message).
@@ -77,6 +83,12 @@ impl Agent {
                 self.answer_when_published(reply, outcome);
             }
             Command::Plan(request, reply) => self.plan(request, reply),
+            Command::Drain(request, reply) => {
+                let _ = reply.send(self.drain(request));
+            }
+            Command::DrainStatus(reply) => {
+                let _ = reply.send(self.drain_status());
+            }
         }
     }
 

@@ -39,6 +39,7 @@ use tracing::{debug, warn};
 
 use super::commands::{Command, Failure};
 use crate::api::{
+    DrainRequest, DrainStatus,
     self, ApiError, Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest,
 };
 
@@ -81,6 +82,7 @@ pub fn api_router(commands: Commands, limits: Limits) -> Router {
         .route(api::DEREGISTER, post(deregister))
         .route(api::RELOAD, post(reload))
         .route(api::METRICS, get(metrics))
+        .route(api::DRAIN, post(drain).get(drain_status))
         .layer(RequestBodyLimitLayer::new(limits.body));
     let config = Router::new()
         .route(api::PLAN, post(plan))
@@ -190,6 +192,22 @@ async fn plan(
     ask(&commands, |r| Command::Plan(request, r))
         .await?
         .map(Json)
+}
+
+/// An empty body is `{}` (start draining).
+async fn drain(State(commands): State<Commands>, body: Bytes) -> Result<Json<DrainStatus>, Failure> {
+    let request: DrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    ask(&commands, |r| Command::Drain(request, r))
+        .await?
+        .map(Json)
+}
+
+async fn drain_status(State(commands): State<Commands>) -> Result<Json<DrainStatus>, Failure> {
+    ask(&commands, Command::DrainStatus).await.map(Json)
 }
 
 async fn not_found(uri: Uri) -> Failure {

@@ -127,6 +127,10 @@ impl Agent {
             Err(_) => Vec::new(),
         };
         Status {
+            announce: self
+                .announcer
+                .as_ref()
+                .map(|(a, _)| a.status(self.drain.is_some())),
             zone: (!c.agent.zone.is_empty()).then(|| c.agent.zone.clone()),
             listeners,
             target_groups: groups,
@@ -202,6 +206,8 @@ impl Agent {
             listener_stats,
             counters: self.dp.maps.counters().ok(),
             access_log: self.access_log_status(None),
+            announce: self.announcer.as_ref().map(|(a, _)| a.metrics()),
+            draining: self.drain.is_some(),
             passive: self
                 .ctl
                 .model

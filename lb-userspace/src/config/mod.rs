@@ -32,6 +32,95 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     #[serde(default, rename = "target_group")]
     pub target_groups: Vec<TargetGroupConfig>,
+    #[serde(default)]
+    pub announce: AnnounceConfig,
+}
+
+/// Scale-out: the VIPs announced over BGP by BIRD (`crate::announce`), while this node can
+/// serve them.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnnounceConfig {
+    /// BIRD's control socket; "": nothing is announced.
+    pub bird_socket: String,
+    /// The file the agent writes one static protocol per route into; BIRD's config includes it.
+    pub bird_config: String,
+    /// Routes announced to the targets while this node runs and does not drain, so that
+    /// their replies come back through live nodes (usually the client networks, or a default
+    /// route; exported to the targets' BGP sessions, not to the routers).
+    pub return_routes: Vec<Cidr>,
+    /// How long `lb-agent drain` waits, by default, for the client traffic to stop.
+    pub drain_timeout: Duration,
+    /// At shutdown (without --keep-datapath), after BIRD withdrew the VIPs: the longest the
+    /// agent goes on forwarding while client packets still arrive, before it detaches XDP.
+    pub withdraw_grace: Duration,
+}
+
+impl Default for AnnounceConfig {
+    fn default() -> Self {
+        Self {
+            bird_socket: String::new(),
+            bird_config: DEFAULT_BIRD_CONFIG.into(),
+            return_routes: Vec::new(),
+            drain_timeout: Duration::from_secs(60),
+            withdraw_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+pub const DEFAULT_BIRD_CONFIG: &str = "/run/lb-agent/bird/vips.conf";
+
+impl AnnounceConfig {
+    pub fn enabled(&self) -> bool {
+        !self.bird_socket.is_empty()
+    }
+
+    fn validate(&self, problem: &mut impl FnMut(String, String)) {
+        for (key, path) in [
+            ("bird_socket", &self.bird_socket),
+            ("bird_config", &self.bird_config),
+        ] {
+            let allowed_empty = key == "bird_socket";
+            if (path.is_empty() && !allowed_empty) || (!path.is_empty() && !path.starts_with('/'))
+            {
+                problem(
+                    format!("announce.{key}"),
+                    format!("{path:?} is not an absolute path"),
+                );
+            }
+        }
+        if self.enabled() && !self.bird_config.ends_with(".conf") {
+            problem(
+                "announce.bird_config".into(),
+                format!(
+                    "{:?}: name it *.conf, so that BIRD's `include \"DIR/*.conf\"` finds it",
+                    self.bird_config
+                ),
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, c) in self.return_routes.iter().enumerate() {
+            if !seen.insert(c) {
+                problem(
+                    format!("announce.return_routes[{i}]"),
+                    format!("{}/{} is listed twice", c.addr, c.len),
+                );
+            }
+        }
+        let s = std::time::Duration::from_secs;
+        if self.drain_timeout.0 < s(1) || self.drain_timeout.0 > s(86_400) {
+            problem(
+                "announce.drain_timeout".into(),
+                format!("{} is outside 1s..86400s", self.drain_timeout),
+            );
+        }
+        if self.withdraw_grace.0 > s(60) {
+            problem(
+                "announce.withdraw_grace".into(),
+                format!("{} is above 60s", self.withdraw_grace),
+            );
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -365,6 +454,7 @@ impl Config {
         let mut out = Vec::new();
         let mut problem = |path: String, message: String| out.push((path, message));
         self.agent.validate(&mut problem);
+        self.announce.validate(&mut problem);
 
         let mut names = HashSet::new();
         let mut endpoints = HashSet::new();

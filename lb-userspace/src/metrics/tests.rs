@@ -173,6 +173,32 @@ impl World {
                 open_flows: 2,
             }),
             zone_fallback: [("web".to_string(), (true, 1))].into(),
+            announce: Some(crate::announce::AnnounceMetrics {
+                routes: vec![
+                    (
+                        crate::announce::Route::Vip("198.18.100.10".parse().unwrap()),
+                        true,
+                        true,
+                        1,
+                    ),
+                    (
+                        crate::announce::Route::Return("0.0.0.0/0".parse().unwrap()),
+                        true,
+                        true,
+                        1,
+                    ),
+                ],
+                bird_up: true,
+                sessions: vec![crate::api::BgpSession {
+                    name: "uplink".into(),
+                    protocol: "BGP".into(),
+                    state: "up".into(),
+                    info: "Established".into(),
+                    since: "10:00:00.000".into(),
+                }],
+                last_change: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000)),
+            }),
+            draining: false,
             passive: self
                 .model
                 .targets

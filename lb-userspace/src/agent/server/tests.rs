@@ -19,6 +19,7 @@ use crate::{
 fn status() -> Status {
     Status {
         zone: None,
+        announce: None,
         listeners: vec![],
         target_groups: vec![],
         datapath: DatapathStatus {
@@ -94,6 +95,17 @@ fn fake_agent(
                 Command::Reload(r) => {
                     seen.push("reload".into());
                     let _ = r.send(Err(Failure::bad_request("bad config")));
+                }
+                Command::Drain(d, r) => {
+                    seen.push(format!("drain cancel={}", d.cancel));
+                    let _ = r.send(Ok(crate::api::DrainStatus {
+                        draining: !d.cancel,
+                        ..Default::default()
+                    }));
+                }
+                Command::DrainStatus(r) => {
+                    seen.push("drain status".into());
+                    let _ = r.send(crate::api::DrainStatus::default());
                 }
                 Command::Plan(p, r) => {
                     seen.push(format!("plan {:?}", p.path));
