@@ -3,6 +3,7 @@
 //! own map writer.
 
 pub mod bench;
+pub mod cluster;
 pub mod harness;
 pub mod lab;
 pub mod packet;

@@ -129,7 +129,8 @@ fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(args: &str) -> Result<String> {
+/// `ip ARGS` (split on whitespace); its stdout.
+pub fn ip(args: &str) -> Result<String> {
     run(Command::new("ip").args(args.split_whitespace()))
 }
 
@@ -143,6 +144,15 @@ impl Topology {
     }
 
     pub fn new(options: Options) -> Result<Self> {
+        let mut t = Self::bare()?;
+        t.build(options)?;
+        Ok(t)
+    }
+
+    /// No host yet: the scratch directory and the bpffs mount, for topologies of other shapes
+    /// (`crate::cluster`) made with [`Topology::add_host`] and `ip`, with this one's processes,
+    /// logs and clean-up.
+    pub fn bare() -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let prefix = format!(
             "lbt{}-{}",
@@ -151,7 +161,7 @@ impl Topology {
         );
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
-        let mut t = Self {
+        let t = Self {
             xdp_pass: Vec::new(),
             bpffs: dir.join("bpf"),
             prefix,
@@ -159,8 +169,18 @@ impl Topology {
             dir,
             children: Vec::new(),
         };
-        t.build(options)?;
+        std::fs::create_dir_all(&t.bpffs)?;
+        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&t.bpffs))?;
         Ok(t)
+    }
+
+    /// A new host (namespace) `name`, its loopback up.
+    pub fn add_host(&mut self, name: &str) -> Result<String> {
+        let ns = self.ns(name);
+        ip(&format!("netns add {ns}"))?;
+        self.hosts.push(ns.clone());
+        ip(&format!("-n {ns} link set lo up"))?;
+        Ok(ns)
     }
 
     fn build(&mut self, o: Options) -> Result<()> {
@@ -171,20 +191,13 @@ impl Topology {
         if o.router_mtu.is_some() && o.client_vlan.is_some() {
             bail!("a router and a client VLAN together are not supported");
         }
-        std::fs::create_dir_all(&self.bpffs)?;
-        run(Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&self.bpffs))?;
         let mut names = vec!["cli".to_string(), "lb".into(), "sw".into()];
         if o.router_mtu.is_some() {
             names.push("rt".into());
         }
         names.extend((1..=backends).map(|i| format!("b{i}")));
         for n in &names {
-            let ns = self.ns(n);
-            ip(&format!("netns add {ns}"))?;
-            self.hosts.push(ns.clone());
-            ip(&format!("-n {ns} link set lo up"))?;
+            self.add_host(n)?;
         }
         let (cli, lb, sw) = (self.ns("cli"), self.ns("lb"), self.ns("sw"));
         ip(&format!("-n {sw} link add br0 type bridge"))?;
