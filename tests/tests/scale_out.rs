@@ -116,3 +116,101 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
     );
     Ok(())
 }
+
+/// `N` downloads of `SECONDS` at `RATE` bytes/s started together on the client, in the
+/// background: log `downloads`, a line "HTTP_CODE BYTES CURL_EXIT" each as it ends.
+fn start_downloads(c: &mut Cluster, n: usize, seconds: u32, rate: u32) -> Result<usize> {
+    let script = format!(
+        "for k in $(seq {n}); do (r=$(curl -s -o /dev/null --max-time {} -w '%{{http_code}} %{{size_download}}' '{URL}stream?seconds={seconds}&rate={rate}'); echo \"$r $?\") & done; wait",
+        seconds * 4
+    );
+    c.topo
+        .spawn("cli", "downloads", std::path::Path::new("sh"), &["-c", &script])
+}
+
+/// The downloads' results once they all ended: (complete, of), and the lines.
+fn downloads_done(c: &mut Cluster, handle: usize, expect_bytes: u64, limit: Duration) -> Result<(usize, usize, String)> {
+    c.topo.stop_wait(handle, limit)?;
+    let log = c.topo.log("downloads");
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let complete = lines
+        .iter()
+        .filter(|l| *l.trim() == *format!("200 {expect_bytes} 0"))
+        .count();
+    Ok((complete, lines.len(), log))
+}
+
+/// When (after `from`) the router's route to the VIP first left out node `i`.
+fn vip_route_without(c: &Cluster, i: usize, from: SystemTime) -> Option<SystemTime> {
+    c.route_events("rt")
+        .into_iter()
+        .filter(|(t, m)| *t >= from && m.contains(VIP))
+        .find(|(_, m)| m.starts_with("Deleted") || !nodes_in(m).contains(&i))
+        .map(|(t, _)| t)
+}
+
+fn ms_after(t: SystemTime, from: SystemTime) -> f64 {
+    t.duration_since(from).unwrap_or_default().as_secs_f64() * 1e3
+}
+
+#[test]
+fn a_drained_node_is_withdrawn_at_once_its_flows_carry_on_and_it_stops_with_nothing_reset(
+) -> Result<()> {
+    let mut c = cluster()?;
+    c.monitor_routes("rt")?;
+    // Long downloads, some through n1.
+    let before = new_flows(&c)?;
+    let downloads = start_downloads(&mut c, 15, 8, 100_000)?;
+    let through_n1 = poll(Duration::from_secs(5), "15 downloads under way", || {
+        let now = new_flows(&c)?;
+        let started: u64 = now.iter().zip(&before).map(|(a, b)| a - b).sum();
+        Ok((started >= 15).then(|| now[0] - before[0]))
+    })?;
+    ensure!(through_n1 > 0, "no download went through n1: run again");
+
+    // The drain, as an operator runs it: the command waits until the router sends nothing here.
+    let asked = SystemTime::now();
+    let drain = std::process::Command::new(lb_tests::harness::agent_bin())
+        .args(["--api", &c.api(1), "drain", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let withdrawn = poll(Duration::from_secs(5), "the router's VIP route without n1", || {
+        Ok(vip_route_without(&c, 1, asked))
+    })?;
+    let flows_n1 = c.new_flows(1).context("n1")?;
+    // New flows meanwhile: none reaches n1.
+    let answers = client(&c, &format!("count {URL} 200"))?;
+    assert!(answers.iter().all(|l| !l.starts_with("ERR")), "{answers:?}");
+    assert_eq!(c.new_flows(1), Some(flows_n1), "a new flow reached the drained node");
+    let out = drain.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "drain: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let d: lb_userspace::api::DrainStatus = serde_json::from_str(&text)?;
+    assert!(d.done && d.withdrawn, "{d:?}");
+    // The targets' return routes left n1 too (replies go through n2 and n3).
+    for j in 1..=3 {
+        poll(Duration::from_secs(5), "return routes without n1", || {
+            Ok((!c.return_nodes(j)?.contains(&1)).then_some(()))
+        })?;
+    }
+    let status = c.status(1)?;
+    let a = status.announce.context("announce status")?;
+    assert!(a.draining && a.routes.iter().all(|r| r.announced == Some(false) && !r.wanted), "{a:?}");
+    println!(
+        "FIGURE scale-out drain: the router's route left n1 {:.1} ms after `lb-agent drain` was started (the agent had BIRD's confirmation {:.1} ms after the command reached it); drained (no client packet for 1 s) after {:.1} s; {} of 15 downloads went through n1; 200 new connections meanwhile, none to n1",
+        ms_after(withdrawn, asked),
+        d.withdrawn_after_ms.unwrap_or(f64::NAN),
+        d.elapsed_s,
+        through_n1,
+    );
+    assert!(ms_after(withdrawn, asked) < 1000.0, "withdrawn by BGP, not by a timer");
+
+    // Then n1 stops (SIGTERM: nothing left to withdraw, XDP detached) while the downloads run.
+    let exit = c.stop_agent(1)?;
+    assert!(exit.success(), "{exit:?}");
+    let (complete, of, log) = downloads_done(&mut c, downloads, 800_000, Duration::from_secs(40))?;
+    println!("FIGURE scale-out drain: {complete} of {of} downloads (8 s each) complete across the drain and n1's stop");
+    assert_eq!((complete, of), (15, 15), "downloads:\n{log}");
+    Ok(())
+}
