@@ -185,7 +185,11 @@ pub fn render(routes: &BTreeMap<Route, bool>) -> String {
     );
     for (route, &on) in routes {
         let prefix = route.prefix();
-        let channel = if prefix.addr.is_ipv4() { "ipv4" } else { "ipv6" };
+        let channel = if prefix.addr.is_ipv4() {
+            "ipv4"
+        } else {
+            "ipv6"
+        };
         s.push_str(&format!(
             "\nprotocol static {} {{\n\t{channel};\n\troute {}/{} blackhole;\n\tdisabled {};\n}}\n",
             route.protocol(),
@@ -434,9 +438,7 @@ impl Bird {
         };
         let set: BTreeSet<Route> = wanted.keys().copied().collect();
         let missing = set.iter().any(|r| !up.contains_key(&r.protocol()));
-        let stale = up
-            .keys()
-            .any(|p| !set.iter().any(|r| r.protocol() == *p));
+        let stale = up.keys().any(|p| !set.iter().any(|r| r.protocol() == *p));
         let mut up = up;
         if self.configured.as_ref() != Some(&set) || missing || stale {
             // The set changed (or BIRD lost our protocols): the file, then `configure`, which

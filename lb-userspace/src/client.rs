@@ -14,7 +14,8 @@ use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::api::{
-    self, ApiError, DrainRequest, DrainStatus, Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest,
+    self, ApiError, DrainRequest, DrainStatus, Plan, PlanRequest, ReloadReply, Status, TargetReply,
+    TargetRequest,
 };
 
 /// The agent refused the call as bad input (HTTP 4xx): exit code 2.

@@ -163,7 +163,9 @@ async fn drain(
         if json {
             println!("{}", serde_json::to_string_pretty(&d)?);
         } else if cancel {
-            println!("drain cancelled: the VIPs are announced again while this node can serve them");
+            println!(
+                "drain cancelled: the VIPs are announced again while this node can serve them"
+            );
         } else {
             println!("draining: the VIPs are being withdrawn (`lb-agent drain` again follows it)");
         }

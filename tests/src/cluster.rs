@@ -85,15 +85,21 @@ impl Cluster {
         ip(&format!("-n {rt} addr add 10.0.1.1/24 dev r0"))?;
         ip(&format!("-n {rt} link set r0 up"))?;
         // Router ═ front switch.
-        ip(&format!("link add r1 netns {rt} type veth peer name f0 netns {sw}"))?;
+        ip(&format!(
+            "link add r1 netns {rt} type veth peer name f0 netns {sw}"
+        ))?;
         ip(&format!("-n {sw} link set f0 master fr up"))?;
         ip(&format!("-n {rt} addr add 10.0.5.1/24 dev r1"))?;
         ip(&format!("-n {rt} link set r1 up"))?;
         // Nodes: l0 on the front switch, l1 on the back one.
         for i in 1..=nodes {
             let n = topo.ns(&format!("n{i}"));
-            ip(&format!("link add l0 netns {n} type veth peer name f{i} netns {sw}"))?;
-            ip(&format!("link add l1 netns {n} type veth peer name k{i} netns {sw}"))?;
+            ip(&format!(
+                "link add l0 netns {n} type veth peer name f{i} netns {sw}"
+            ))?;
+            ip(&format!(
+                "link add l1 netns {n} type veth peer name k{i} netns {sw}"
+            ))?;
             ip(&format!("-n {sw} link set f{i} master fr up"))?;
             ip(&format!("-n {sw} link set k{i} master bk up"))?;
             ip(&format!("-n {n} addr add {}/24 dev l0", node_front(i)))?;
@@ -103,15 +109,23 @@ impl Cluster {
             ip(&format!("-n {n} route add {CLIENT_NET} via 10.0.5.1"))?;
             topo.exec(&format!("n{i}"), "sysctl -qw net.ipv4.ip_forward=1")?;
             // The switch ports receive what XDP redirects out of l0 and l1: NAPI (gro on).
-            topo.exec("sw", &format!("ethtool -K f{i} gro on && ethtool -K k{i} gro on"))?;
+            topo.exec(
+                "sw",
+                &format!("ethtool -K f{i} gro on && ethtool -K k{i} gro on"),
+            )?;
         }
         // Backends on the back switch: no default route until BIRD learns one from the nodes.
         for j in 1..=backends {
             let b = topo.ns(&format!("b{j}"));
-            ip(&format!("link add e0 netns {b} type veth peer name e{j} netns {sw}"))?;
+            ip(&format!(
+                "link add e0 netns {b} type veth peer name e{j} netns {sw}"
+            ))?;
             ip(&format!("-n {sw} link set e{j} master bk up"))?;
             ip(&format!("-n {b} addr add {}/24 dev e0", backend_addr(j)))?;
-            ip(&format!("-n {b} addr add {}/64 dev e0 nodad", backend_addr6(j)))?;
+            ip(&format!(
+                "-n {b} addr add {}/64 dev e0 nodad",
+                backend_addr6(j)
+            ))?;
             ip(&format!("-n {b} link set e0 up"))?;
             topo.exec(
                 &format!("b{j}"),
@@ -208,7 +222,11 @@ impl Cluster {
                 "-s",
                 &sock.to_string_lossy(),
                 "-P",
-                &self.topo.dir().join(format!("bird-{host}.pid")).to_string_lossy(),
+                &self
+                    .topo
+                    .dir()
+                    .join(format!("bird-{host}.pid"))
+                    .to_string_lossy(),
             ],
         )?;
         self.birds.insert(host.to_string(), handle);
@@ -298,7 +316,11 @@ path = "/health"
         let path = dir.join("lb.toml");
         std::fs::write(&path, config)?;
         let bin = agent_bin();
-        anyhow::ensure!(bin.exists(), "{} missing: cargo build -p lb-userspace", bin.display());
+        anyhow::ensure!(
+            bin.exists(),
+            "{} missing: cargo build -p lb-userspace",
+            bin.display()
+        );
         let handle = self.topo.spawn(
             &format!("n{i}"),
             &format!("agent-n{i}"),
@@ -366,10 +388,10 @@ path = "/health"
         let mut names: BTreeMap<u32, String> = BTreeMap::new();
         let mut out = Vec::new();
         for id in maps.active_table(gid)? {
-            if !names.contains_key(&id) {
+            if let std::collections::btree_map::Entry::Vacant(e) = names.entry(id) {
                 let t = maps.target(id)?;
                 let ip = lb_common::addr::from_words(&t.addr, t.family).context("address")?;
-                names.insert(id, lb_userspace::config::endpoint(ip, u16::from_be(t.port_be)));
+                e.insert(lb_userspace::config::endpoint(ip, u16::from_be(t.port_be)));
             }
             out.push(names[&id].clone());
         }
@@ -379,32 +401,40 @@ path = "/health"
     /// Waits until every node's agent reports `n` healthy targets.
     pub fn wait_healthy(&self, n: usize) -> Result<()> {
         for i in 1..=self.nodes {
-            poll(Duration::from_secs(30), &format!("n{i}: {n} healthy"), || {
-                let Ok(s) = self.status(i) else {
-                    return Ok(None);
-                };
-                let healthy = s.target_groups[0]
-                    .targets
-                    .iter()
-                    .filter(|t| t.state.to_string() == "healthy")
-                    .count();
-                Ok((healthy == n).then_some(()))
-            })?;
+            poll(
+                Duration::from_secs(30),
+                &format!("n{i}: {n} healthy"),
+                || {
+                    let Ok(s) = self.status(i) else {
+                        return Ok(None);
+                    };
+                    let healthy = s.target_groups[0]
+                        .targets
+                        .iter()
+                        .filter(|t| t.state.to_string() == "healthy")
+                        .count();
+                    Ok((healthy == n).then_some(()))
+                },
+            )?;
         }
         Ok(())
     }
 
-    /// kill -9 of node `i`'s agent and BIRD, then its links down (a node that died).
+    /// Node `i` dies as a box does: its links go down first (nothing more leaves it: no BGP
+    /// notification, no TCP FIN from a killed BIRD), then kill -9 of its agent and BIRD.
+    /// The moment the links went down.
     pub fn kill_node(&mut self, i: usize) -> Result<SystemTime> {
         let at = SystemTime::now();
+        self.topo.exec(
+            &format!("n{i}"),
+            "ip link set l0 down && ip link set l1 down",
+        )?;
         if let Some(h) = self.agents.remove(&i) {
             self.topo.stop(h, libc::SIGKILL)?;
         }
         if let Some(h) = self.birds.remove(&format!("n{i}")) {
             self.topo.stop(h, libc::SIGKILL)?;
         }
-        self.topo
-            .exec(&format!("n{i}"), "ip link set l0 down && ip link set l1 down")?;
         Ok(at)
     }
 

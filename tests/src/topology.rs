@@ -170,7 +170,9 @@ impl Topology {
             children: Vec::new(),
         };
         std::fs::create_dir_all(&t.bpffs)?;
-        run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&t.bpffs))?;
+        run(Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&t.bpffs))?;
         Ok(t)
     }
 

@@ -15,14 +15,21 @@ use lb_tests::{
 };
 
 const URL: &str = "http://10.0.100.10/";
-const CHECK: &str = "interval = \"1s\"\ntimeout = \"500ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2";
+const CHECK: &str =
+    "interval = \"1s\"\ntimeout = \"500ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2";
 /// The group's id in every node's maps (the only group).
 const GID: u32 = 0;
 
+/// One cluster at a time: ten BIRDs and three agents each, and BFD at 100 ms on two cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Three nodes started in the order 3, 1, 2, each with the targets listed in another order;
 /// all healthy, the VIP on three paths at the router, the return route on three at every
-/// backend.
-fn cluster() -> Result<Cluster> {
+/// backend; with the lock of [`ONE_AT_A_TIME`], to be dropped after the cluster.
+fn cluster() -> Result<(std::sync::MutexGuard<'static, ()>, Cluster)> {
+    let serial = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let mut c = Cluster::new(3, 3)?;
     for (i, order) in [(3, [2, 3, 1]), (1, [1, 2, 3]), (2, [3, 1, 2])] {
         let config = c.config(i, &order, CHECK);
@@ -33,11 +40,13 @@ fn cluster() -> Result<Cluster> {
         Ok((c.vip_nodes()?.len() == 3).then_some(()))
     })?;
     for j in 1..=3 {
-        poll(Duration::from_secs(30), "return routes over 3 nodes", || {
-            Ok((c.return_nodes(j)?.len() == 3).then_some(()))
-        })?;
+        poll(
+            Duration::from_secs(30),
+            "return routes over 3 nodes",
+            || Ok((c.return_nodes(j)?.len() == 3).then_some(())),
+        )?;
     }
-    Ok(c)
+    Ok((serial, c))
 }
 
 fn client(c: &Cluster, args: &str) -> Result<Vec<String>> {
@@ -63,7 +72,7 @@ fn tables(c: &Cluster) -> Result<Vec<Vec<String>>> {
 
 #[test]
 fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<()> {
-    let c = cluster()?;
+    let (_serial, c) = cluster()?; // the lock goes last
     let before = new_flows(&c)?;
     let answers = client(&c, &format!("count {URL} 600"))?;
     let after = new_flows(&c)?;
@@ -81,8 +90,16 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
     println!("FIGURE scale-out spread: 600 connections over nodes {per_node:?}, backends {per_backend:?}");
     assert_eq!(answers.len(), 600);
     assert!(!per_backend.contains_key("ERR"), "{per_backend:?}");
-    assert_eq!(seen, BTreeSet::from([CLIENT.to_string()]), "backends see the client");
-    assert_eq!(per_node.iter().sum::<u64>(), 600, "each connection is one node's");
+    assert_eq!(
+        seen,
+        BTreeSet::from([CLIENT.to_string()]),
+        "backends see the client"
+    );
+    assert_eq!(
+        per_node.iter().sum::<u64>(),
+        600,
+        "each connection is one node's"
+    );
     assert!(
         per_node.iter().all(|&n| n >= 120),
         "every node takes a share: {per_node:?}"
@@ -108,10 +125,15 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
         died.elapsed().as_secs_f64()
     );
     let t = tables(&c)?;
-    assert!(t.iter().all(|x| *x == t[0]), "the nodes' tables differ after the removal");
+    assert!(
+        t.iter().all(|x| *x == t[0]),
+        "the nodes' tables differ after the removal"
+    );
     let answers = client(&c, &format!("count {URL} 150"))?;
     assert!(
-        answers.iter().all(|l| l.starts_with("b1 ") || l.starts_with("b3 ")),
+        answers
+            .iter()
+            .all(|l| l.starts_with("b1 ") || l.starts_with("b3 ")),
         "{answers:?}"
     );
     Ok(())
@@ -124,12 +146,21 @@ fn start_downloads(c: &mut Cluster, n: usize, seconds: u32, rate: u32) -> Result
         "for k in $(seq {n}); do (r=$(curl -s -o /dev/null --max-time {} -w '%{{http_code}} %{{size_download}}' '{URL}stream?seconds={seconds}&rate={rate}'); echo \"$r $?\") & done; wait",
         seconds * 4
     );
-    c.topo
-        .spawn("cli", "downloads", std::path::Path::new("sh"), &["-c", &script])
+    c.topo.spawn(
+        "cli",
+        "downloads",
+        std::path::Path::new("sh"),
+        &["-c", &script],
+    )
 }
 
 /// The downloads' results once they all ended: (complete, of), and the lines.
-fn downloads_done(c: &mut Cluster, handle: usize, expect_bytes: u64, limit: Duration) -> Result<(usize, usize, String)> {
+fn downloads_done(
+    c: &mut Cluster,
+    handle: usize,
+    expect_bytes: u64,
+    limit: Duration,
+) -> Result<(usize, usize, String)> {
     c.topo.stop_wait(handle, limit)?;
     let log = c.topo.log("downloads");
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -156,7 +187,7 @@ fn ms_after(t: SystemTime, from: SystemTime) -> f64 {
 #[test]
 fn a_drained_node_is_withdrawn_at_once_its_flows_carry_on_and_it_stops_with_nothing_reset(
 ) -> Result<()> {
-    let mut c = cluster()?;
+    let (_serial, mut c) = cluster()?; // the lock goes last
     c.monitor_routes("rt")?;
     // Long downloads, some through n1.
     let before = new_flows(&c)?;
@@ -175,17 +206,27 @@ fn a_drained_node_is_withdrawn_at_once_its_flows_carry_on_and_it_stops_with_noth
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let withdrawn = poll(Duration::from_secs(5), "the router's VIP route without n1", || {
-        Ok(vip_route_without(&c, 1, asked))
-    })?;
+    let withdrawn = poll(
+        Duration::from_secs(5),
+        "the router's VIP route without n1",
+        || Ok(vip_route_without(&c, 1, asked)),
+    )?;
     let flows_n1 = c.new_flows(1).context("n1")?;
     // New flows meanwhile: none reaches n1.
     let answers = client(&c, &format!("count {URL} 200"))?;
     assert!(answers.iter().all(|l| !l.starts_with("ERR")), "{answers:?}");
-    assert_eq!(c.new_flows(1), Some(flows_n1), "a new flow reached the drained node");
+    assert_eq!(
+        c.new_flows(1),
+        Some(flows_n1),
+        "a new flow reached the drained node"
+    );
     let out = drain.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "drain: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "drain: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let d: lb_userspace::api::DrainStatus = serde_json::from_str(&text)?;
     assert!(d.done && d.withdrawn, "{d:?}");
     // The targets' return routes left n1 too (replies go through n2 and n3).
@@ -196,7 +237,13 @@ fn a_drained_node_is_withdrawn_at_once_its_flows_carry_on_and_it_stops_with_noth
     }
     let status = c.status(1)?;
     let a = status.announce.context("announce status")?;
-    assert!(a.draining && a.routes.iter().all(|r| r.announced == Some(false) && !r.wanted), "{a:?}");
+    assert!(
+        a.draining
+            && a.routes
+                .iter()
+                .all(|r| r.announced == Some(false) && !r.wanted),
+        "{a:?}"
+    );
     println!(
         "FIGURE scale-out drain: the router's route left n1 {:.1} ms after `lb-agent drain` was started (the agent had BIRD's confirmation {:.1} ms after the command reached it); drained (no client packet for 1 s) after {:.1} s; {} of 15 downloads went through n1; 200 new connections meanwhile, none to n1",
         ms_after(withdrawn, asked),
@@ -204,13 +251,160 @@ fn a_drained_node_is_withdrawn_at_once_its_flows_carry_on_and_it_stops_with_noth
         d.elapsed_s,
         through_n1,
     );
-    assert!(ms_after(withdrawn, asked) < 1000.0, "withdrawn by BGP, not by a timer");
+    assert!(
+        ms_after(withdrawn, asked) < 1000.0,
+        "withdrawn by BGP, not by a timer"
+    );
 
     // Then n1 stops (SIGTERM: nothing left to withdraw, XDP detached) while the downloads run.
     let exit = c.stop_agent(1)?;
     assert!(exit.success(), "{exit:?}");
     let (complete, of, log) = downloads_done(&mut c, downloads, 800_000, Duration::from_secs(40))?;
     println!("FIGURE scale-out drain: {complete} of {of} downloads (8 s each) complete across the drain and n1's stop");
+    assert_eq!((complete, of), (15, 15), "downloads:\n{log}");
+    Ok(())
+}
+
+/// When (after `from`) host `b`'s return route first left out node `i`.
+fn return_route_without(c: &Cluster, host: &str, i: usize, from: SystemTime) -> Option<SystemTime> {
+    c.route_events(host)
+        .into_iter()
+        .filter(|(t, m)| *t >= from && m.contains(lb_tests::cluster::CLIENT_NET))
+        .find(|(_, m)| {
+            let via: BTreeSet<usize> = m
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("10.0.2."))
+                .filter_map(|n| n.parse().ok())
+                .collect();
+            m.starts_with("Deleted") || !via.contains(&i)
+        })
+        .map(|(t, _)| t)
+}
+
+#[test]
+fn a_node_that_dies_leaves_ecmp_within_half_a_second_and_every_download_completes() -> Result<()> {
+    use lb_tests::bench::plot;
+    use lb_userspace::maps::KernelMaps;
+
+    let (_serial, mut c) = cluster()?; // the lock goes last
+    for h in ["rt", "b1", "b2", "b3"] {
+        c.monitor_routes(h)?;
+    }
+    let maps: Vec<KernelMaps> = (1..=3)
+        .map(|i| KernelMaps::from_pins(&c.topo.bpffs().join(format!("n{i}/maps"))))
+        .collect::<Result<_>>()?;
+    let flows = |m: &KernelMaps| m.listener_stats(0).map(|s| s.new_flows).unwrap_or(0);
+
+    // Short requests from six clients for the picture, and long downloads.
+    const SECONDS: f64 = 8.0;
+    let script = c.topo.dir().join("client.py");
+    std::fs::write(&script, include_str!("../src/client.py"))?;
+    let start = Instant::now();
+    let origin = plot::monotonic_seconds();
+    let clients = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.topo.ns("cli"), "python3"])
+        .arg(&script)
+        .args([
+            "loop",
+            URL,
+            &SECONDS.to_string(),
+            "0.02",
+            "6",
+            &format!("{origin:.6}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let downloads = start_downloads(&mut c, 15, 7, 100_000)?;
+
+    // New flows per node per 100 ms; node 3 dies at 3 s (links down, agent and BIRD kill -9).
+    let mut buckets: Vec<BTreeMap<String, u32>> = vec![BTreeMap::new(); (SECONDS * 10.0) as usize];
+    let mut last: Vec<u64> = maps.iter().map(flows).collect();
+    let mut killed: Option<(f64, SystemTime)> = None;
+    for (k, bucket) in buckets.iter_mut().enumerate() {
+        std::thread::sleep(
+            (start + Duration::from_millis(100 * (k as u64 + 1)))
+                .saturating_duration_since(Instant::now()),
+        );
+        for (i, m) in maps.iter().enumerate() {
+            let now = flows(m);
+            bucket.insert(format!("n{}", i + 1), (now - last[i]) as u32);
+            last[i] = now;
+        }
+        if killed.is_none() && start.elapsed().as_secs_f64() >= 3.0 {
+            killed = Some((start.elapsed().as_secs_f64(), c.kill_node(3)?));
+        }
+    }
+    let (killed_s, killed_at) = killed.context("n3 killed")?;
+    let out = clients.wait_with_output()?;
+    let mut requests = 0;
+    let mut errors = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((t, who)) = line.split_once(' ') else {
+            continue;
+        };
+        let Ok(t) = t.parse::<f64>() else { continue };
+        requests += 1;
+        if who == "ERR" {
+            errors.push(t);
+            if let Some(b) = buckets.get_mut((t * 10.0) as usize) {
+                *b.entry("ERR".into()).or_default() += 1;
+            }
+        }
+    }
+    let router_out = vip_route_without(&c, 3, killed_at).context("the router kept n3")?;
+    let backends_out: Vec<f64> = ["b1", "b2", "b3"]
+        .iter()
+        .map(|h| {
+            return_route_without(&c, h, 3, killed_at)
+                .map(|t| ms_after(t, killed_at))
+                .with_context(|| format!("{h} kept n3 in its return route"))
+        })
+        .collect::<Result<_>>()?;
+    let (complete, of, log) = downloads_done(&mut c, downloads, 700_000, Duration::from_secs(40))?;
+    let router_ms = ms_after(router_out, killed_at);
+    println!(
+        "FIGURE scale-out node death: n3 died (links down, then agent and BIRD kill -9); the router's VIP route left it after {router_ms:.0} ms, the backends' return routes after {:.0}/{:.0}/{:.0} ms (BFD 100 ms x 3); {complete} of {of} downloads (7 s each) complete; {} of {requests} short requests failed ({:?} s after the start; n3 killed at {killed_s:.1} s)",
+        backends_out[0], backends_out[1], backends_out[2],
+        errors.len(),
+        errors,
+    );
+    if let Some(path) = std::env::var_os("LB_SCALE_OUT_PNG") {
+        let series = vec![
+            ("n1", "node 1".to_string(), plotters::style::BLUE),
+            ("n2", "node 2".to_string(), plotters::style::GREEN),
+            ("n3", "node 3".to_string(), plotters::style::RED),
+            ("ERR", "client errors".to_string(), plotters::style::BLACK),
+        ];
+        let out_s = killed_s + router_ms / 1e3;
+        plot::draw_picture(
+            &plot::Picture {
+                caption: "Flows taken on per node per 100 ms (6 clients, 15 downloads): node 3 dies at 3 s",
+                y_desc: "new flow entries / 100 ms",
+                buckets: &buckets,
+                series,
+                markers: vec![(killed_s, "n3 dies"), (out_s, "router: n3 out (BFD)")],
+            },
+            std::path::Path::new(&path),
+        )?;
+    }
+    // Every node served before; after the death (and the route's update) n1 and n2 alone.
+    let before: u32 = buckets[..25].iter().map(|b| b["n3"]).sum();
+    let after: u32 = buckets[((killed_s * 10.0) as usize + 10)..]
+        .iter()
+        .map(|b| b["n3"])
+        .sum();
+    assert!(
+        before > 0 && after == 0,
+        "n3: {before} new flows before, {after} after"
+    );
+    assert!(
+        router_ms < 1000.0,
+        "BFD, not the hold timer: {router_ms} ms"
+    );
+    assert!(
+        backends_out.iter().all(|&ms| ms < 1000.0),
+        "{backends_out:?}"
+    );
     assert_eq!((complete, of), (15, 15), "downloads:\n{log}");
     Ok(())
 }

@@ -85,7 +85,9 @@ impl Agent {
         }
         if request.cancel {
             if self.drain.take().is_some() {
-                info!("drain cancelled: the VIPs are announced again while this node can serve them");
+                info!(
+                    "drain cancelled: the VIPs are announced again while this node can serve them"
+                );
             }
         } else if self.drain.is_none() {
             let now = Instant::now();

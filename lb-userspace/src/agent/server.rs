@@ -39,8 +39,8 @@ use tracing::{debug, warn};
 
 use super::commands::{Command, Failure};
 use crate::api::{
-    DrainRequest, DrainStatus,
-    self, ApiError, Plan, PlanRequest, ReloadReply, Status, TargetReply, TargetRequest,
+    self, ApiError, DrainRequest, DrainStatus, Plan, PlanRequest, ReloadReply, Status, TargetReply,
+    TargetRequest,
 };
 
 /// The bounds of one listener.
@@ -195,7 +195,10 @@ async fn plan(
 }
 
 /// An empty body is `{}` (start draining).
-async fn drain(State(commands): State<Commands>, body: Bytes) -> Result<Json<DrainStatus>, Failure> {
+async fn drain(
+    State(commands): State<Commands>,
+    body: Bytes,
+) -> Result<Json<DrainStatus>, Failure> {
     let request: DrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
         DrainRequest::default()
     } else {

@@ -80,7 +80,11 @@ fn reasons(w: &BTreeMap<Route, Why>) -> Vec<(String, &'static str, bool)> {
     w.iter()
         .map(|(r, why)| {
             let p = r.prefix();
-            (format!("{}/{}", p.addr, p.len), why.as_str(), why.announce())
+            (
+                format!("{}/{}", p.addr, p.len),
+                why.as_str(),
+                why.announce(),
+            )
         })
         .collect()
 }

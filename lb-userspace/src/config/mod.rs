@@ -81,8 +81,7 @@ impl AnnounceConfig {
             ("bird_config", &self.bird_config),
         ] {
             let allowed_empty = key == "bird_socket";
-            if (path.is_empty() && !allowed_empty) || (!path.is_empty() && !path.starts_with('/'))
-            {
+            if (path.is_empty() && !allowed_empty) || (!path.is_empty() && !path.starts_with('/')) {
                 problem(
                     format!("announce.{key}"),
                     format!("{path:?} is not an absolute path"),

@@ -196,7 +196,9 @@ impl World {
                     info: "Established".into(),
                     since: "10:00:00.000".into(),
                 }],
-                last_change: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000)),
+                last_change: Some(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+                ),
             }),
             draining: false,
             passive: self

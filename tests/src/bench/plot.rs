@@ -123,7 +123,7 @@ pub fn failover(seconds: f64) -> Result<Failover> {
 }
 
 /// CLOCK_MONOTONIC in seconds, the clock Python's `time.monotonic()` reads.
-fn monotonic_seconds() -> f64 {
+pub fn monotonic_seconds() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -133,8 +133,50 @@ fn monotonic_seconds() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
+/// A picture of counts per 100 ms over time: one line per series, vertical markers.
+pub struct Picture<'a> {
+    pub caption: &'a str,
+    pub y_desc: &'a str,
+    /// Per 100 ms bucket: the count of each series key.
+    pub buckets: &'a [BTreeMap<String, u32>],
+    /// (key, legend label, colour).
+    pub series: Vec<(&'a str, String, RGBColor)>,
+    /// (seconds, text).
+    pub markers: Vec<(f64, &'a str)>,
+}
+
 /// Draws the buckets to `path`.
 pub fn draw(f: &Failover, path: &Path) -> Result<()> {
+    let series = [("b1", BLUE), ("b2", RED), ("b3", GREEN), ("ERR", BLACK)]
+        .into_iter()
+        .map(|(name, color)| {
+            let label = if name == "ERR" {
+                "client errors".to_string()
+            } else {
+                format!("backend {}", &name[1..])
+            };
+            (name, label, color)
+        })
+        .collect();
+    draw_picture(
+        &Picture {
+            caption: "Requests answered per backend per 100 ms (8 clients): backend 2 goes silent, then returns",
+            y_desc: "requests / 100 ms",
+            buckets: &f.buckets,
+            series,
+            markers: vec![
+                (f.died, "b2 link down"),
+                (f.removed, "out of the maps"),
+                (f.revived, "b2 link up"),
+                (f.back, "back in the maps"),
+            ],
+        },
+        path,
+    )
+}
+
+/// Draws `p` to `path` (PNG, 1000 × 480).
+pub fn draw_picture(p: &Picture<'_>, path: &Path) -> Result<()> {
     let font = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"]
         .iter()
         .find_map(|p| std::fs::read(p).ok())
@@ -147,8 +189,8 @@ pub fn draw(f: &Failover, path: &Path) -> Result<()> {
     .map_err(|_| anyhow::anyhow!("the font did not load"))?;
     let root = BitMapBackend::new(path, (1000, 480)).into_drawing_area();
     root.fill(&WHITE)?;
-    let seconds = f.buckets.len() as f64 / 10.0;
-    let max = f
+    let seconds = p.buckets.len() as f64 / 10.0;
+    let max = p
         .buckets
         .iter()
         .flat_map(|b| b.values())
@@ -157,7 +199,7 @@ pub fn draw(f: &Failover, path: &Path) -> Result<()> {
         .unwrap_or(1) as f64
         * 1.15;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Requests answered per backend per 100 ms (8 clients): backend 2 goes silent, then returns", ("sans-serif", 20))
+        .caption(p.caption, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
@@ -165,42 +207,33 @@ pub fn draw(f: &Failover, path: &Path) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("seconds")
-        .y_desc("requests / 100 ms")
+        .y_desc(p.y_desc)
         .label_style(("sans-serif", 14))
         .draw()?;
-    let series = [("b1", BLUE), ("b2", RED), ("b3", GREEN), ("ERR", BLACK)];
-    for (name, color) in series {
-        let points: Vec<(f64, f64)> = f
+    for (name, label, color) in &p.series {
+        let color = *color;
+        let points: Vec<(f64, f64)> = p
             .buckets
             .iter()
             .enumerate()
-            .map(|(i, b)| (i as f64 / 10.0, b.get(name).copied().unwrap_or(0) as f64))
+            .map(|(i, b)| (i as f64 / 10.0, b.get(*name).copied().unwrap_or(0) as f64))
             .collect();
-        let label = if name == "ERR" {
-            "client errors".to_string()
-        } else {
-            format!("backend {}", &name[1..])
-        };
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))?
-            .label(label)
+            .label(label.clone())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    for (t, text) in [
-        (f.died, "b2 link down"),
-        (f.removed, "out of the maps"),
-        (f.revived, "b2 link up"),
-        (f.back, "back in the maps"),
-    ] {
+    for (i, (t, text)) in p.markers.iter().enumerate() {
         chart.draw_series(std::iter::once(PathElement::new(
-            vec![(t, 0.0), (t, max)],
+            vec![(*t, 0.0), (*t, max)],
             BLACK.mix(0.4),
         )))?;
+        // Markers close together: their texts one under the other.
         chart.draw_series(std::iter::once(Text::new(
-            text,
-            (t + 0.05, max * 0.97),
+            text.to_string(),
+            (*t + 0.05, max * (0.97 - 0.06 * (i % 2) as f64)),
             ("sans-serif", 13),
         )))?;
     }
