@@ -544,10 +544,17 @@ impl Bird {
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
-    use std::{io::Write, os::unix::fs::PermissionsExt};
+    use std::{
+        io::Write,
+        os::unix::fs::{MetadataExt, PermissionsExt},
+    };
     let dir = path.parent().context("no directory")?;
-    if !dir.exists() {
-        std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir)?;
+    // BIRD runs as its own user: the directory readable by all when it is the agent's (made
+    // here, or by the unit's RuntimeDirectory with the agent's UMask); someone else's is left
+    // as it is.
+    // SAFETY: geteuid has no preconditions.
+    if std::fs::metadata(dir)?.uid() == unsafe { libc::geteuid() } {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     }
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;

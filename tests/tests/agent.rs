@@ -194,6 +194,10 @@ fn agent_follows_a_target_that_dies_and_comes_back() -> Result<()> {
         text.contains("web/127.0.0.1:8080 refused: address: 127.0.0.1 is a loopback address; it cannot be a target"),
         "{text}"
     );
+    // Nothing announced here ([announce] off): a drain could not withdraw anything.
+    let (code, text) = b.cli(&["drain", "--no-wait"])?;
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("nothing is announced here"), "{text}");
     let on_vip = format!("{VIP}:8080");
     let (code, text) = b.cli(&["targets", "register", "--group", "web", &on_vip])?;
     assert_eq!(code, 2, "{text}");

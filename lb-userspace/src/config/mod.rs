@@ -68,7 +68,9 @@ impl Default for AnnounceConfig {
     }
 }
 
-pub const DEFAULT_BIRD_CONFIG: &str = "/run/lb-agent/bird/vips.conf";
+/// In a directory of its own that BIRD (its own user) can read: the agent's runtime directory
+/// is 0700 (the package's unit makes both).
+pub const DEFAULT_BIRD_CONFIG: &str = "/run/lb-agent-bird/vips.conf";
 
 impl AnnounceConfig {
     pub fn enabled(&self) -> bool {

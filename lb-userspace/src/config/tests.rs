@@ -93,6 +93,14 @@ fn example_sets_every_key() {
         (t.port.0, t.weight, t.zone.as_deref()),
         (8080, 100, Some("a"))
     );
+    let a = &c.announce;
+    assert!(!a.enabled());
+    assert_eq!(a.bird_config, "/run/lb-agent-bird/vips.conf");
+    assert!(a.return_routes.is_empty());
+    assert_eq!(
+        (a.drain_timeout, a.withdraw_grace),
+        (Duration::from_secs(60), Duration::from_secs(2))
+    );
     // Every key of the spec is in the example: serializing the parsed config gives no key the
     // example lacks (the Option keys left unset in the spec are the only exceptions).
     let reparsed: Config = toml::from_str(EXAMPLE).unwrap();
@@ -660,6 +668,7 @@ fn the_reference_documents_every_key() {
             "listener" | "target_group" => format!("### `[[{section}]]`"),
             "target_group.health_check" => "### `[target_group.health_check]`".to_string(),
             "target_group.target" => "### `[[target_group.target]]`".to_string(),
+            "announce" => "### `[announce]`".to_string(),
             other => panic!("a section the reference does not know: {other}"),
         };
         let table = reference
@@ -675,6 +684,49 @@ fn the_reference_documents_every_key() {
         missing.is_empty(),
         "docs/config.md has no row for {missing:?}"
     );
+}
+
+#[test]
+fn announce_keys_have_bounds() {
+    let with = |keys: &str| format!("{BASE}\n[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{keys}\n");
+    let line = BASE.lines().count() + 4;
+    rejects(
+        &with("bird_config = \"vips.conf\""),
+        line,
+        "announce.bird_config",
+        "\"vips.conf\" is not an absolute path",
+    );
+    rejects(
+        &with("bird_config = \"/etc/bird/vips\""),
+        line,
+        "announce.bird_config",
+        "name it *.conf",
+    );
+    rejects(
+        &with("return_routes = [\"0.0.0.0/0\", \"0.0.0.0/0\"]"),
+        line,
+        "announce.return_routes[1]",
+        "0.0.0.0/0 is listed twice",
+    );
+    rejects(
+        &with("drain_timeout = \"0s\""),
+        line,
+        "announce.drain_timeout",
+        "0s is outside 1s..86400s",
+    );
+    rejects(
+        &with("withdraw_grace = \"2m\""),
+        line,
+        "announce.withdraw_grace",
+        "above 60s",
+    );
+    rejects(
+        &format!("{BASE}\n[announce]\nbird_socket = \"bird.ctl\"\n"),
+        line - 1,
+        "announce.bird_socket",
+        "\"bird.ctl\" is not an absolute path",
+    );
+    assert!(problems(&with("return_routes = [\"0.0.0.0/0\", \"::/0\"]")).is_empty());
 }
 
 #[test]

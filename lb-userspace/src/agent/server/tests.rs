@@ -227,6 +227,33 @@ async fn a_bad_body_is_a_400_naming_the_field() {
 }
 
 #[tokio::test]
+async fn drain_starts_on_an_empty_body_cancels_on_request_and_reports_on_get() {
+    let (tx, seen) = fake_agent(status(), accept);
+    let app = api_router(tx, LIMITS);
+    for body in ["", "{}", r#"{"cancel":true}"#] {
+        let (code, _, answer) = call(&app, "POST", "/v1/drain", body).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        let d: crate::api::DrainStatus = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(d.draining, !body.contains("cancel"));
+    }
+    let (code, _, _) = call(&app, "GET", "/v1/drain", "").await;
+    assert_eq!(code, StatusCode::OK);
+    let (code, kind, answer) = call(&app, "POST", "/v1/drain", r#"{"cancle":true}"#).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    assert!(error_of(&kind, &answer).contains("unknown field `cancle`"));
+    drop(app);
+    assert_eq!(
+        seen.await.unwrap(),
+        [
+            "drain cancel=false",
+            "drain cancel=false",
+            "drain cancel=true",
+            "drain status"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn the_loop_refusing_keeps_its_status() {
     let (tx, _seen) = fake_agent(status(), |_| {
         Err(Failure::new(
@@ -312,6 +339,7 @@ async fn the_metrics_listener_only_reads() {
         "/v1/targets/register",
         "/v1/targets/deregister",
         "/v1/reload",
+        "/v1/drain",
     ] {
         let (code, kind, answer) = call(&app, "POST", path, body).await;
         assert_eq!(code, StatusCode::NOT_FOUND, "{path}");
