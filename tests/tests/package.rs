@@ -350,9 +350,13 @@ fn the_package_holds_the_agent_its_unit_config_man_pages_and_completions() -> Re
             .any(|l| l.ends_with(&format!(" {writable}"))),
         "no ExecStartPre makes {writable}"
     );
+    let runtime = unit.service("RuntimeDirectory")?;
+    let runtime: Vec<&str> = runtime.split_whitespace().collect();
+    assert_eq!(c.agent.api, format!("unix:/run/{}/api.sock", runtime[0]));
     assert_eq!(
-        c.agent.api,
-        format!("unix:/run/{}/api.sock", unit.service("RuntimeDirectory")?)
+        c.announce.bird_config,
+        format!("/run/{}/vips.conf", runtime[1]),
+        "the BIRD file in the unit's second runtime directory"
     );
     for page in expected.keys().filter(|p| p.starts_with("/usr/share/man/")) {
         let name = Path::new(page)
@@ -537,11 +541,12 @@ fn service_script(
     s += &format!("mount --bind {}/group /etc/group\n", dir.display());
     s += &format!("mount --bind {} /sys/fs/bpf\n", bpffs.display());
     s += &format!("mount --bind {}/run /run\n", dir.display());
-    s += &format!(
-        "install -d -o {user} -g {group} -m {} /run/{}\n",
-        unit.service("RuntimeDirectoryMode")?,
-        unit.service("RuntimeDirectory")?
-    );
+    for runtime in unit.service("RuntimeDirectory")?.split_whitespace() {
+        s += &format!(
+            "install -d -o {user} -g {group} -m {} /run/{runtime}\n",
+            unit.service("RuntimeDirectoryMode")?,
+        );
+    }
     for pre in unit.all("Service", "ExecStartPre") {
         // "+": with full privileges, as this script has.
         s += &map(pre.trim_start_matches('+'))?;
