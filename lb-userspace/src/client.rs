@@ -176,6 +176,40 @@ pub fn drain_line(d: &DrainStatus) -> String {
     )
 }
 
+/// What is announced through BIRD, and BIRD's sessions.
+fn announce_table(o: &mut String, a: &crate::api::AnnounceStatus) {
+    let bird = match &a.bird_error {
+        None => "talking to BIRD".to_string(),
+        Some(e) => format!("BIRD NOT REACHABLE: {e}"),
+    };
+    let drain = if a.draining { "; DRAINING" } else { "" };
+    let _ = writeln!(o, "\nannounce: {bird} at {}{drain}", a.bird_socket);
+    let _ = writeln!(
+        o,
+        "  {:<28} {:<7} {:<7} {:<10} {:<10} SINCE",
+        "ROUTE", "KIND", "WANTED", "WHY", "ANNOUNCED"
+    );
+    for r in &a.routes {
+        let _ = writeln!(
+            o,
+            "  {:<28} {:<7} {:<7} {:<10} {:<10} {}",
+            r.prefix,
+            r.kind,
+            if r.wanted { "yes" } else { "no" },
+            r.reason,
+            r.announced.map_or("?", |up| if up { "yes" } else { "no" }),
+            r.since.as_deref().unwrap_or("-"),
+        );
+    }
+    for s in &a.sessions {
+        let _ = writeln!(
+            o,
+            "  session {} ({}): {} {} since {}",
+            s.name, s.protocol, s.state, s.info, s.since
+        );
+    }
+}
+
 /// The status as tables: listeners, then each group with its targets.
 pub fn status_table(status: &Status) -> String {
     let mut o = String::new();
@@ -244,6 +278,9 @@ pub fn status_table(status: &Status) -> String {
                 check
             );
         }
+    }
+    if let Some(a) = &status.announce {
+        announce_table(&mut o, a);
     }
     let dp = &status.datapath;
     let _ = writeln!(

@@ -105,6 +105,36 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
         "every node takes a share: {per_node:?}"
     );
 
+    // What each node announces, and BIRD's sessions, as status shows them.
+    for i in 1..=3 {
+        let a = c.status(i)?.announce.context("announce status")?;
+        assert_eq!(a.bird_error, None);
+        let vip = a
+            .routes
+            .iter()
+            .find(|r| r.kind == "vip")
+            .context("the VIP")?;
+        assert_eq!(
+            (
+                vip.prefix.as_str(),
+                vip.wanted,
+                vip.reason.as_str(),
+                vip.announced
+            ),
+            ("10.0.100.10/32", true, "serving", Some(true))
+        );
+        let uplink = a
+            .sessions
+            .iter()
+            .find(|s| s.name == "uplink")
+            .context("uplink")?;
+        assert_eq!(
+            (uplink.state.as_str(), uplink.info.as_str()),
+            ("up", "Established")
+        );
+        assert_eq!(a.sessions.iter().filter(|s| s.protocol == "BGP").count(), 4);
+    }
+
     // Identical tables, though the nodes started in another order with the targets listed in
     // another order each.
     let t = tables(&c)?;

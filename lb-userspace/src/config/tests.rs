@@ -688,7 +688,8 @@ fn the_reference_documents_every_key() {
 
 #[test]
 fn announce_keys_have_bounds() {
-    let with = |keys: &str| format!("{BASE}\n[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{keys}\n");
+    let with =
+        |keys: &str| format!("{BASE}\n[announce]\nbird_socket = \"/run/bird/bird.ctl\"\n{keys}\n");
     let line = BASE.lines().count() + 4;
     rejects(
         &with("bird_config = \"vips.conf\""),
