@@ -274,6 +274,11 @@ fn a_drained_node_is_withdrawn_at_once_its_flows_carry_on_and_it_stops_with_noth
                 .all(|r| r.announced == Some(false) && !r.wanted),
         "{a:?}"
     );
+    let (_, text) = c.cli(1, &["status"])?;
+    assert!(
+        text.contains("; DRAINING") && text.contains("10.0.100.10/32"),
+        "{text}"
+    );
     println!(
         "FIGURE scale-out drain: the router's route left n1 {:.1} ms after `lb-agent drain` was started (the agent had BIRD's confirmation {:.1} ms after the command reached it); drained (no client packet for 1 s) after {:.1} s; {} of 15 downloads went through n1; 200 new connections meanwhile, none to n1",
         ms_after(withdrawn, asked),

@@ -162,6 +162,22 @@ function renderInterfaces(status) {
   document.getElementById("maps").textContent = parts.join(" · ");
 }
 
+// Scale-out: what BIRD announces for this node ([announce]); hidden without it.
+function renderAnnounce(status) {
+  const p = document.getElementById("announce");
+  const a = status.announce;
+  p.hidden = !a;
+  if (!a) return;
+  const parts = [a.bird_error ? `BIRD not reachable: ${a.bird_error}` : "BIRD answers"];
+  if (a.draining) parts.push("DRAINING");
+  for (const r of a.routes) {
+    const said = r.announced === null ? "unknown" : r.announced ? "announced" : "withdrawn";
+    parts.push(`${r.prefix} ${said} (${r.reason})`);
+  }
+  for (const s of a.sessions) parts.push(`${s.name} ${s.state} ${s.info}`.trim());
+  p.textContent = parts.join(" · ");
+}
+
 function setConnection(state, text) {
   document.body.dataset.agent = state;
   document.getElementById("connection-text").textContent = text;
@@ -177,6 +193,7 @@ async function refresh() {
     renderGroups(status);
     renderDrops(status);
     renderInterfaces(status);
+    renderAnnounce(status);
     samples += 1;
     lastGood = new Date();
     document.body.dataset.samples = String(samples);
