@@ -48,6 +48,9 @@ pub enum Why {
     Draining,
     /// The agent is stopping (without --keep-datapath).
     Stopping,
+    /// Fail-open (below), but `announce.fail_open = false`: this node stops attracting flows
+    /// it could only send to targets it sees down.
+    FailOpenWithdrawn,
     /// No healthy target, but every target was checked: fail-open spreads new flows over all
     /// of them, on every node alike.
     FailOpen,
@@ -62,6 +65,7 @@ impl Why {
             Why::Checking => "checking",
             Why::Draining => "draining",
             Why::Stopping => "stopping",
+            Why::FailOpenWithdrawn => "fail_open_withdrawn",
             Why::FailOpen => "fail_open",
             Why::Serving => "serving",
         }
@@ -135,7 +139,8 @@ pub enum NodeMode {
 /// (in its zone scope) has a healthy target that takes new flows, or, with none healthy
 /// (fail-open), targets that all were checked. While every candidate still waits for its
 /// first checks (a node starting) the VIP is not announced: fail-open there would send flows
-/// to targets the other nodes know are down.
+/// to targets the other nodes know are down. With `announce.fail_open = false`, fail-open
+/// alone does not announce.
 ///
 /// The return routes are announced while the node runs and is not draining: any node
 /// reverse-NATs any reply, whether or not it can serve new flows itself.
@@ -156,8 +161,10 @@ pub fn wanted(config: &Config, model: &Model, mode: NodeMode) -> BTreeMap<Route,
             Why::NoTarget
         } else if candidates.iter().any(|t| t.health == TargetState::Initial) {
             Why::Checking
-        } else {
+        } else if config.announce.fail_open {
             Why::FailOpen
+        } else {
+            Why::FailOpenWithdrawn
         };
         let best = out.entry(Route::Vip(l.address)).or_insert(why);
         *best = (*best).max(why);

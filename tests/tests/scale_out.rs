@@ -166,6 +166,51 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
             .all(|l| l.starts_with("b1 ") || l.starts_with("b3 ")),
         "{answers:?}"
     );
+
+    // A node that loses its own way to the targets (n2's target-side link down) fails open
+    // alone; with `announce.fail_open = false`, applied by a reload, it withdraws the VIP.
+    let config = c
+        .config(2, &[3, 1, 2], CHECK)
+        .replace("[announce]\n", "[announce]\nfail_open = false\n");
+    std::fs::write(c.node_dir(2).join("lb.toml"), config)?;
+    let (code, text) = c.cli(2, &["reload"])?;
+    assert_eq!(code, 0, "{text}");
+    c.topo.exec("n2", "ip link set l1 down")?;
+    let cut = Instant::now();
+    poll(
+        Duration::from_secs(15),
+        "the router's route without n2",
+        || Ok((!c.vip_nodes()?.contains(&2)).then_some(())),
+    )?;
+    println!(
+        "FIGURE scale-out node cut off from its targets: withdrawn {:.1} s after its target-side link went down (fail_open = false)",
+        cut.elapsed().as_secs_f64()
+    );
+    let a = c.status(2)?.announce.context("announce status")?;
+    let vip = a
+        .routes
+        .iter()
+        .find(|r| r.kind == "vip")
+        .context("the VIP")?;
+    assert_eq!(
+        (vip.reason.as_str(), vip.wanted),
+        ("fail_open_withdrawn", false)
+    );
+    let n2 = c.new_flows(2);
+    let answers = client(&c, &format!("count {URL} 150"))?;
+    assert!(answers.iter().all(|l| !l.starts_with("ERR")), "{answers:?}");
+    assert_eq!(
+        c.new_flows(2),
+        n2,
+        "a new flow reached the node that withdrew"
+    );
+    // Its link back: its checks pass again and it announces again.
+    c.topo.exec("n2", "ip link set l1 up")?;
+    poll(
+        Duration::from_secs(15),
+        "the router's route with n2 again",
+        || Ok(c.vip_nodes()?.contains(&2).then_some(())),
+    )?;
     Ok(())
 }
 

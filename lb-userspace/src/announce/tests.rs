@@ -134,6 +134,22 @@ fn fail_open_announces_once_every_candidate_was_checked() {
 }
 
 #[test]
+fn fail_open_withdraws_when_told_to() {
+    let (mut config, mut model) = world();
+    config.announce.fail_open = false;
+    set(&mut model, "api", 21, TargetState::Unhealthy);
+    let w = wanted(&config, &model, NodeMode::Serving);
+    assert_eq!(w[&vip("10.9.0.10")], Why::FailOpenWithdrawn);
+    assert!(!w[&vip("10.9.0.10")].announce());
+    // Another listener of the same VIP that serves announces it all the same.
+    set(&mut model, "web", 11, TargetState::Healthy);
+    assert_eq!(
+        wanted(&config, &model, NodeMode::Serving)[&vip("10.9.0.10")],
+        Why::Serving
+    );
+}
+
+#[test]
 fn one_unchecked_candidate_keeps_fail_open_from_announcing() {
     let (mut config, mut model) = world();
     config.agent.zone = String::new(); // every zone: both of web's targets are candidates

@@ -49,6 +49,10 @@ pub struct AnnounceConfig {
     /// their replies come back through live nodes (usually the client networks, or a default
     /// route; exported to the targets' BGP sessions, not to the routers).
     pub return_routes: Vec<Cidr>,
+    /// A VIP whose groups only fail open (no healthy target, all checked) is still announced,
+    /// as NLB fails open; false: withdrawn, so that a node that lost its targets while the
+    /// other nodes see them stops attracting flows.
+    pub fail_open: bool,
     /// How long `lb-agent drain` waits, by default, for the client traffic to stop.
     pub drain_timeout: Duration,
     /// At shutdown (without --keep-datapath), after BIRD withdrew the VIPs: the longest the
@@ -62,6 +66,7 @@ impl Default for AnnounceConfig {
             bird_socket: String::new(),
             bird_config: DEFAULT_BIRD_CONFIG.into(),
             return_routes: Vec::new(),
+            fail_open: true,
             drain_timeout: Duration::from_secs(60),
             withdraw_grace: Duration::from_secs(2),
         }

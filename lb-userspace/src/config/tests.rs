@@ -97,6 +97,7 @@ fn example_sets_every_key() {
     assert!(!a.enabled());
     assert_eq!(a.bird_config, "/run/lb-agent-bird/vips.conf");
     assert!(a.return_routes.is_empty());
+    assert!(a.fail_open);
     assert_eq!(
         (a.drain_timeout, a.withdraw_grace),
         (Duration::from_secs(60), Duration::from_secs(2))
