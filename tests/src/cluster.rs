@@ -53,6 +53,8 @@ pub struct Cluster {
     agents: BTreeMap<usize, usize>,
     /// Host → its BIRD's handle while it runs.
     birds: BTreeMap<String, usize>,
+    /// Node → agents started on it so far.
+    runs: BTreeMap<usize, usize>,
     /// Print the agents' logs on drop (tests: shown on failure).
     pub log_on_drop: bool,
 }
@@ -143,6 +145,7 @@ impl Cluster {
             backends,
             agents: BTreeMap::new(),
             birds: BTreeMap::new(),
+            runs: BTreeMap::new(),
             log_on_drop: true,
         };
         c.start_bird("rt", &c.router_bird())?;
@@ -313,20 +316,29 @@ path = "/health"
         std::fs::create_dir_all(dir.join("bird"))?;
         let bird = self.node_bird(i);
         self.start_bird(&format!("n{i}"), &bird)?;
-        let path = dir.join("lb.toml");
-        std::fs::write(&path, config)?;
+        std::fs::write(dir.join("lb.toml"), config)?;
+        self.run_agent(i, &[])
+    }
+
+    /// Starts (another) `lb-agent run` on node `i` with its config and `args`; the first
+    /// run's log is `agent-nI`, the next ones `agent-nI-2`, ….
+    pub fn run_agent(&mut self, i: usize, args: &[&str]) -> Result<()> {
         let bin = agent_bin();
         anyhow::ensure!(
             bin.exists(),
             "{} missing: cargo build -p lb-userspace",
             bin.display()
         );
-        let handle = self.topo.spawn(
-            &format!("n{i}"),
-            &format!("agent-n{i}"),
-            &bin,
-            &["run", "--config", &path.to_string_lossy()],
-        )?;
+        let runs = self.runs.entry(i).or_default();
+        *runs += 1;
+        let log = match *runs {
+            1 => format!("agent-n{i}"),
+            n => format!("agent-n{i}-{n}"),
+        };
+        let path = self.node_dir(i).join("lb.toml");
+        let mut all = vec!["run", "--config", path.to_str().context("path")?];
+        all.extend_from_slice(args);
+        let handle = self.topo.spawn(&format!("n{i}"), &log, &bin, &all)?;
         self.agents.insert(i, handle);
         Ok(())
     }
@@ -438,7 +450,8 @@ path = "/health"
         Ok(at)
     }
 
-    /// Stops node `i`'s agent with SIGTERM (it withdraws, then detaches); its exit status.
+    /// Stops node `i`'s agent with SIGTERM (it withdraws, then detaches; started with
+    /// `--keep-datapath`, it leaves everything as it is); its exit status.
     pub fn stop_agent(&mut self, i: usize) -> Result<std::process::ExitStatus> {
         let h = self.agents.remove(&i).context("no agent")?;
         self.topo.stop(h, libc::SIGTERM)

@@ -72,7 +72,7 @@ fn tables(c: &Cluster) -> Result<Vec<Vec<String>>> {
 
 #[test]
 fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<()> {
-    let (_serial, c) = cluster()?; // the lock goes last
+    let (_serial, mut c) = cluster()?; // the lock goes last
     let before = new_flows(&c)?;
     let answers = client(&c, &format!("count {URL} 600"))?;
     let after = new_flows(&c)?;
@@ -211,6 +211,38 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
         "the router's route with n2 again",
         || Ok(c.vip_nodes()?.contains(&2).then_some(())),
     )?;
+
+    // A stop withdraws before XDP detaches: when the agent has exited, the router's route
+    // has already left n2.
+    assert!(c.stop_agent(2)?.success());
+    assert!(!c.vip_nodes()?.contains(&2), "n2 stopped and still routed");
+    // A restart with --keep-datapath withdraws nothing: the pinned data plane goes on
+    // serving, and the next run takes the announcements over without a flap.
+    c.run_agent(2, &["--keep-datapath"])?;
+    poll(Duration::from_secs(15), "n2 announced again", || {
+        Ok(c.vip_nodes()?.contains(&2).then_some(()))
+    })?;
+    c.monitor_routes("rt")?;
+    std::thread::sleep(Duration::from_millis(200)); // `ip monitor` subscribed
+    let restart = SystemTime::now();
+    assert!(c.stop_agent(2)?.success());
+    assert!(
+        c.vip_nodes()?.contains(&2),
+        "a --keep-datapath stop withdrew"
+    );
+    c.run_agent(2, &["--keep-datapath"])?;
+    poll(Duration::from_secs(15), "the new agent serving", || {
+        let Ok(s) = c.status(2) else { return Ok(None) };
+        Ok(s.announce
+            .is_some_and(|a| {
+                a.routes
+                    .iter()
+                    .all(|r| r.announced == Some(true) && r.wanted)
+            })
+            .then_some(()))
+    })?;
+    let flaps = vip_route_without(&c, 2, restart);
+    assert_eq!(flaps, None, "the restart took n2 out of the router's route");
     Ok(())
 }
 
