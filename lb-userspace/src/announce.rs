@@ -452,8 +452,17 @@ impl Bird {
             // also applies each protocol's `disabled`.
             self.write(&d.settings.bird_config, &wanted)?;
             self.request("configure").await?;
-            self.configured = Some(set);
             up = self.protocols(seen).await?;
+            if let Some(r) = set.iter().find(|r| !up.contains_key(&r.protocol())) {
+                let dir = Path::new(&d.settings.bird_config)
+                    .parent()
+                    .map_or_else(String::new, |p| p.display().to_string());
+                anyhow::bail!(
+                    "BIRD has no protocol {} after `configure`: does its config include \"{dir}/*.conf\"?",
+                    r.protocol()
+                );
+            }
+            self.configured = Some(set);
         }
         // The latency-critical step: one command per VIP whose state differs, on the open
         // connection, before anything else.
