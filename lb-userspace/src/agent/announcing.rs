@@ -138,18 +138,13 @@ impl Agent {
 
     /// Client packets, replies and new flows of every listener, since the data plane started.
     fn traffic_totals(&self) -> [u64; 3] {
-        let mut t = [0; 3];
-        for l in &self.ctl.config.listeners {
-            let Some(id) = self.ctl.model.listener_ids.get(&l.name) else {
-                continue;
-            };
-            if let Ok(s) = self.dp.maps.listener_stats(id) {
-                t[0] += s.in_packets;
-                t[1] += s.out_packets;
-                t[2] += s.new_flows;
-            }
-        }
-        t
+        self.listener_stats().values().fold([0; 3], |t, s| {
+            [
+                t[0] + s.in_packets,
+                t[1] + s.out_packets,
+                t[2] + s.new_flows,
+            ]
+        })
     }
 
     /// While draining: one sample of the traffic (the last second kept), and BIRD's

@@ -190,15 +190,21 @@ impl Agent {
         })
     }
 
-    pub(super) fn metrics_page(&self) -> String {
-        let mut listener_stats = BTreeMap::new();
+    /// Every listener's counters by name (those that could be read).
+    pub(super) fn listener_stats(&self) -> BTreeMap<String, lb_common::ListenerStats> {
+        let mut out = BTreeMap::new();
         for l in &self.ctl.config.listeners {
             if let Some(id) = self.ctl.model.listener_ids.get(&l.name) {
                 if let Ok(s) = self.dp.maps.listener_stats(id) {
-                    listener_stats.insert(l.name.clone(), s);
+                    out.insert(l.name.clone(), s);
                 }
             }
         }
+        out
+    }
+
+    pub(super) fn metrics_page(&self) -> String {
+        let listener_stats = self.listener_stats();
         let interfaces = self.dp.attached.keys();
         metrics::render(&metrics::Inputs {
             config: &self.ctl.config,
