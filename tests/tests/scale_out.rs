@@ -13,6 +13,7 @@ use lb_tests::{
     harness::poll,
     topology::{backend_addr, CLIENT, VIP},
 };
+use lb_userspace::api::{AnnounceStatus, RouteAnnouncement};
 
 const URL: &str = "http://10.0.100.10/";
 const CHECK: &str =
@@ -66,6 +67,11 @@ fn new_flows(c: &Cluster) -> Result<Vec<u64>> {
         .collect()
 }
 
+/// The VIP's line in a node's announce status.
+fn vip_route(a: &AnnounceStatus) -> Result<&RouteAnnouncement> {
+    a.routes.iter().find(|r| r.kind == "vip").context("the VIP")
+}
+
 fn tables(c: &Cluster) -> Result<Vec<Vec<String>>> {
     (1..=c.nodes).map(|i| c.table(i, GID)).collect()
 }
@@ -109,11 +115,7 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
     for i in 1..=3 {
         let a = c.status(i)?.announce.context("announce status")?;
         assert_eq!(a.bird_error, None);
-        let vip = a
-            .routes
-            .iter()
-            .find(|r| r.kind == "vip")
-            .context("the VIP")?;
+        let vip = vip_route(&a)?;
         assert_eq!(
             (
                 vip.prefix.as_str(),
@@ -187,11 +189,7 @@ fn flows_spread_over_the_nodes_and_every_node_builds_the_same_table() -> Result<
         cut.elapsed().as_secs_f64()
     );
     let a = c.status(2)?.announce.context("announce status")?;
-    let vip = a
-        .routes
-        .iter()
-        .find(|r| r.kind == "vip")
-        .context("the VIP")?;
+    let vip = vip_route(&a)?;
     assert_eq!(
         (vip.reason.as_str(), vip.wanted),
         ("fail_open_withdrawn", false)
