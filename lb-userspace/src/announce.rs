@@ -229,9 +229,20 @@ struct Seen {
     changes: BTreeMap<Route, u64>,
     sessions: Vec<BgpSession>,
     last_change: Option<SystemTime>,
-    /// The last `seq` BIRD confirmed in full, and how long after its decision.
-    applied_seq: u64,
+    /// How long after its decision BIRD confirmed the last change it needed (the `seq` it
+    /// confirmed is the `applied` watch's).
     applied_after: Option<Duration>,
+}
+
+impl Seen {
+    /// Whether BIRD announces `route`, as it last reported; None when not known (BIRD not
+    /// reachable, or the route not in it).
+    fn announced(&self, route: Route) -> Option<bool> {
+        if self.bird_error.is_some() {
+            return None;
+        }
+        self.protocols.get(&route.protocol()).copied()
+    }
 }
 
 /// The handle on the task that makes BIRD follow the wanted announcements.
@@ -297,7 +308,7 @@ impl Announcer {
     pub fn confirmed(&self) -> (bool, Option<Duration>) {
         let seq = self.desire.borrow().seq;
         let seen = self.seen.lock().expect("announce state");
-        (seen.applied_seq >= seq, seen.applied_after)
+        (*self.applied.borrow() >= seq, seen.applied_after)
     }
 
     pub fn status(&self, draining: bool) -> AnnounceStatus {
@@ -318,11 +329,7 @@ impl Announcer {
                     RouteAnnouncement {
                         prefix: format!("{}/{}", prefix.addr, prefix.len),
                         kind: route.kind().into(),
-                        announced: if seen.bird_error.is_some() {
-                            None
-                        } else {
-                            seen.protocols.get(&protocol).copied()
-                        },
+                        announced: seen.announced(route),
                         protocol,
                         wanted: why.announce(),
                         reason: why.as_str().into(),
@@ -345,11 +352,10 @@ impl Announcer {
                 .routes
                 .iter()
                 .map(|(&route, why)| {
-                    let up = seen.protocols.get(&route.protocol()).copied();
                     (
                         route,
                         why.announce(),
-                        up == Some(true) && seen.bird_error.is_none(),
+                        seen.announced(route) == Some(true),
                         seen.changes.get(&route).copied().unwrap_or(0),
                     )
                 })
@@ -390,7 +396,6 @@ async fn drive(
                 if after.is_some() {
                     s.applied_after = after;
                 }
-                s.applied_seq = s.applied_seq.max(desire.seq);
                 let _ = applied.send(desire.seq);
             }
             Err(e) => {

@@ -24,8 +24,6 @@ pub(super) struct Drain {
     /// `DRAIN_SAMPLE`, the last second of them.
     samples: VecDeque<(Instant, [u64; 3])>,
     last_client_packet: Instant,
-    /// BIRD confirmed the withdrawal this long after the command.
-    withdrawn_after: Option<Duration>,
     /// Logged as done.
     reported: bool,
 }
@@ -49,6 +47,9 @@ impl Agent {
     /// Tells the announcer what to announce now (starting it when `[announce]` turned on).
     pub(super) fn follow_announcements(&mut self) {
         let settings = &self.ctl.config.announce;
+        if !settings.enabled() && self.announcer.is_none() {
+            return; // never on: nothing to work out after each reconciliation
+        }
         let mut vips = announce::wanted(&self.ctl.config, &self.ctl.model, self.node_mode());
         if !settings.enabled() {
             // Off (from the start, or since a reload): whatever was announced is withdrawn,
@@ -98,7 +99,6 @@ impl Agent {
                 since_wall: SystemTime::now(),
                 samples: VecDeque::from([(now, totals)]),
                 last_client_packet: now,
-                withdrawn_after: None,
                 reported: false,
             });
         }
@@ -110,7 +110,8 @@ impl Agent {
         let Some(d) = &self.drain else {
             return DrainStatus::default();
         };
-        let (withdrawn, _) = self
+        // BIRD's confirmation, and how long after the decision (the drain command) it came.
+        let (withdrawn, after) = self
             .announcer
             .as_ref()
             .map_or((false, None), |(a, _)| a.confirmed());
@@ -126,13 +127,13 @@ impl Agent {
             since: Some(humantime::format_rfc3339_millis(d.since_wall).to_string()),
             elapsed_s: d.since.elapsed().as_secs_f64(),
             withdrawn,
-            withdrawn_after_ms: d.withdrawn_after.map(|t| t.as_secs_f64() * 1e3),
+            withdrawn_after_ms: after.filter(|_| withdrawn).map(|t| t.as_secs_f64() * 1e3),
             client_packets_per_s: per_s(0),
             reply_packets_per_s: per_s(1),
             new_flows_per_s: per_s(2),
             quiet_for_s: quiet,
             timeout_s: self.ctl.config.announce.drain_timeout.0.as_secs_f64(),
-            done: withdrawn && d.withdrawn_after.is_some() && quiet >= DRAIN_QUIET_S,
+            done: withdrawn && quiet >= DRAIN_QUIET_S,
         }
     }
 
@@ -147,11 +148,10 @@ impl Agent {
         })
     }
 
-    /// While draining: one sample of the traffic (the last second kept), and BIRD's
-    /// confirmation of the withdrawal noted.
+    /// While draining: one sample of the traffic (the last second kept); the drain's end
+    /// logged once.
     pub(super) fn sample_drain(&mut self) {
         let totals = self.traffic_totals();
-        let confirmed = self.announcer.as_ref().map(|(a, _)| a.confirmed());
         let Some(d) = self.drain.as_mut() else {
             return;
         };
@@ -166,10 +166,6 @@ impl Agent {
             .is_some_and(|(t, _)| now - *t > Duration::from_secs(1))
         {
             d.samples.pop_front();
-        }
-        if let (None, Some((true, after))) = (d.withdrawn_after, confirmed) {
-            // From the decision (the drain command) to BIRD's answer.
-            d.withdrawn_after = Some(after.unwrap_or(d.since.elapsed()));
         }
         let status = self.drain_status();
         let d = self.drain.as_mut().expect("draining");
