@@ -385,11 +385,9 @@ path = "/health"
         let out = self
             .topo
             .exec(&format!("b{j}"), &format!("ip route show {CLIENT_NET}"))?;
-        Ok(out
-            .split_whitespace()
-            .filter_map(|w| w.strip_prefix("10.0.2."))
-            .filter_map(|n| n.parse().ok())
-            .filter(|&n: &usize| n >= 1 && n <= self.nodes)
+        Ok(return_nodes_in(&out)
+            .into_iter()
+            .filter(|&n| n >= 1 && n <= self.nodes)
             .collect())
     }
 
@@ -500,6 +498,16 @@ pub fn nodes_in(route: &str) -> BTreeSet<usize> {
         .filter_map(|w| w.strip_prefix("10.0.5.1"))
         .filter_map(|n| n.parse().ok())
         .filter(|&n: &usize| n >= 1)
+        .collect()
+}
+
+/// Node numbers in a backend's `ip route` output (`nexthop via 10.0.2.N`): the nodes' addresses
+/// on the back network, and the backends' own (10.0.2.1N) beyond them.
+pub fn return_nodes_in(route: &str) -> BTreeSet<usize> {
+    route
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("10.0.2."))
+        .filter_map(|n| n.parse().ok())
         .collect()
 }
 

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use lb_tests::{
-    cluster::{nodes_in, Cluster},
+    cluster::{nodes_in, return_nodes_in, Cluster},
     harness::poll,
     topology::{backend_addr, CLIENT, VIP},
 };
@@ -389,14 +389,7 @@ fn return_route_without(c: &Cluster, host: &str, i: usize, from: SystemTime) -> 
     c.route_events(host)
         .into_iter()
         .filter(|(t, m)| *t >= from && m.contains(lb_tests::cluster::CLIENT_NET))
-        .find(|(_, m)| {
-            let via: BTreeSet<usize> = m
-                .split_whitespace()
-                .filter_map(|w| w.strip_prefix("10.0.2."))
-                .filter_map(|n| n.parse().ok())
-                .collect();
-            m.starts_with("Deleted") || !via.contains(&i)
-        })
+        .find(|(_, m)| m.starts_with("Deleted") || !return_nodes_in(m).contains(&i))
         .map(|(t, _)| t)
 }
 
